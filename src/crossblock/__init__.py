@@ -1,0 +1,8 @@
+"""crossblock: post-training quantization of LLMs by cross-block reconstruction."""
+__version__ = "0.1.0"
+
+from .api import evaluate, load, load_model, quantize, save  # noqa: E402
+from .errors import CrossblockError  # noqa: E402
+from .recipe import PRESETS, Recipe  # noqa: E402
+
+__all__ = ["Recipe", "PRESETS", "quantize", "save", "load", "load_model", "evaluate", "CrossblockError"]

@@ -1,0 +1,158 @@
+"""The Python API: load a model, quantize it in place, save it, evaluate it.
+
+    import crossblock as cb
+    model, tok = cb.load_model("path/or/hub-id")
+    recipe = cb.Recipe.preset("cbq", wbits=2, group_size=64)
+    model, report = cb.quantize(model, tok, recipe, calib=texts)   # same object, quantized in place
+    cb.save(model, tok, "out/", report=report)
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from .data.text import calibration_windows, digest, tokenize
+from .engine.reconstruct import WindowEngine
+from .errors import CrossblockError
+from .eval.perplexity import perplexity
+from .model.adapter import block_linears, capture, find_blocks
+from .output import staged_dir
+from .quant.linear import is_conv1d, weight_of
+from .recipe import Recipe
+
+REPORT_FILE = "crossblock.json"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
+    """A transformers causal LM and its tokenizer, from a local folder or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name_or_path)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CrossblockError(f"cannot load model {name_or_path}: {first}") from None
+    return model.eval(), tokenizer
+
+
+def check_weights_finite(model):
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise CrossblockError(f"model weight {name} contains NaN or Inf values")
+
+
+def quantized_layers(model, recipe: Recipe) -> dict[str, torch.nn.Module]:
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks)
+            for n, m in block_linears(b) if not any(s in n for s in recipe.skip)}
+
+
+def calibration_ids(tokenizer, calib, recipe: Recipe) -> torch.Tensor:
+    """Texts (a string or a list of strings) or ready token windows (nsamples, seqlen)."""
+    if torch.is_tensor(calib):
+        if calib.dim() != 2 or calib.shape[1] < 2:
+            raise CrossblockError(f"calibration ids must be (nsamples, seqlen), got {tuple(calib.shape)}")
+        return calib.long()
+    text = calib if isinstance(calib, str) else "\n\n".join(calib)
+    return calibration_windows(tokenize(tokenizer, text), recipe.nsamples, recipe.seqlen, recipe.seed)
+
+
+def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True):
+    """Quantize `model` in place with `recipe`; returns (model, report).
+
+    The model stays a plain transformers model: each quantized Linear holds fake-quantized
+    weights in its dtype and carries `crossblock_qweight` (integers, scales, zero points) for
+    the packed exports. The model's weights may stay on the CPU; blocks visit `device`
+    (default: CUDA when present) one window at a time.
+    """
+    t0 = time.time()
+    recipe = recipe.validated()
+    recipe.check_model({n: weight_of(m).shape[1] for n, m in quantized_layers(model, recipe).items()})
+    check_weights_finite(model)
+    ids = calibration_ids(tokenizer, calib, recipe)
+    device = device or default_device()
+    model.eval().requires_grad_(False)
+    x0, calls = capture(model, ids, batch_size=recipe.batch_size)
+    _, blocks = find_blocks(model)
+    engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress)
+    try:
+        report = engine.quantize(x0)
+    except FloatingPointError as e:
+        raise CrossblockError(str(e)) from None
+    engine.restore()
+    report.update({
+        "recipe": recipe.to_dict(),
+        "versions": versions(),
+        "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
+        "device": str(device),
+        "wall_seconds": round(time.time() - t0, 2),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    })
+    if torch.cuda.is_available():
+        report["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return model, report
+
+
+def versions() -> dict:
+    import transformers
+    from . import __version__
+    return {"crossblock": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def check_output(out: Path, overwrite: bool = False):
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CrossblockError(f"output folder {out} exists and is not empty (pass overwrite / --overwrite)")
+
+
+def check_format(format: str, model, recipe: Recipe):
+    """Refuse, before quantizing, a setting the chosen checkpoint format cannot represent."""
+    if format != "fake":
+        from . import export
+        layers = list(quantized_layers(model, recipe).values())
+        export.check_format(format, recipe.wbits, recipe.group_size, recipe.sym,
+                            [weight_of(m).shape[1] for m in layers],
+                            out_features_list=[weight_of(m).shape[0] for m in layers],
+                            has_conv1d=any(is_conv1d(m) for m in layers))
+
+
+def save(model, tokenizer, out, format: str = "fake", report: dict | None = None,
+         dtype: torch.dtype | None = None, overwrite: bool = False):
+    """Write `out` as a complete folder, or leave nothing: files go to a staging folder that is
+    renamed into place once everything (crossblock.json last) is written."""
+    out = Path(out)
+    check_output(out, overwrite)
+    with staged_dir(out) as tmp:
+        if dtype is not None:
+            model.to(dtype)
+        from . import export
+        export.save(model, tokenizer, tmp, format)
+        info = dict(report or {}, format=format)
+        (tmp / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def load(path, device: str = "cpu"):
+    """Any folder crossblock writes (fake, compressed-tensors, gptq) as a transformers model."""
+    from . import export
+    return export.load(path, device)
+
+
+def evaluate(model, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,
+             progress: bool = True) -> float:
+    return perplexity(model, tokenize(tokenizer, text), seqlen, max_windows, progress=progress)

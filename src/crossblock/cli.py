@@ -1,0 +1,169 @@
+"""Command line: a thin skin over the Python API. Bad input exits 2 with one line on stderr."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .errors import CrossblockError
+from .recipe import FORMATS, PRESETS, Recipe
+
+
+def add_recipe_options(p: argparse.ArgumentParser):
+    """One option per Recipe field (e.g. --wbits, --group-size, --lookahead); unset ones keep
+    the preset's value."""
+    p.add_argument("--recipe", default="rtn", help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
+    hints = typing.get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        if f.name == "name":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif kind == list[str]:
+            p.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], default=None,
+                           help="comma-separated")
+        else:
+            base = float if "float" in str(kind) else int if "int" in str(kind) else str
+            p.add_argument(flag, type=base, default=None)
+
+
+def recipe_from_args(args) -> Recipe:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+                 if f.name != "name" and getattr(args, f.name, None) is not None}
+    return Recipe.load(args.recipe, **overrides)
+
+
+def cmd_quantize(args):
+    from . import api
+    from .data.text import read_texts
+
+    # every check that can fail runs before the long part
+    recipe = recipe_from_args(args)
+    out = Path(args.out)
+    api.check_output(out, args.overwrite)
+    calib = read_texts(args.calib)
+    model, tokenizer = api.load_model(args.model, dtype=args.dtype)
+    api.check_format(args.format, model, recipe)
+    save_dtype = model.config.dtype if args.save_dtype == "auto" else args.save_dtype
+    model, report = api.quantize(model, tokenizer, recipe, calib=calib, device=args.device,
+                                 progress=not args.quiet)
+    report["model"] = args.model
+    report["calibration"]["files"] = [str(c) for c in args.calib]
+    api.save(model, tokenizer, out, format=args.format, report=report, overwrite=args.overwrite,
+             dtype=_dtype(save_dtype))
+    last = report["blocks"][-1]
+    print(f"wrote {out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
+          + (f" (RTN {last['rtn']['rel_mse']:.4g})" if "rtn" in last else "")
+          + f"; {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB")
+
+
+def _dtype(d):
+    import torch
+    return getattr(torch, d) if isinstance(d, str) else d
+
+
+def cmd_eval(args):
+    from . import api
+    from .data.text import read_texts
+
+    text = read_texts(args.ppl)
+    model = api.load(args.model, device=args.device or api.default_device())
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet)
+    print(f"perplexity {ppl:.4f}")
+
+
+def cmd_plan(args):
+    from .engine.plan import plan_table
+    from transformers import AutoConfig
+
+    recipe = recipe_from_args(args)
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise CrossblockError(f"cannot read the config of {args.model}: {str(e).splitlines()[0]}") from None
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not layers:
+        raise CrossblockError(f"cannot tell the number of blocks of {args.model} from its config")
+    print(plan_table(recipe, layers))
+
+
+def cmd_report(args):
+    from .report import write_report
+    print(write_report(Path(args.out), plot=not args.no_plot))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crossblock", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write an HF folder")
+    q.add_argument("--model", required=True, help="a local HF folder or a hub id")
+    q.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--format", choices=FORMATS, default="fake")
+    q.add_argument("--dtype", default="float32", help="dtype to load and compute in (default float32)")
+    q.add_argument("--save-dtype", default="auto", help="dtype of the saved weights (default: the model's)")
+    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_recipe_options(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--ppl", nargs="+", required=True, help="text file(s)")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", help="print the windows of a recipe and the work they cost")
+    pl.add_argument("--model", required=True)
+    add_recipe_options(pl)
+    pl.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("report", help="per-block error table (and plot) of a quantized folder")
+    r.add_argument("out")
+    r.add_argument("--no-plot", action="store_true")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (pip install crossblock[demo])")
+    d.add_argument("--recipe", default="block")
+    d.add_argument("--wbits", type=int, default=3)
+    d.add_argument("--group-size", type=int, default=64)
+    d.add_argument("--iters", type=int, default=None)
+    d.add_argument("--out", default=None, help="also save the quantized model here")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CrossblockError as e:
+        print(f"crossblock: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crossblock: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

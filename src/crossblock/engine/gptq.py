@@ -1,0 +1,83 @@
+"""GPTQ (Frantar et al. 2022) for one linear layer, given the Hessian of its inputs.
+
+H = 2/n Σ x xᵀ + λI (λ = damp · mean diag). Columns are quantized in order (or by descending
+diag(H) with act_order) and each column's error is spread onto the columns not yet quantized
+through the upper Cholesky factor of H⁻¹, in lazy batches of `block` columns. Group scales are
+taken from the error-updated weights when a group starts; with act_order they are fixed up front
+from the original weights ("static groups") so that group membership stays column // g.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.grid import minmax_grid, num_groups
+
+
+class HessianAccumulator:
+    """Running mean of 2·x xᵀ over every token the layer sees."""
+
+    def __init__(self, in_features: int, device):
+        self.h = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: torch.Tensor):
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.h *= self.count / (self.count + n)
+        self.count += n
+        x = x * (2 / self.count) ** 0.5
+        self.h += x.t() @ x
+
+
+def _quantize_column(w, scale, zero, qmax):
+    q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+    return q, scale * (q - zero)
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
+                  damp: float = 0.01, block: int = 128, act_order: bool = False):
+    """Returns (Ŵ, scale, zero): the quantized weight (out, in) float32 and its grid."""
+    w = weight.detach().float().clone()
+    out, cin = w.shape
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    g = cin if group_size == -1 else group_size
+    qmax = 2 ** bits - 1
+    groups = num_groups(cin, group_size)
+    scale = torch.zeros(out, groups, device=w.device)
+    zero = torch.zeros(out, groups, device=w.device)
+    if act_order:
+        for gi in range(groups):
+            s, z = minmax_grid(w[:, gi * g:(gi + 1) * g], bits, -1, sym)
+            scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(cin, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cin, device=w.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    wq = torch.zeros_like(w)
+    for i1 in range(0, cin, block):
+        i2 = min(i1 + block, cin)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = perm[i1 + i].item()
+            gi = col // g
+            if not act_order and col % g == 0:
+                # the group's columns as error feedback has left them so far
+                upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
+                s, z = minmax_grid(upcoming, bits, -1, sym)
+                scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            _, wq[:, i1 + i] = _quantize_column(w1[:, i], scale[:, gi], zero[:, gi], qmax)
+            e = (w1[:, i] - wq[:, i1 + i]) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return wq[:, inv], scale, zero

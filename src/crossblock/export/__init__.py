@@ -1,0 +1,31 @@
+"""Checkpoint exports: dense fake-quant, compressed-tensors (packed ints) and GPTQ, and a loader
+for all three. The compressed_tensors package is imported only when that format is written
+or read."""
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from .common import save_folder
+from .compressed_tensors import save_compressed_tensors
+from .formats import FORMATS, check_format, refuse_act_scheme, require_known_format
+from .gptq import save_gptq
+from .loader import load
+
+__all__ = ["FORMATS", "check_format", "load", "save", "save_compressed_tensors", "save_gptq"]
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, fmt: str, act_scheme: dict | None = None):
+    """Write the quantized `model` (and tokenizer) into out_dir, safetensors only.
+
+    fmt "fake" writes the dense fake-quantized weights (any setting; act_scheme is not
+    recorded); "compressed-tensors" and "gptq" write packed integers (limits: check_format)."""
+    require_known_format(fmt)
+    if fmt == "fake":
+        save_folder(model, tokenizer, out_dir)
+    elif fmt == "compressed-tensors":
+        save_compressed_tensors(model, tokenizer, out_dir, act_scheme)
+    else:
+        refuse_act_scheme(fmt, act_scheme)
+        save_gptq(model, tokenizer, out_dir)

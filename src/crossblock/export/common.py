@@ -1,0 +1,138 @@
+"""What the exports share: finding the quantized layers, writing and reading HF folders, and
+building a dense transformers model from a state dict.
+
+Writing goes through `save_pretrained(state_dict=...)`, so sharding, tied-weight removal and
+transformers' own checkpoint key renaming stay transformers' business; the exports only swap
+each quantized layer's `weight` for their packed tensors and add `quantization_config`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..errors import CrossblockError
+from ..model.adapter import is_linear
+from ..quant.grid import QuantizedWeight
+from ..quant.linear import is_conv1d
+from .formats import check_format
+
+log = logging.getLogger(__name__)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, QuantizedWeight]]:
+    """Every layer carrying `crossblock_qweight`, by module name."""
+    return {name: (module, module.crossblock_qweight) for name, module in model.named_modules()
+            if getattr(module, "crossblock_qweight", None) is not None}
+
+
+def require_quantized_layers(model: nn.Module, fmt: str) -> dict[str, tuple[nn.Module, QuantizedWeight]]:
+    layers = quantized_layers(model)
+    if not layers:
+        raise CrossblockError(f"{fmt} export needs a quantized model, but no layer carries integer weights")
+    return layers
+
+
+def check_layers(fmt: str, layers: dict[str, tuple[nn.Module, QuantizedWeight]], **kwargs):
+    """check_format on the layers as they are, once per (bits, group_size, sym) setting."""
+    by_setting = defaultdict(list)
+    for module, qw in layers.values():
+        by_setting[(qw.bits, qw.group_size, qw.sym)].append((module, qw))
+    for (bits, group_size, sym), members in by_setting.items():
+        check_format(fmt, bits, group_size, sym, [qw.q.shape[1] for _, qw in members],
+                     out_features_list=[qw.q.shape[0] for _, qw in members],
+                     has_conv1d=any(is_conv1d(module) for module, _ in members), **kwargs)
+
+
+def warn_if_scales_round(fmt: str, layers: dict[str, tuple[nn.Module, QuantizedWeight]], dtype: torch.dtype):
+    """The formats store scales in `dtype`; float32 scales off that grid make the checkpoint
+    differ (slightly) from the fake-quant model it comes from."""
+    rounded = [name for name, (_, qw) in layers.items() if not torch.equal(qw.scale.to(dtype).float(), qw.scale)]
+    if rounded:
+        log.warning("%s stores scales in %s: %d layers (e.g. %s) round their float32 scales, so the "
+                    "checkpoint differs slightly from the fake-quant model", fmt, dtype, len(rounded), rounded[0])
+
+
+def unquantized_linears(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if is_linear(module) and getattr(module, "crossblock_qweight", None) is None]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def replace_layer_entries(state_dict: dict, name: str, new_entries: dict[str, torch.Tensor]):
+    """Drop the layer's dense `weight` and add its packed tensors (local names -> full keys);
+    the bias and everything else stay as they are."""
+    del state_dict[f"{name}.weight"]
+    for local, tensor in new_entries.items():
+        state_dict[f"{name}.{local}"] = tensor.detach().cpu().contiguous()
+
+
+def save_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None):
+    """Safetensors weights, config.json, generation config and tokenizer, all inside out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CrossblockError(f"{path} is not a model folder: config.json is missing")
+    return json.loads(config_file.read_text())
+
+
+def write_quantization_config(out_dir: str | os.PathLike, quantization_config: dict):
+    config_file = Path(out_dir) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = quantization_config
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors files (one file or shards)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CrossblockError(f"{path} holds no .safetensors weights")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(load_file(file))
+    return tensors
+
+
+def skeleton(config) -> nn.Module:
+    """The model's module tree on the meta device: names and layer types, no memory."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def dense_weight(qweight: QuantizedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The fake-quant weight in the module's own layout (Conv1D stores (in, out))."""
+    w = qweight.dequantize().to(dtype)
+    return w.t().contiguous() if is_conv1d(module) else w
+
+
+def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], device: str):
+    """A plain transformers model with dense weights, `crossblock_qweight` re-attached.
+
+    `state_dict` holds the unquantized tensors; each quantized layer's dense weight is
+    computed here from its integers, so that the model equals the fake-quant one."""
+    dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    layout = skeleton(config)
+    for name, qweight in qweights.items():
+        state_dict[f"{name}.weight"] = dense_weight(qweight, layout.get_submodule(name), dtype)
+    model = type(layout).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    model.to(device).eval()
+    for name, qweight in qweights.items():
+        model.get_submodule(name).crossblock_qweight = qweight
+    return model

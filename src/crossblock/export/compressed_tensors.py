@@ -1,0 +1,148 @@
+"""compressed-tensors checkpoints (the format of llm-compressor, loaded by transformers and vLLM).
+
+Writing goes through the library's own classes: QuantizationArgs / QuantizationScheme /
+QuantizationConfig describe the layers, the compressor the library picks for that scheme
+(`infer_module_format`) packs each layer, and ModelCompressor writes `quantization_config`.
+In compressed-tensors 0.20 that is "pack-quantized" for weight-only schemes (any width 1..8,
+int32 words) and "int-quantized" (one int8 per weight, unpacked) once activations are
+quantized too.
+
+Conventions, theirs against ours (quant/grid.py):
+- their integers are signed: q_ct = q - 2**(bits-1), and so is their zero point:
+  zp_ct = zero - 2**(bits-1); Ŵ = scale * (q_ct - zp_ct) = scale * (q - zero).
+- symmetric schemes store no zero point (ours is 2**(bits-1) there, i.e. zp_ct = 0).
+- scales have shape (out, groups), (out, 1) per channel, in the model dtype: the loader
+  creates them that way. For float32 models the dequantized weights are bit-identical to the
+  fake-quant ones; for fp16/bf16 models they are iff the scales are representable in that dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..errors import CrossblockError
+from ..quant.grid import QuantizedWeight, dequantize
+from .common import (check_layers, model_dtype, replace_layer_entries, require_quantized_layers,
+                     save_folder, unquantized_linears, warn_if_scales_round)
+from .formats import act_args
+
+FMT = "compressed-tensors"
+
+
+def layer_scheme_key(qweight: QuantizedWeight) -> tuple[int, int, bool]:
+    return qweight.bits, qweight.group_size, qweight.sym
+
+
+def weight_args(bits: int, group_size: int, sym: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+    if group_size == -1:
+        return QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="channel")
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size)
+
+
+def build_schemes(model: nn.Module, layers: dict, act_scheme: dict | None):
+    """One config group per (bits, group_size, sym), and the scheme of each layer. A single
+    group targets "Linear" and ignores the full-precision linears (the usual llm-compressor
+    shape); mixed precision targets each layer by its exact name."""
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+    by_key: dict[tuple, list[str]] = {}
+    for name, (_, qweight) in layers.items():
+        by_key.setdefault(layer_scheme_key(qweight), []).append(name)
+    single = len(by_key) == 1
+    schemes, scheme_of = {}, {}
+    for i, (key, names) in enumerate(sorted(by_key.items())):
+        scheme = QuantizationScheme(targets=["Linear"] if single else names, weights=weight_args(*key),
+                                    input_activations=act_args(act_scheme) if act_scheme else None)
+        scheme.format = infer_module_format(nn.Linear, scheme).value
+        schemes[f"group_{i}"] = scheme
+        scheme_of.update(dict.fromkeys(names, scheme))
+    ignore = unquantized_linears(model) if single else []
+    return schemes, ignore, scheme_of
+
+
+def compress_layer(qweight: QuantizedWeight, scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The layer's checkpoint tensors, packed by the library's compressor.
+
+    The compressor re-quantizes a float weight with the given scale and zero point; it gets
+    scale * (q - zero) and the scale, both float32, so that rounding gives back q exactly."""
+    from compressed_tensors.compressors import BaseCompressor
+    offset = 2 ** (qweight.bits - 1)
+    scale = qweight.scale.to(dtype).float()  # what the loader will hold, widened for exact division
+    entries = {"weight": dequantize(qweight.q, scale, qweight.zero, qweight.group_size), "weight_scale": scale}
+    if not qweight.sym:
+        entries["weight_zero_point"] = (qweight.zero - offset).to(torch.int8)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    packed = compressor.compress(entries, scheme)
+    packed["weight_scale"] = packed["weight_scale"].to(dtype)
+    return packed
+
+
+def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathLike, act_scheme: dict | None = None):
+    """Write `model` as a compressed-tensors checkpoint.
+
+    transformers loads it on CPU: symmetric schemes with plain
+    `AutoModelForCausalLM.from_pretrained(out_dir)` (weights decompress on the first forward);
+    asymmetric pack-quantized ones, with transformers 5.23 + compressed-tensors 0.20, only with
+    `quantization_config=CompressedTensorsConfig(dequantize=True)`: the default path sizes the
+    zero-point parameter unpacked, and the packed checkpoint tensor is refused as a mismatch."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+    layers = require_quantized_layers(model, FMT)
+    check_layers(FMT, layers, act_scheme=act_scheme)
+    dtype = model_dtype(model)
+    warn_if_scales_round(FMT, layers, dtype)
+
+    schemes, ignore, scheme_of = build_schemes(model, layers, act_scheme)
+    state_dict = model.state_dict()
+    for name, (_, qw) in layers.items():
+        replace_layer_entries(state_dict, name, compress_layer(qw, scheme_of[name], dtype))
+    save_folder(model, tokenizer, out_dir, state_dict)
+
+    formats = {scheme.format for scheme in schemes.values()}
+    config = QuantizationConfig(config_groups=schemes, ignore=ignore,
+                                format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                                quantization_status=QuantizationStatus.COMPRESSED)
+    ModelCompressor(quantization_config=config).update_config(str(out_dir))
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def read_layer(tensors: dict, name: str, args) -> QuantizedWeight:
+    """One layer's QuantizedWeight from its checkpoint tensors (removed from `tensors`)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    bits, offset = args.num_bits, 2 ** (args.num_bits - 1)
+    if args.strategy not in ("channel", "group") or args.type != "int":
+        raise CrossblockError(f"compressed-tensors layer {name}: crossblock reads int weights with channel "
+                              f"or group strategy, not {args.type} / {args.strategy}")
+    scale = tensors.pop(f"{name}.weight_scale").float()
+    zero_point = tensors.pop(f"{name}.weight_zero_point", None)
+    if f"{name}.weight_packed" in tensors:  # pack-quantized
+        shape = tuple(tensors.pop(f"{name}.weight_shape").tolist())
+        q_ct = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), bits, shape)
+        if zero_point is not None:
+            zero_point = unpack_from_int32(zero_point, bits, (shape[0], scale.shape[1]), packed_dim=0)
+    else:  # int-quantized: one int8 per weight
+        q_ct = tensors.pop(f"{name}.weight")
+    zero = torch.full_like(scale, offset) if zero_point is None else zero_point.float() + offset
+    group_size = -1 if args.strategy == "channel" else args.group_size
+    return QuantizedWeight((q_ct.to(torch.int16) + offset).to(torch.uint8), scale, zero,
+                           bits, group_size, bool(args.symmetric))
+
+
+def read_compressed_tensors(layout: nn.Module, quantization_config: dict, tensors: dict) -> dict[str, QuantizedWeight]:
+    """Integer weights of every quantized layer; `layout` is the model's module tree."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules
+    config = QuantizationConfig.model_validate(quantization_config)
+    if config.quantization_status != "compressed":
+        raise CrossblockError(f"compressed-tensors folder has quantization_status "
+                              f"{config.quantization_status!r}; crossblock reads compressed checkpoints")
+    qweights = {}
+    for scheme in config.config_groups.values():
+        for name, _ in match_named_modules(layout, scheme.targets, config.ignore):
+            if scheme.weights is not None and name not in qweights:
+                qweights[name] = read_layer(tensors, name, scheme.weights)
+    return qweights

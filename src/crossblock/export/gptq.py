@@ -1,0 +1,141 @@
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel "gptq" v1 format, loaded by vLLM and by transformers
+through optimum + gptqmodel), written and read with plain torch: no kernel package needed.
+
+Per quantized layer, with `in`/`out` its features and G its number of groups:
+- qweight int32 (in * bits / 32, out): the integers q, packed along in_features;
+- qzeros  int32 (G, out * bits / 32): the zero points, packed along out_features;
+- scales  fp16  (G, out);
+- g_idx   int32 (in,): the group of each input column (desc_act false: column // group_size).
+Packing is a little-endian bit stream in each int32 run: value k of a run sits at bit
+k * bits, and for 3-bit a value may straddle two words (32 values in 3 words), which is
+the AutoGPTQ 3-bit layout; for 2/4/8 bits it is the usual 32 / bits values per word.
+
+Zero-point convention: v1 stores zero - 1 and every v1 reader adds 1 back, so
+Ŵ = scale * (q - (stored + 1)). Symmetric layers (zero = 2**(bits-1)) store 2**(bits-1) - 1,
+e.g. 7 (0x77777777) for 4-bit. A zero point of 0 has no v1 encoding (it would be -1), so
+asymmetric layers with a zero-point of 0 are refused.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..errors import CrossblockError
+from ..quant.grid import QuantizedWeight
+from .common import (check_layers, replace_layer_entries, require_quantized_layers, save_folder,
+                     warn_if_scales_round, write_quantization_config)
+from .formats import values_per_word_run
+
+FMT = "gptq"
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned `bits`-bit integers along the last dim into int32 words (bit stream)."""
+    run = values_per_word_run(bits)
+    words = run * bits // 32
+    v = values.to(torch.int64).reshape(*values.shape[:-1], -1, run)
+    out = torch.zeros(*v.shape[:-1], words + 1, dtype=torch.int64, device=values.device)
+    for k in range(run):
+        word, shift = divmod(k * bits, 32)
+        out[..., word] |= v[..., k] << shift
+        if shift + bits > 32:  # the value straddles into the next word
+            out[..., word + 1] |= v[..., k] >> (32 - shift)
+    out = out[..., :words] & 0xFFFFFFFF
+    out = torch.where(out >= 2 ** 31, out - 2 ** 32, out)  # same bits, as a signed int32
+    return out.to(torch.int32).reshape(*values.shape[:-1], -1)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_int32: int64 values in [0, 2**bits - 1] along the last dim."""
+    run = values_per_word_run(bits)
+    words = run * bits // 32
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    p = p.reshape(*packed.shape[:-1], -1, words)
+    p = torch.cat([p, torch.zeros_like(p[..., :1])], dim=-1)
+    mask = 2 ** bits - 1
+    values = []
+    for k in range(run):
+        word, shift = divmod(k * bits, 32)
+        value = p[..., word] >> shift
+        if shift + bits > 32:
+            value = value | (p[..., word + 1] << (32 - shift))
+        values.append(value & mask)
+    return torch.stack(values, dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def group_index(in_features: int, group_size: int) -> torch.Tensor:
+    if group_size == -1:
+        return torch.zeros(in_features, dtype=torch.int32)
+    return (torch.arange(in_features) // group_size).to(torch.int32)
+
+
+def gptq_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    q = qweight.q.cpu()
+    return {
+        "qweight": pack_int32(q, qweight.bits).t().contiguous(),
+        "qzeros": pack_int32(qweight.zero.cpu().t().to(torch.int64) - 1, qweight.bits),  # v1: zero - 1
+        "scales": qweight.scale.cpu().t().to(torch.float16).contiguous(),
+        "g_idx": group_index(q.shape[1], qweight.group_size),
+    }
+
+
+def uniform_settings(layers: dict) -> tuple[int, int, bool]:
+    """GPTQ configs hold one (bits, group_size, sym) for the whole model."""
+    settings = {(qw.bits, qw.group_size, qw.sym) for _, qw in layers.values()}
+    if len(settings) > 1:
+        raise CrossblockError(f"gptq export needs one bits/group_size/sym setting for all layers, "
+                              f"found {len(settings)}: {sorted(settings)}; use compressed-tensors")
+    return settings.pop()
+
+
+def check_zero_points(name: str, qweight: QuantizedWeight):
+    if not qweight.sym and bool((qweight.zero < 1).any()):
+        count = int((qweight.zero < 1).sum())
+        raise CrossblockError(f"gptq export (v1 format stores zero - 1) cannot store a zero point of 0: "
+                              f"layer {name} has {count}; quantize symmetrically or export compressed-tensors")
+
+
+def gptq_config(bits: int, group_size: int, sym: bool) -> dict:
+    """config.json's quantization_config, as transformers' GPTQConfig and vLLM read it."""
+    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False,
+            "sym": sym, "checkpoint_format": "gptq"}
+
+
+def save_gptq(model: nn.Module, tokenizer, out_dir: str | os.PathLike):
+    """Write `model` as a GPTQ v1 checkpoint (qweight / qzeros / scales / g_idx)."""
+    layers = require_quantized_layers(model, FMT)
+    bits, group_size, sym = uniform_settings(layers)
+    check_layers(FMT, layers)
+    for name, (_, qw) in layers.items():
+        check_zero_points(name, qw)
+    warn_if_scales_round(FMT, layers, torch.float16)
+    state_dict = model.state_dict()
+    for name, (_, qw) in layers.items():
+        replace_layer_entries(state_dict, name, gptq_tensors(qw))
+    save_folder(model, tokenizer, out_dir, state_dict)
+    write_quantization_config(out_dir, gptq_config(bits, group_size, sym))
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def read_layer(tensors: dict, name: str, config: dict) -> QuantizedWeight:
+    """One layer's QuantizedWeight from its checkpoint tensors (removed from `tensors`)."""
+    bits, group_size, sym = config["bits"], config.get("group_size", -1), config.get("sym", True)
+    if config.get("checkpoint_format", "gptq") != "gptq":
+        raise CrossblockError(f"gptq folder has checkpoint_format {config['checkpoint_format']!r}; "
+                              f"crossblock reads the v1 'gptq' format")
+    qweight = tensors.pop(f"{name}.qweight")
+    q = unpack_int32(qweight.t(), bits)
+    zero = unpack_int32(tensors.pop(f"{name}.qzeros"), bits).t().float() + 1  # v1: stored zero - 1
+    scale = tensors.pop(f"{name}.scales").t().float()
+    g_idx = tensors.pop(f"{name}.g_idx", None)
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int32), group_index(q.shape[1], group_size)):
+        raise CrossblockError(f"gptq layer {name} uses act-order (a permuted g_idx); crossblock reads desc_act false")
+    return QuantizedWeight(q.to(torch.uint8), scale, zero, bits, group_size, bool(sym))
+
+
+def read_gptq(quantization_config: dict, tensors: dict) -> dict[str, QuantizedWeight]:
+    names = [key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")]
+    return {name: read_layer(tensors, name, quantization_config) for name in names}

@@ -1,0 +1,50 @@
+"""Load any crossblock output folder into a plain transformers model with dense weights.
+
+Three folder kinds, told apart by config.json's `quantization_config`:
+- none: a fake-quant folder, loaded as is;
+- "compressed-tensors": integers unpacked with the compressed-tensors library (CPU code);
+- "gptq": integers unpacked here from the safetensors, no GPTQ kernel package involved.
+For the packed kinds the dense weights are recomputed from the integers exactly as the
+fake-quant model computes them, and each layer gets its `crossblock_qweight` back. Activation
+quantization recorded in a compressed-tensors config is not simulated by the loaded model.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import CrossblockError
+from .common import build_model, read_config, read_tensors, skeleton
+
+
+def plain_config(path: str | os.PathLike):
+    """The model config without its quantization_config, so transformers builds a dense model."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if isinstance(config.dtype, str):
+        config.dtype = getattr(torch, config.dtype)
+    return config
+
+
+def load(path: str | os.PathLike, device: str = "cpu"):
+    """A transformers causal LM with dense (dequantized) weights on `device`."""
+    from transformers import AutoModelForCausalLM
+    quantization = read_config(path).get("quantization_config")
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+    method = quantization.get("quant_method")
+    config = plain_config(path)
+    tensors = read_tensors(path)
+    if method == "compressed-tensors":
+        from .compressed_tensors import read_compressed_tensors
+        qweights = read_compressed_tensors(skeleton(config), quantization, tensors)
+    elif method == "gptq":
+        from .gptq import read_gptq
+        qweights = read_gptq(quantization, tensors)
+    else:
+        raise CrossblockError(f"{path}: cannot load quant_method {method!r} "
+                              f"(crossblock loads fake-quant, compressed-tensors and gptq folders)")
+    return build_model(config, tensors, qweights, device)

@@ -1,0 +1,117 @@
+"""Find the decoder blocks of any HF causal LM and run them standalone on stored inputs.
+
+Discovery is generic: the decoder is the largest nn.ModuleList of identical modules that
+contain linear layers (nn.Linear, or GPT-2's Conv1D). Block inputs and the keyword arguments
+transformers passes to each block (attention mask, rotary position embeddings, ...) are
+captured by replacing every block's forward with a recorder for one pass, so capture costs
+embeddings only, however large the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CrossblockError
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if not any(is_linear(m) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if size > best_size:
+            best, best_size = (name, module), size
+    if best is None:
+        lists = [f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m)]
+        raise CrossblockError(
+            f"unsupported architecture {type(model).__name__}: found no list of decoder blocks "
+            f"containing linear layers (module lists found: {', '.join(lists) or 'none'})")
+    return best
+
+
+def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in block.named_modules() if is_linear(m)]
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module):
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def to_device(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def block_output(out):
+    """Some blocks return a tensor, others a tuple whose first item is the hidden state."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockCall:
+    """What transformers passes to one block besides the hidden states (captured at batch 1,
+    so every tensor broadcasts over any batch size)."""
+    args: tuple
+    kwargs: dict
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        dev = hidden.device
+        return block_output(block(hidden, *to_device(self.args, dev), **to_device(self.kwargs, dev)))
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8
+            ) -> tuple[torch.Tensor, list[BlockCall]]:
+    """Inputs of block 0 for every sequence (float32, CPU) and one BlockCall per block."""
+    _, blocks = find_blocks(model)
+    calls: list[BlockCall | None] = [None] * len(blocks)
+    hidden: list[torch.Tensor] = []
+
+    def recorder(i):
+        def forward(hidden_states, *args, **kwargs):
+            if calls[i] is None:
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+                calls[i] = BlockCall(to_device(args, "cpu"), to_device(kwargs, "cpu"))
+            if i == 0:
+                hidden.append(hidden_states.detach().float().cpu())
+            if i == len(blocks) - 1:
+                raise _Stop
+            return hidden_states
+        return forward
+
+    device = next(model.parameters()).device
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        # Batch 1 first, so that the recorded masks broadcast over any batch size.
+        for ids in [input_ids[:1]] + list(input_ids.split(batch_size)):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for block in blocks:
+            del block.forward
+    return torch.cat(hidden[1:]), calls

@@ -1,0 +1,108 @@
+"""Uniform integer grids for weights: per output channel or per group of input columns.
+
+Conventions (shared by fake-quant, GPTQ and the packed exports):
+- integers q are unsigned in [0, 2**bits - 1]; Ŵ = scale * (q - zero), computed in float32;
+- asymmetric: scale = (max - min) / (2**bits - 1), zero = round(-min / scale);
+- symmetric: scale = 2 * max|w| / (2**bits - 1), zero = 2**(bits - 1) (signed q - zero in
+  [-2**(bits-1), 2**(bits-1) - 1], the compressed-tensors / GPTQ convention);
+- min and max are taken with 0 included, so 0 is always on the grid;
+- group_size -1 means one group per output channel; a group size that does not divide
+  in_features leaves a smaller last group ("ragged"), which fake-quant handles and the packed
+  formats refuse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) -> (out, groups, g). A ragged last group is padded by repeating its last
+    column, which changes neither its min nor its max."""
+    out, cin = w.shape
+    g = cin if group_size == -1 else group_size
+    pad = num_groups(cin, group_size) * g - cin
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out, pad)], dim=1)
+    return w.reshape(out, -1, g)
+
+
+def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """(out, groups) -> (out, in): each column gets its group's value."""
+    g = in_features if group_size == -1 else group_size
+    return per_group.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def minmax_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool,
+                max_mult: torch.Tensor | None = None, min_mult: torch.Tensor | None = None):
+    """Scale and zero point of every group, shape (out, groups). The optional multipliers
+    (learnable weight clipping) shrink the range; gradients flow into them through the scale."""
+    wg = group_view(w, group_size)
+    wmax = wg.amax(-1).clamp(min=0)
+    wmin = wg.amin(-1).clamp(max=0)
+    if max_mult is not None:
+        wmax = wmax * max_mult
+        wmin = wmin * min_mult
+    qmax = 2 ** bits - 1
+    if sym:
+        scale = 2 * torch.maximum(wmax, -wmin) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        scale = (wmax - wmin) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = round_ste(-wmin / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_to_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                    group_size: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Integers q (as float, differentiable via STE) for w on the grid; `offset` is a learnable
+    rounding perturbation added before rounding (SignRound)."""
+    s = expand_groups(scale, w.shape[1], group_size)
+    z = expand_groups(zero, w.shape[1], group_size)
+    x = w / s
+    if offset is not None:
+        x = x + offset
+    return (round_ste(x) + z).clamp(0, 2 ** bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    s = expand_groups(scale, q.shape[1], group_size)
+    z = expand_groups(zero, q.shape[1], group_size)
+    return s * (q.float() - z)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """Round-to-nearest on the min/max grid: the RTN baseline."""
+    scale, zero = minmax_grid(w.float(), bits, group_size, sym)
+    return dequantize(quantize_to_int(w.float(), scale, zero, bits, group_size), scale, zero, group_size)
+
+
+@dataclass
+class QuantizedWeight:
+    """A finished integer weight: what the packed exports write. Attached to each quantized
+    nn.Linear (or Conv1D) as `module.crossblock_qweight` once quantization is done."""
+    q: torch.Tensor        # uint8 (out, in), values in [0, 2**bits - 1]
+    scale: torch.Tensor    # float32 (out, groups)
+    zero: torch.Tensor     # float32 (out, groups), integral values
+    bits: int
+    group_size: int        # -1: per output channel
+    sym: bool
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.q, self.scale, self.zero, self.group_size)
+
+    @property
+    def ragged(self) -> bool:
+        return self.group_size != -1 and self.q.shape[1] % self.group_size != 0

@@ -1,0 +1,190 @@
+"""QuantLinear: a linear layer whose weight is fake-quantized with learnable parameters.
+
+It wraps an existing nn.Linear (or GPT-2's Conv1D) without copying its weight, holds every
+learnable quantization parameter of that layer (rounding offsets, clipping multipliers,
+activation steps), and, when frozen, the final integers. `restore()` writes the fake-quantized
+weight back into the original module, which then carries `crossblock_qweight`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grid import QuantizedWeight, dequantize, expand_groups, fake_quantize, minmax_grid, num_groups, quantize_to_int
+
+ROUNDINGS = ("rtn", "signround", "adaround", "lora")
+
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    p = ((h - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+    return torch.log(p / (1 - p))
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) stores the weight as (in, out).
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight in (out, in) layout, sharing storage with the module."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, module: nn.Module, bits: int, group_size: int, sym: bool,
+                 rounding: str = "rtn", lwc: bool = False, lora_rank: int = 4,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {rounding!r}")
+        self.__dict__["original"] = module  # not registered: its weight must not train
+        w = weight_of(module).detach()
+        self.register_buffer("weight", w, persistent=False)  # FP weight, shared storage
+        self.register_buffer("bias", None if module.bias is None else module.bias.detach(), persistent=False)
+        self.out_features, self.in_features = w.shape
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.rounding = rounding
+        self.mode = "quant"       # "fp": the original layer; "rtn": round-to-nearest (baseline)
+        self.act_quant: nn.Module | None = None
+        self.frozen: QuantizedWeight | None = None
+        self._frozen_w: torch.Tensor | None = None
+        # What is rounded and on which grid; GPTQ initialization replaces both.
+        self.register_buffer("base", None, persistent=False)
+        self.register_buffer("fixed_scale", None, persistent=False)
+        self.register_buffer("fixed_zero", None, persistent=False)
+
+        groups = num_groups(self.in_features, group_size)
+        dev = w.device
+        if lwc:
+            # AutoRound-style clipping multipliers: start at 1 (exactly RTN), kept in [0.5, 1].
+            self.max_mult = nn.Parameter(torch.ones(self.out_features, groups, device=dev))
+            self.min_mult = nn.Parameter(torch.ones(self.out_features, groups, device=dev))
+        else:
+            self.max_mult = self.min_mult = None
+        if rounding == "signround":
+            self.offset = nn.Parameter(torch.zeros_like(w, dtype=torch.float32))
+        elif rounding == "adaround":
+            self.v = nn.Parameter(torch.zeros_like(w, dtype=torch.float32))
+            self.reset_adaround()
+        elif rounding == "lora":
+            # V = logit(frac(W/s)) + A1 @ A2 with A2 = 0: h starts at the fractional part, i.e.
+            # at the unrounded weight, and hard rounding at init equals RTN. The logit term is
+            # recomputed from the current W/s, so no d_out x d_in state is stored.
+            a1 = torch.randn(self.out_features, lora_rank, generator=generator) / lora_rank ** 0.5
+            self.lora_a = nn.Parameter(a1.to(dev))
+            self.lora_b = nn.Parameter(torch.zeros(lora_rank, self.in_features, device=dev))
+
+    # -- grid and weights -------------------------------------------------------------------
+    def _base(self) -> torch.Tensor:
+        return (self.weight if self.base is None else self.base).float()
+
+    def grid(self):
+        if self.fixed_scale is not None:
+            return self.fixed_scale, self.fixed_zero
+        return minmax_grid(self._base(), self.bits, self.group_size, self.sym, self.max_mult, self.min_mult)
+
+    def set_init(self, base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        """Start from a given quantized solution (GPTQ): round `base` on a fixed grid."""
+        self.base, self.fixed_scale, self.fixed_zero = base.float(), scale.float(), zero.float()
+        if self.max_mult is not None:  # a fixed grid has no range to clip
+            del self.max_mult, self.min_mult
+            self.max_mult = self.min_mult = None
+        if self.rounding == "adaround":
+            self.reset_adaround()
+
+    def reset_adaround(self):
+        with torch.no_grad():
+            scale, _ = self.grid()
+            x = self._base() / expand_groups(scale, self.in_features, self.group_size)
+            self.v.copy_(inverse_rectified_sigmoid(x - torch.floor(x)))
+
+    def soft_offset(self, x: torch.Tensor) -> torch.Tensor | None:
+        """h in [0, 1] added to floor(x) by AdaRound and LoRA-Rounding; None for other modes."""
+        if self.rounding == "adaround":
+            return rectified_sigmoid(self.v)
+        if self.rounding == "lora":
+            frac = (x - torch.floor(x)).detach()
+            return rectified_sigmoid(inverse_rectified_sigmoid(frac) + self.lora_a @ self.lora_b)
+        return None
+
+    def integers(self, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q, scale, zero) for the current parameters; q is float, differentiable unless hard."""
+        scale, zero = self.grid()
+        w = self._base()
+        s = expand_groups(scale, self.in_features, self.group_size)
+        x = w / s
+        h = self.soft_offset(x)
+        if h is None:
+            offset = self.offset if self.rounding == "signround" else None
+            q = quantize_to_int(w, scale, zero, self.bits, self.group_size, offset)
+        else:
+            h = (h >= 0.5).float() if hard else h
+            z = expand_groups(zero, self.in_features, self.group_size)
+            q = (torch.floor(x) + h + z).clamp(0, 2 ** self.bits - 1)
+        return q, scale, zero
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self._frozen_w is not None:
+            return self._frozen_w
+        q, scale, zero = self.integers(hard=False)
+        return dequantize(q, scale, zero, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fp":
+            return F.linear(x, self.weight, self.bias)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        if self.mode == "rtn":
+            w = fake_quantize(self.weight, self.bits, self.group_size, self.sym).to(x.dtype)
+        else:
+            w = self.quantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    # -- training helpers -------------------------------------------------------------------
+    def rounding_penalty(self, beta: float) -> torch.Tensor:
+        """AdaRound's regularizer, mean over weights: pushes h towards 0 or 1."""
+        x = self._base() / expand_groups(self.grid()[0], self.in_features, self.group_size)
+        h = self.soft_offset(x)
+        if h is None:
+            return torch.zeros((), device=self.weight.device)
+        return (1 - (2 * h - 1).abs().pow(beta)).mean()
+
+    @torch.no_grad()
+    def project(self):
+        """Keep parameters in their valid ranges after an optimizer step."""
+        if self.max_mult is not None:
+            self.max_mult.clamp_(0.5, 1.0)
+            self.min_mult.clamp_(0.5, 1.0)
+        if self.rounding == "signround":
+            self.offset.clamp_(-0.5, 0.5)
+
+    @torch.no_grad()
+    def freeze(self):
+        """Hard-round, keep the integers, drop every learnable parameter."""
+        q, scale, zero = self.integers(hard=True)
+        self.frozen = QuantizedWeight(q.round().to(torch.uint8), scale.detach().float().clone(),
+                                      zero.detach().float().clone(), self.bits, self.group_size, self.sym)
+        self._frozen_w = self.frozen.dequantize()
+        for name, _ in list(self.named_parameters(recurse=False)):
+            delattr(self, name)
+        self.base = None
+
+    @torch.no_grad()
+    def restore(self) -> nn.Module:
+        """Write the fake-quantized weight into the original module and return it."""
+        assert self.frozen is not None, "freeze() first"
+        module = self.original
+        w = self._frozen_w.to(module.weight.dtype)
+        module.weight.data.copy_(w.t() if is_conv1d(module) else w)
+        module.crossblock_qweight = self.frozen
+        if self.act_quant is not None:
+            module.crossblock_act_quant = self.act_quant
+        return module

@@ -1,0 +1,54 @@
+"""`crossblock report OUT`: per-block output error along depth, RTN vs the final model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import CrossblockError
+
+PLOT_FILE = "error_by_block.png"
+
+
+def read_report(out: Path) -> dict:
+    path = Path(out) / "crossblock.json"
+    if not path.is_file():
+        raise CrossblockError(f"{out} has no crossblock.json: not a finished crossblock output")
+    return json.loads(path.read_text())
+
+
+def error_table(report: dict) -> str:
+    rows = [f"{'block':>5}  {'rel. MSE':>10}  {'RTN rel. MSE':>12}  {'ratio':>6}"]
+    for b in report["blocks"]:
+        rtn = b.get("rtn", {}).get("rel_mse")
+        rtn_text = "-" if rtn is None else f"{rtn:.4g}"
+        ratio = f"{b['rel_mse'] / rtn:.3f}" if rtn else "-"
+        rows.append(f"{b['block']:>5}  {b['rel_mse']:>10.4g}  {rtn_text:>12}  {ratio:>6}")
+    return "\n".join(rows)
+
+
+def write_report(out: Path, plot: bool = True) -> str:
+    report = read_report(out)
+    text = error_table(report)
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise CrossblockError("plotting needs matplotlib: pip install 'crossblock[plot]' (or pass --no-plot)") from None
+        blocks = [b["block"] for b in report["blocks"]]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if all("rtn" in b for b in report["blocks"]):
+            ax.plot(blocks, [b["rtn"]["rel_mse"] for b in report["blocks"]], "o-", label="RTN")
+        ax.plot(blocks, [b["rel_mse"] for b in report["blocks"]], "o-", label=report["recipe"]["name"])
+        ax.set_xlabel("block")
+        ax.set_ylabel("output rel. MSE vs FP")
+        ax.set_yscale("log")
+        r = report["recipe"]
+        ax.set_title(f"W{r['wbits']} g{r['group_size']}: error along depth")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(Path(out) / PLOT_FILE, dpi=100)
+        plt.close(fig)
+        text += f"\nplot: {Path(out) / PLOT_FILE}"
+    return text

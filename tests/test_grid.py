@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from crossblock.quant.grid import dequantize, fake_quantize, group_view, minmax_grid, num_groups, quantize_to_int
+from crossblock.quant.linear import QuantLinear
+
+
+def rand_weight(out=12, cin=40, seed=0):
+    return torch.randn(out, cin, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 8, 16])  # 16 leaves a ragged last group of 8 columns
+@pytest.mark.parametrize("sym", [False, True])
+def test_fake_quant_lies_on_grid_and_is_idempotent(bits, group_size, sym):
+    w = rand_weight()
+    scale, zero = minmax_grid(w, bits, group_size, sym)
+    q = quantize_to_int(w, scale, zero, bits, group_size)
+    assert q.min() >= 0 and q.max() <= 2 ** bits - 1 and torch.equal(q, q.round())
+    w_hat = dequantize(q, scale, zero, group_size)
+    # at most 2^b distinct values per group
+    for g in group_view(w_hat, group_size).unbind(1):
+        for row in g:
+            assert row.unique().numel() <= 2 ** bits
+    # quantizing the quantized weight again on the same grid gives it back exactly
+    again = dequantize(quantize_to_int(w_hat, scale, zero, bits, group_size), scale, zero, group_size)
+    assert torch.equal(again, w_hat)
+    # RTN error is at most half a step everywhere inside the clipping range
+    step = scale.repeat_interleave(w.shape[1] if group_size == -1 else group_size, 1)[:, :w.shape[1]]
+    inside = (w_hat - w).abs() <= step / 2 + 1e-6
+    assert inside.float().mean() > (0.9 if sym else 0.999)
+
+
+def test_ragged_last_group_gets_its_own_range():
+    w = torch.zeros(1, 10)
+    w[0, 8:] = torch.tensor([100.0, -100.0])  # the last (ragged) group of 2 holds the outliers
+    w[0, :8] = torch.linspace(-1, 1, 8)
+    assert num_groups(10, 4) == 3
+    scale, _ = minmax_grid(w, 4, 4, False)
+    assert scale[0, 0] < 1 and scale[0, 2] > 10
+    assert (fake_quantize(w, 4, 4, False)[0, :8] - w[0, :8]).abs().max() < 0.2
+
+
+def test_symmetric_grid_is_centered_on_zero():
+    w = rand_weight()
+    _, zero = minmax_grid(w, 4, 8, True)
+    assert torch.all(zero == 8)
+
+
+def test_lora_parameter_count_and_hard_rounding_near_rtn():
+    lin = torch.nn.Linear(40, 12, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(rand_weight())
+    rank = 3
+    ql = QuantLinear(lin, bits=3, group_size=8, sym=False, rounding="lora", lwc=False, lora_rank=rank)
+    assert sum(p.numel() for p in ql.parameters()) == (12 + 40) * rank
+    # push the low-rank offset far so that many weights flip, then hard-round
+    with torch.no_grad():
+        ql.lora_b.normal_(0, 5)
+    ql.freeze()
+    qw = ql.frozen
+    rtn_q = quantize_to_int(lin.weight, qw.scale, qw.zero, 3, 8)
+    diff = (qw.q.float() - rtn_q).abs()
+    assert diff.max() <= 1 and diff.sum() > 0
+    assert torch.equal(qw.dequantize(), dequantize(qw.q, qw.scale, qw.zero, 8))
