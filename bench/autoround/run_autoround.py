@@ -13,8 +13,14 @@ Defaults that come from AutoRound itself (0.16.1) and are NOT overridden here:
 lr = 1/iters (2/iters for <=3 bits only when iters >= 1000), minmax_lr = lr,
 min/max (clipping) tuning on, SignSGD with a linear lr decay to 0, and the
 block parameters from the iteration with the lowest loss are kept
-(not_use_best_mse=False). AutoRound's own default is sym=True (W4A16, group 128);
-this script defaults to --asym instead.
+(not_use_best_mse=False), fp16 scales. AutoRound's own default is sym=True
+(W4A16, group 128); this script defaults to --asym instead. lm_head (tied in our
+models) is never quantized.
+
+Calibration quirk of AutoRound itself (pre-tokenized path): the last position of
+every window is left out of the block MSE loss and masked as an attention key.
+Causality means this changes nothing for the other positions, so the loss covers
+positions 0..seqlen-2 of each window with full context.
 """
 import argparse
 import json

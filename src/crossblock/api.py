@@ -44,7 +44,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name_or_path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name_or_path)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrossblockError(f"cannot load model {name_or_path}: {first}") from None
     return model.eval(), tokenizer

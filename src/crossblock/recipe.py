@@ -80,13 +80,15 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict, **overrides) -> "Recipe":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"preset"}
         unknown = set(data) - known
         if unknown:
             raise CrossblockError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
         base = data.get("preset")
+        if base is not None and base not in PRESETS:
+            raise CrossblockError(f"unknown preset {base!r} in recipe; presets: {', '.join(PRESETS)}")
         data = {k: v for k, v in data.items() if k != "preset"}
-        start = {**PRESETS[base], "name": base} if base in PRESETS else {}
+        start = {**PRESETS[base], "name": base} if base else {}
         return cls(**{**start, **data, **overrides}).validated()
 
     @classmethod
