@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -17,11 +17,14 @@ from pathlib import Path
 import torch
 
 from .data.text import calibration_windows, digest, tokenize
+from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .engine.reconstruct import WindowEngine
 from .errors import CrossblockError
 from .eval.perplexity import perplexity
 from .model.adapter import block_linears, capture, find_blocks
 from .output import staged_dir
+from .preprocess import cfp
+from .quant.act import act_scheme
 from .quant.linear import is_conv1d, weight_of
 from .recipe import Recipe
 
@@ -72,8 +75,24 @@ def calibration_ids(tokenizer, calib, recipe: Recipe) -> torch.Tensor:
     return calibration_windows(tokenize(tokenizer, text), recipe.nsamples, recipe.seqlen, recipe.seed)
 
 
-def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True):
+def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
+    """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids."""
+    h = hashlib.sha256()
+    h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
+    h.update(digest(ids).encode())
+    h.update(model.config.to_json_string().encode())
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{tuple(p.shape)}:{p.double().sum().item()!r}".encode())
+    return h.hexdigest()
+
+
+def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
+             checkpoint_dir: str | Path | None = None):
     """Quantize `model` in place with `recipe`; returns (model, report).
+
+    With `checkpoint_dir`, the engine state is saved there after every window, and a run that
+    finds a checkpoint of the same model, recipe and calibration data continues from it,
+    producing exactly what an uninterrupted run would.
 
     The model stays a plain transformers model: each quantized Linear holds fake-quantized
     weights in its dtype and carries `crossblock_qweight` (integers, scales, zero points) for
@@ -87,11 +106,17 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     ids = calibration_ids(tokenizer, calib, recipe)
     device = device or default_device()
     model.eval().requires_grad_(False)
+    resume, on_window = None, None
+    if checkpoint_dir is not None:
+        key = fingerprint(model, recipe, ids)
+        resume = read_checkpoint(Path(checkpoint_dir), key)
+        on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key)  # noqa: E731
+    outliers = cfp(model, ids, recipe, device, progress) if recipe.cfp else None
     x0, calls = capture(model, ids, batch_size=recipe.batch_size)
     _, blocks = find_blocks(model)
     engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress)
     try:
-        report = engine.quantize(x0)
+        report = engine.quantize(x0, resume=resume, on_window=on_window)
     except FloatingPointError as e:
         raise CrossblockError(str(e)) from None
     engine.restore()
@@ -100,9 +125,12 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         "versions": versions(),
         "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
         "device": str(device),
+        "resumed_at_window": resume.next_window if resume else None,
         "wall_seconds": round(time.time() - t0, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     })
+    if outliers is not None:
+        report["cfp"] = outliers
     if torch.cuda.is_available():
         report["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return model, report
@@ -128,22 +156,35 @@ def check_format(format: str, model, recipe: Recipe):
         export.check_format(format, recipe.wbits, recipe.group_size, recipe.sym,
                             [weight_of(m).shape[1] for m in layers],
                             out_features_list=[weight_of(m).shape[0] for m in layers],
-                            has_conv1d=any(is_conv1d(m) for m in layers))
+                            has_conv1d=any(is_conv1d(m) for m in layers),
+                            act_scheme=act_scheme(recipe.abits, recipe.act_dynamic, recipe.act_sym))
+
+
+def act_scheme_of(model) -> dict | None:
+    """The activation quantization the model's layers carry, as the exports record it."""
+    quantizers = [m.crossblock_act_quant for m in model.modules() if hasattr(m, "crossblock_act_quant")]
+    return quantizers[0].scheme() if quantizers else None
+
+
+def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: dict | None = None,
+                 dtype: torch.dtype | None = None):
+    """Model files, tokenizer, then crossblock.json (last: its presence marks a complete folder)."""
+    from . import export
+    if dtype is not None:
+        model.to(dtype)
+    export.save(model, tokenizer, folder, format, act_scheme=act_scheme_of(model))
+    info = dict(report or {}, format=format)
+    (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 
 def save(model, tokenizer, out, format: str = "fake", report: dict | None = None,
          dtype: torch.dtype | None = None, overwrite: bool = False):
-    """Write `out` as a complete folder, or leave nothing: files go to a staging folder that is
-    renamed into place once everything (crossblock.json last) is written."""
+    """Write `out` as a complete folder, or leave nothing (see output.py). `dtype` casts the
+    model before saving."""
     out = Path(out)
     check_output(out, overwrite)
     with staged_dir(out) as tmp:
-        if dtype is not None:
-            model.to(dtype)
-        from . import export
-        export.save(model, tokenizer, tmp, format)
-        info = dict(report or {}, format=format)
-        (tmp / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        write_folder(model, tokenizer, tmp, format, report, dtype)
     return out
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import shutil
 import sys
 import typing
 from pathlib import Path
@@ -41,21 +41,28 @@ def recipe_from_args(args) -> Recipe:
 def cmd_quantize(args):
     from . import api
     from .data.text import read_texts
+    from .output import partial_dir, staged_dir
 
     # every check that can fail runs before the long part
     recipe = recipe_from_args(args)
     out = Path(args.out)
     api.check_output(out, args.overwrite)
+    work = partial_dir(out)
+    if work.exists() and not args.resume:
+        if not args.overwrite:
+            raise CrossblockError(f"{work} holds an interrupted run: pass --resume to continue it, "
+                                  "or --overwrite to start over")
+        shutil.rmtree(work)
     calib = read_texts(args.calib)
     model, tokenizer = api.load_model(args.model, dtype=args.dtype)
     api.check_format(args.format, model, recipe)
     save_dtype = model.config.dtype if args.save_dtype == "auto" else args.save_dtype
-    model, report = api.quantize(model, tokenizer, recipe, calib=calib, device=args.device,
-                                 progress=not args.quiet)
-    report["model"] = args.model
-    report["calibration"]["files"] = [str(c) for c in args.calib]
-    api.save(model, tokenizer, out, format=args.format, report=report, overwrite=args.overwrite,
-             dtype=_dtype(save_dtype))
+    with staged_dir(out, keep_checkpoint=True) as work:
+        model, report = api.quantize(model, tokenizer, recipe, calib=calib, device=args.device,
+                                     progress=not args.quiet, checkpoint_dir=work)
+        report["model"] = args.model
+        report["calibration"]["files"] = [str(c) for c in args.calib]
+        api.write_folder(model, tokenizer, work, args.format, report, _dtype(save_dtype))
     last = report["blocks"][-1]
     print(f"wrote {out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
           + (f" (RTN {last['rtn']['rel_mse']:.4g})" if "rtn" in last else "")
@@ -65,6 +72,19 @@ def cmd_quantize(args):
 def _dtype(d):
     import torch
     return getattr(torch, d) if isinstance(d, str) else d
+
+
+def cmd_preprocess(args):
+    from .preprocess import preprocess_folder
+
+    recipe = Recipe(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=min(8, args.nsamples),
+                    cfp_alpha=args.cfp_alpha, cfp_weights=args.cfp_weights, skip=args.skip or []).validated()
+    found = preprocess_folder(args.model, args.calib, Path(args.out), recipe, device=args.device, dtype=args.dtype,
+                              overwrite=args.overwrite, progress=not args.quiet)
+    channels = sum(sum(b["outlier_channels"].values()) for b in found)
+    weights = sum(sum(b["outlier_weights"].values()) for b in found)
+    print(f"wrote {args.out}: {channels} outlier channels scaled, {weights} outlier weights truncated "
+          f"over {len(found)} blocks (per block: {args.out}/cfp.json)")
 
 
 def cmd_eval(args):
@@ -116,10 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", help="dtype to load and compute in (default float32)")
     q.add_argument("--save-dtype", default="auto", help="dtype of the saved weights (default: the model's)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUT (or interrupted run)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last window")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     add_recipe_options(q)
     q.set_defaults(func=cmd_quantize)
+
+    pp = sub.add_parser("preprocess", help="write the model after CBQ's coarse-to-fine preprocessing (CFP)")
+    pp.add_argument("--model", required=True, help="a local HF folder or a hub id")
+    pp.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
+    pp.add_argument("--out", required=True)
+    pp.add_argument("--nsamples", type=int, default=128)
+    pp.add_argument("--seqlen", type=int, default=512)
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--cfp-alpha", type=float, default=Recipe.cfp_alpha)
+    pp.add_argument("--cfp-weights", action=argparse.BooleanOptionalAction, default=Recipe.cfp_weights,
+                    help="truncate outlier weights (--no-cfp-weights: only scale channels, the function is kept)")
+    pp.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=None,
+                    help="comma-separated name substrings of layers whose weights are not truncated")
+    pp.add_argument("--dtype", default="float32")
+    pp.add_argument("--device", default=None)
+    pp.add_argument("--overwrite", action="store_true")
+    pp.add_argument("--quiet", action="store_true")
+    pp.set_defaults(func=cmd_preprocess)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol)")
     e.add_argument("--model", required=True)
@@ -164,7 +203,8 @@ def main(argv=None) -> int:
         print(f"crossblock: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("crossblock: interrupted; nothing was written", file=sys.stderr)
+        print("crossblock: interrupted; no output was written (a quantize run that finished a window "
+              "continues with --resume)", file=sys.stderr)
         return 130
     return 0
 

@@ -1,4 +1,9 @@
-"""Output folders that are either complete or absent."""
+"""Output folders that are either complete or absent.
+
+Everything is written into a hidden staging folder beside OUT (`.OUT.partial`) that is renamed
+to OUT once complete (crossblock.json last). A run that dies keeps its staging folder only if it
+holds a window checkpoint, for `--resume`; it never looks like a finished OUT.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,29 +12,39 @@ import os
 import shutil
 from pathlib import Path
 
+from .engine.checkpoint import CHECKPOINT_FILE
 from .errors import CrossblockError
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path):
-    """Yield a staging folder beside `out`; rename it to `out` only if the block succeeds."""
+def partial_dir(out: Path) -> Path:
     out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def _os_error(out: Path, e: OSError) -> CrossblockError:
+    why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return CrossblockError(f"cannot write output folder {out}: {why}")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path, keep_checkpoint: bool = False):
+    """Yield the staging folder; rename it to `out` if the block succeeds. On failure it is
+    removed, unless `keep_checkpoint` and it holds a checkpoint to resume from."""
+    out = Path(out)
+    tmp = partial_dir(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CrossblockError(f"cannot write output folder {out}: {e.strerror or e}") from None
+        raise _os_error(out, e) from None
     try:
         yield tmp
+        (tmp / CHECKPOINT_FILE).unlink(missing_ok=True)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise CrossblockError(f"cannot write output folder {out}: {why}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if not (keep_checkpoint and (tmp / CHECKPOINT_FILE).is_file()):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _os_error(out, e) from None
         raise

@@ -27,6 +27,13 @@ class Recipe:
     wbits: int = 4
     group_size: int = 128          # -1: per output channel
     sym: bool = False
+    # activations (inputs of every quantized linear) and CBQ's coarse-to-fine preprocessing
+    abits: int = 16                # 16: activations stay in full precision; else 4..8
+    act_dynamic: bool = True       # per-token ranges at run time; False: one learned step per tensor
+    act_sym: bool = False
+    cfp: bool = False              # scale outlier channels into the norms, truncate outlier weights
+    cfp_alpha: float = 0.7         # outlier channel c is divided by (max_c / max_non_outlier) ** alpha
+    cfp_weights: bool = True       # False: CFP only scales channels (the FP model's function is kept)
     # schedule: windows of `window` blocks every `stride` blocks, loss after `lookahead` FP blocks
     window: int = 1
     stride: int = 1
@@ -40,6 +47,8 @@ class Recipe:
     lwc: bool = True               # learnable clipping multipliers
     lora_rank: int = 4
     round_reg: float = 0.01        # AdaRound/LoRA regularizer weight (annealed beta 20 -> 2)
+    ste: bool = True               # AdaRound/LoRA: train the hard rounding through a straight-through
+                                   # estimator; False: the soft relaxation (needs many more steps)
     iters: int = 0                 # optimizer steps per window; 0: no training (RTN, GPTQ)
     batch_size: int = 8
     lr: float | None = None        # None: 1/iters for signround, 1e-3 for Adam
@@ -113,6 +122,9 @@ class Recipe:
         need(isinstance(self.wbits, int) and 2 <= self.wbits <= 8, f"wbits must be an integer in 2..8, got {self.wbits}")
         need(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
              f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
+        need(isinstance(self.abits, int) and (4 <= self.abits <= 8 or self.abits == 16),
+             f"abits must be an integer in 4..8, or 16 (no activation quantization), got {self.abits}")
+        need(0 < self.cfp_alpha <= 1, f"cfp_alpha must be in (0, 1], got {self.cfp_alpha}")
         need(self.window >= 1, f"window must be >= 1, got {self.window}")
         need(1 <= self.stride <= self.window, f"stride must be in 1..window ({self.window}), got {self.stride}")
         need(self.lookahead >= 0, f"lookahead must be >= 0, got {self.lookahead}")

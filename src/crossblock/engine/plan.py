@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..recipe import Recipe
+from .reconstruct import LOSS_SAMPLES
 from .schedule import make_schedule
 
 BACKWARD_COST = 2  # a backward pass costs about two forward passes
@@ -14,7 +15,7 @@ def window_cost(recipe: Recipe, start: int, target: int, finished: int) -> int:
     cost = 2 * n * finished  # advancing the FP and quantized chains
     if recipe.trains:
         cost += n * depth                                      # target, once per window
-        cost += 2 * n * depth                                  # loss before and after
+        cost += 2 * min(n, LOSS_SAMPLES) * depth               # loss before and after
         cost += recipe.iters * recipe.batch_size * depth * (1 + BACKWARD_COST)
     return cost
 

@@ -19,10 +19,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model.adapter import BlockCall, block_linears, set_submodule
+from ..quant.act import act_quantizer, observing
 from ..quant.linear import QuantLinear
 from ..recipe import Recipe
+from .checkpoint import EngineState
 from .gptq import HessianAccumulator, gptq_quantize
 from .schedule import Window, make_schedule
+
+
+LOSS_SAMPLES = 32
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -45,7 +50,7 @@ def quant_layers(blocks) -> list[QuantLinear]:
 
 @contextlib.contextmanager
 def layer_mode(blocks, mode: str):
-    """Run wrapped blocks as "fp" (original weights) or "rtn" (round-to-nearest baseline)."""
+    """Run wrapped blocks as "fp" (original weights), "hard" (hard rounding) or "rtn"."""
     layers = quant_layers(blocks)
     for m in layers:
         m.mode = mode
@@ -54,6 +59,14 @@ def layer_mode(blocks, mode: str):
     finally:
         for m in layers:
             m.mode = "quant"
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Index batches drawn without replacement, reshuffled every epoch."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield order[i:i + batch_size]
 
 
 def window_loss(out: torch.Tensor, target: torch.Tensor, recipe: Recipe) -> torch.Tensor:
@@ -95,15 +108,24 @@ class WindowEngine:
         return torch.cat(outs)
 
     # -- wrapping and initialization -------------------------------------------------------------
+    def new_layer(self, module: nn.Module, generator: torch.Generator | None) -> QuantLinear:
+        r = self.recipe
+        ql = QuantLinear(module, r.wbits, r.group_size, r.sym, r.rounding, r.lwc, r.lora_rank, generator, r.ste)
+        if r.abits < 16:
+            ql.act_quant = act_quantizer(r.abits, r.act_dynamic, r.act_sym).to(ql.weight.device)
+        return ql
+
     def wrap(self, j: int, x_in: torch.Tensor, generator: torch.Generator):
         r = self.recipe
         for name, module in block_linears(self.blocks[j]):
-            if any(s in name for s in r.skip):
-                continue
-            ql = QuantLinear(module, r.wbits, r.group_size, r.sym, r.rounding, r.lwc, r.lora_rank, generator)
-            set_submodule(self.blocks[j], name, ql)
+            if not any(s in name for s in r.skip):
+                set_submodule(self.blocks[j], name, self.new_layer(module, generator))
         if r.init == "gptq":
             self.init_gptq(j, x_in)
+        if r.abits < 16 and not r.act_dynamic:
+            # static steps start from the range observed on the block's input
+            with observing([m.act_quant for m in quant_layers([self.blocks[j]])]):
+                self.run_all(j, j, x_in)
 
     @torch.no_grad()
     def init_gptq(self, j: int, x_in: torch.Tensor):
@@ -132,59 +154,74 @@ class WindowEngine:
 
     @torch.no_grad()
     def full_loss(self, w: Window, x_in: torch.Tensor, target: torch.Tensor) -> float:
+        """Window loss with hard rounding (as the blocks will be frozen) over the first
+        LOSS_SAMPLES calibration sequences (a fixed subset keeps the check cheap)."""
+        x_in, target = x_in[:LOSS_SAMPLES], target[:LOSS_SAMPLES]
         total = 0.0
-        for xb, tb in zip(x_in.split(self.recipe.batch_size), target.split(self.recipe.batch_size)):
-            out = self.run(w.start, w.target, xb.to(self.device))
-            total += window_loss(out, tb.to(self.device), self.recipe).item() * len(xb)
+        with layer_mode([self.blocks[j] for j in w.trained], "hard"):
+            for xb, tb in zip(x_in.split(self.recipe.batch_size), target.split(self.recipe.batch_size)):
+                out = self.run(w.start, w.target, xb.to(self.device))
+                total += window_loss(out, tb.to(self.device), self.recipe).item() * len(xb)
         return total / len(x_in)
 
     def train(self, w: Window, x_in: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> dict:
-        r = self.recipe
+        """Optimize the window's parameters. A non-finite loss restores the start and retries
+        once at half the learning rate; a result worse than the start on the whole calibration
+        set is reverted (as AutoRound keeps its best iterate), so a window never hurts."""
         layers = quant_layers([self.blocks[j] for j in w.trained])
         params = [p for m in layers for p in m.parameters()]
+        before = self.full_loss(w, x_in, target)
+        info = {"loss_before": before, "steps": 0}
         if not params:
-            return {"steps": 0}
-        start_state = [p.detach().clone() for p in params]
-        soft = r.rounding in ("adaround", "lora")
-        lr_scale = 1.0
-        for attempt in range(2):  # a non-finite loss restores the start and retries at half lr
-            opt, sched = self.optimizer(params)
-            for g in opt.param_groups:
-                g["lr"] *= lr_scale
-            order = torch.randperm(len(x_in), generator=generator)
-            bar = tqdm(range(r.iters), desc=f"  window {w.start}-{w.end - 1}", leave=False,
-                       disable=not self.progress)
-            finite = True
-            for step in bar:
-                pos = (step * r.batch_size) % len(x_in)
-                if pos + r.batch_size > len(x_in):
-                    order = torch.randperm(len(x_in), generator=generator)
-                    pos = 0
-                idx = order[pos:pos + r.batch_size]
-                out = self.run(w.start, w.target, x_in[idx].to(self.device))
-                loss = window_loss(out, target[idx].to(self.device), r)
-                if soft:
-                    loss = loss + r.round_reg * self.rounding_penalty(layers, step)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                for m in layers:
-                    m.project()
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4g}")
-            bar.close()
-            if finite:
-                return {"steps": r.iters, "retried": attempt > 0}
+            return dict(info, loss_after=before)
+        start = [p.detach().clone() for p in params]
+
+        def reset():
             with torch.no_grad():
-                for p, p0 in zip(params, start_state):
+                for p, p0 in zip(params, start):
                     p.copy_(p0)
-            lr_scale *= 0.5
-        return {"steps": 0, "retried": True, "nonfinite": True}
+
+        for lr_scale in (1.0, 0.5):
+            if self.optimize(w, layers, params, x_in, target, generator, lr_scale):
+                info["steps"] = self.recipe.iters
+                break
+            reset()
+            info["nonfinite_retries"] = info.get("nonfinite_retries", 0) + 1
+        after = self.full_loss(w, x_in, target) if info["steps"] else before
+        if not after <= before:  # also catches NaN
+            reset()
+            after, info["reverted"] = before, True
+        return dict(info, loss_after=after)
+
+    def optimize(self, w, layers, params, x_in, target, generator, lr_scale: float) -> bool:
+        """The optimizer loop; False if the loss became non-finite."""
+        r = self.recipe
+        opt, sched = self.optimizer(params)
+        for g in opt.param_groups:
+            g["lr"] *= lr_scale
+        soft = r.rounding in ("adaround", "lora")
+        batches = shuffled_batches(len(x_in), r.batch_size, generator)
+        bar = tqdm(range(r.iters), desc=f"  window {w.start}-{w.end - 1}", leave=False, disable=not self.progress)
+        for step in bar:
+            idx = next(batches)
+            out = self.run(w.start, w.target, x_in[idx].to(self.device))
+            loss = window_loss(out, target[idx].to(self.device), r)
+            if soft:
+                loss = loss + r.round_reg * self.rounding_penalty(layers, step)
+            if not torch.isfinite(loss):
+                bar.close()
+                return False
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            for m in layers:
+                m.project()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+        bar.close()
+        return True
 
     def rounding_penalty(self, layers, step: int) -> torch.Tensor:
         # AdaRound schedule: no regularizer for the first 20% of steps, then beta 20 -> 2.
@@ -195,15 +232,21 @@ class WindowEngine:
         return sum(m.rounding_penalty(beta) for m in layers) / len(layers)
 
     # -- the whole schedule --------------------------------------------------------------------
-    def quantize(self, x0: torch.Tensor):
+    def quantize(self, x0: torch.Tensor, resume: EngineState | None = None, on_window=None):
+        """Run the schedule. `resume` continues a checkpointed run; `on_window(state)` is called
+        after every window with what a checkpoint needs."""
         r = self.recipe
         # chains: FP model, quantized model, and (for the report) the RTN-quantized model
         chains = {"fp": x0, "q": x0}  # never modified in place
         if r.trains or r.init != "rtn":
             chains["rtn"] = x0
-        wrapped = set()
-        bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window")
-        for wi, w in enumerate(bar):
+        wrapped: set[int] = set()
+        first = 0
+        if resume is not None:
+            chains, self.report, first = resume.chains, resume.report, resume.next_window
+            wrapped = self.restore_layers(resume.layers)
+        bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
+        for wi, w in enumerate(self.schedule[first:], start=first):
             t0 = time.time()
             generator = torch.Generator().manual_seed(r.seed * 1_000_003 + wi)
             torch.manual_seed(r.seed * 1_000_003 + wi)
@@ -219,9 +262,7 @@ class WindowEngine:
             if r.trains:
                 with layer_mode([self.blocks[j] for j in w.trained], "fp"):
                     target = self.run_all(w.start, w.target, q if r.target == "homologous" else chains["fp"])
-                entry["loss_before"] = self.full_loss(w, q, target)
                 entry.update(self.train(w, q, target, generator))
-                entry["loss_after"] = self.full_loss(w, q, target)
                 del target
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
             self.advance(w, chains)
@@ -230,7 +271,28 @@ class WindowEngine:
                     self.blocks[j].to("cpu")
             entry["seconds"] = round(time.time() - t0, 3)
             self.report["windows"].append(entry)
+            bar.update()
+            if on_window is not None:
+                on_window(EngineState(wi + 1, chains, self.layer_states(), self.report))
+        bar.close()
         return self.report
+
+    def layer_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {f"{j}.{name}": m.checkpoint_state() for j, block in enumerate(self.blocks)
+                for name, m in block.named_modules() if isinstance(m, QuantLinear)}
+
+    def restore_layers(self, states: dict[str, dict[str, torch.Tensor]]) -> set[int]:
+        """Re-wrap the blocks a checkpoint had wrapped and load their state."""
+        blocks = sorted({int(key.split(".", 1)[0]) for key in states})
+        for j in blocks:
+            for name, module in block_linears(self.blocks[j]):
+                key = f"{j}.{name}"
+                if key not in states:
+                    continue
+                ql = self.new_layer(module, None)
+                ql.load_checkpoint_state(states[key])
+                set_submodule(self.blocks[j], name, ql)
+        return set(blocks)
 
     @torch.no_grad()
     def advance(self, w: Window, chains: dict):

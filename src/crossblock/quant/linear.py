@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .act import quantize_input
 from .grid import QuantizedWeight, dequantize, expand_groups, fake_quantize, minmax_grid, num_groups, quantize_to_int
 
 ROUNDINGS = ("rtn", "signround", "adaround", "lora")
@@ -41,7 +42,7 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 class QuantLinear(nn.Module):
     def __init__(self, module: nn.Module, bits: int, group_size: int, sym: bool,
                  rounding: str = "rtn", lwc: bool = False, lora_rank: int = 4,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, ste: bool = True):
         super().__init__()
         if rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {rounding!r}")
@@ -52,7 +53,10 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = w.shape
         self.bits, self.group_size, self.sym = bits, group_size, sym
         self.rounding = rounding
-        self.mode = "quant"       # "fp": the original layer; "rtn": round-to-nearest (baseline)
+        self.ste = ste  # adaround/lora: hard forward + straight-through, instead of soft weights
+        # "quant": trainable (soft rounding for adaround/lora); "hard": as it will be frozen;
+        # "fp": the original layer; "rtn": round-to-nearest (the baseline)
+        self.mode = "quant"
         self.act_quant: nn.Module | None = None
         self.frozen: QuantizedWeight | None = None
         self._frozen_w: torch.Tensor | None = None
@@ -126,15 +130,18 @@ class QuantLinear(nn.Module):
             offset = self.offset if self.rounding == "signround" else None
             q = quantize_to_int(w, scale, zero, self.bits, self.group_size, offset)
         else:
-            h = (h >= 0.5).float() if hard else h
+            if hard:
+                h = (h >= 0.5).float()
+            elif self.ste:  # the forward sees the rounding it will get; gradients flow through h
+                h = (h >= 0.5).float() + h - h.detach()
             z = expand_groups(zero, self.in_features, self.group_size)
             q = (torch.floor(x) + h + z).clamp(0, 2 ** self.bits - 1)
         return q, scale, zero
 
-    def quantized_weight(self) -> torch.Tensor:
+    def quantized_weight(self, hard: bool = False) -> torch.Tensor:
         if self._frozen_w is not None:
             return self._frozen_w
-        q, scale, zero = self.integers(hard=False)
+        q, scale, zero = self.integers(hard=hard)
         return dequantize(q, scale, zero, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +152,7 @@ class QuantLinear(nn.Module):
         if self.mode == "rtn":
             w = fake_quantize(self.weight, self.bits, self.group_size, self.sym).to(x.dtype)
         else:
-            w = self.quantized_weight().to(x.dtype)
+            w = self.quantized_weight(hard=self.mode == "hard").to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     # -- training helpers -------------------------------------------------------------------
@@ -170,11 +177,16 @@ class QuantLinear(nn.Module):
     def freeze(self):
         """Hard-round, keep the integers, drop every learnable parameter."""
         q, scale, zero = self.integers(hard=True)
-        self.frozen = QuantizedWeight(q.round().to(torch.uint8), scale.detach().float().clone(),
-                                      zero.detach().float().clone(), self.bits, self.group_size, self.sym)
+        self.set_frozen(QuantizedWeight(q.round().to(torch.uint8), scale.detach().float().clone(),
+                                        zero.detach().float().clone(), self.bits, self.group_size, self.sym))
+
+    def set_frozen(self, frozen: QuantizedWeight):
+        self.frozen = frozen
         self._frozen_w = self.frozen.dequantize()
         for name, _ in list(self.named_parameters(recurse=False)):
             delattr(self, name)
+        if self.act_quant is not None:
+            self.act_quant.freeze()
         self.base = None
 
     @torch.no_grad()
@@ -186,5 +198,30 @@ class QuantLinear(nn.Module):
         module.weight.data.copy_(w.t() if is_conv1d(module) else w)
         module.crossblock_qweight = self.frozen
         if self.act_quant is not None:
+            # the original layer must keep quantizing its input, or the model would run A16
             module.crossblock_act_quant = self.act_quant
+            module.register_forward_pre_hook(quantize_input)
         return module
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Everything a resumed run needs to continue exactly: the integers once frozen, else
+        every learnable parameter and initialization buffer (never the FP weight)."""
+        state = {k: v for k, v in [*self.named_parameters(), *self.named_buffers()]
+                 if k not in ("weight", "bias") and v is not None}
+        if self.frozen is not None:
+            state.update(q=self.frozen.q, scale=self.frozen.scale, zero=self.frozen.zero)
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]):
+        if "fixed_scale" in state:
+            self.set_init(state.get("base", self.weight), state["fixed_scale"], state["fixed_zero"])
+        for k, v in state.items():
+            if k in ("q", "scale", "zero", "base", "fixed_scale", "fixed_zero"):
+                continue
+            target = self.get_parameter(k) if k in dict(self.named_parameters()) else self.get_buffer(k)
+            target.copy_(v)
+        if "q" in state:
+            self.set_frozen(QuantizedWeight(state["q"], state["scale"], state["zero"],
+                                            self.bits, self.group_size, self.sym))

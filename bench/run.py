@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Benchmark rows on a real model: quantize with the crossblock CLI (or AutoRound), evaluate
+WikiText-2 perplexity with `crossblock eval`, append one JSON line per row and rewrite the table.
+
+    python bench/run.py --name smollm2_w2g64 --wbits 2 --group-size 64 --iters 20 \
+        --nsamples 64 --seqlen 512 --batch-size 8 --eval-windows 40 --rows fp,rtn,gptq,block,autoround
+
+Rows: fp, any preset (rtn gptq block mb la cbq), `autoround`, or NAME=PRESET:FLAGS for a custom
+recipe, e.g. "cbq-sr=cbq:--rounding signround". Every row's exact command goes in the table.
+Models and data come from $CROSSBLOCK_SHARED (default ../shared); SmolLM2 is built by
+shared/models/smollm2-135m/prepare.py into the user cache.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CROSSBLOCK_SHARED", ROOT.parent / "shared")).resolve()
+CALIB = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
+TEST = SHARED / "data" / "wikitext2" / "wiki.test.raw"
+BIN = Path(sys.executable).parent
+AUTOROUND = ROOT / "bench" / "autoround"
+
+
+def sh(cmd, log):
+    """Run a command, tee its output to a log, fail loudly."""
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(map(str, cmd))}\n")
+        f.flush()
+        r = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, text=True)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): {shlex.join(map(str, cmd))} -- see {log}")
+
+
+def prepare_model():
+    out = subprocess.run([str(BIN / "python"), str(SHARED / "models" / "smollm2-135m" / "prepare.py")],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def evaluate(model_dir, args, log) -> float:
+    cmd = [BIN / "crossblock", "eval", "--model", model_dir, "--ppl", TEST, "--seqlen", args.seqlen,
+           "--max-windows", args.eval_windows, "--quiet", "--tokenizer", args.model]
+    sh(cmd, log)
+    last = Path(log).read_text().strip().splitlines()[-1]
+    return float(last.split()[-1])
+
+
+def calib_tokens(args, path):
+    """The exact windows `crossblock quantize` draws, for AutoRound."""
+    import torch  # noqa: F401
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from crossblock.data.text import calibration_windows, read_texts, tokenize
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = calibration_windows(tokenize(tok, read_texts(CALIB)), args.nsamples, args.seqlen, args.seed)
+    save_file({"input_ids": ids.contiguous()}, str(path))
+
+
+def run_row(row, args, work, log):
+    name, _, spec = row.partition("=")
+    preset, _, flags = (spec or name).partition(":")
+    out = work / name
+    common = ["--wbits", args.wbits, "--group-size", args.group_size, "--nsamples", args.nsamples,
+              "--seqlen", args.seqlen, "--seed", args.seed, "--batch-size", args.batch_size]
+    if preset == "fp":
+        return {"row": name, "ppl": evaluate(args.model, args, log), "command": "(full precision)"}
+    if preset == "autoround":
+        sh(["bash", AUTOROUND / "setup.sh"], log)
+        tokens = work / "calib_tokens.safetensors"
+        calib_tokens(args, tokens)
+        cmd = [AUTOROUND / ".venv" / "bin" / "python", AUTOROUND / "run_autoround.py", "--model", args.model,
+               "--bits", args.wbits, "--group-size", args.group_size, "--iters", args.iters,
+               "--nsamples", args.nsamples, "--seqlen", args.seqlen, "--batch-size", args.batch_size,
+               "--seed", args.seed, "--calib-tokens", tokens, "--out", out]
+        sh(cmd, log)
+        info = json.loads((out / "autoround.json").read_text())
+        wall, rss = info["quantize_wall_s"], info["peak_rss_mib"]
+    else:
+        cmd = [BIN / "crossblock", "quantize", "--model", args.model, "--calib", CALIB, "--out", out,
+               "--recipe", preset, *common, "--quiet", "--overwrite", *shlex.split(flags)]
+        if preset not in ("rtn", "gptq"):
+            cmd += ["--iters", args.iters]
+        sh(cmd, log)
+        info = json.loads((out / "crossblock.json").read_text())
+        wall, rss = info["wall_seconds"], info["peak_rss_mib"]
+    return {"row": name, "ppl": evaluate(out, args, log), "wall_s": wall, "peak_rss_mib": rss,
+            "command": shlex.join(map(str, cmd)).replace(str(ROOT) + "/", "").replace(args.model, "$SMOLLM2")}
+
+
+def write_table(jsonl: Path, args):
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    fp = next((r["ppl"] for r in rows if r["row"] == "fp"), None)
+    lines = [f"# {jsonl.stem}", "",
+             f"SmolLM2-135M-Instruct, W{args.wbits} g{args.group_size} asym, WikiText-2 test perplexity "
+             f"(`wiki.test.raw`, first {args.eval_windows} windows of {args.seqlen} tokens), calibration "
+             f"{args.nsamples} x {args.seqlen} tokens from `wiki.valid.tokens` (seed {args.seed}), "
+             f"{args.iters} steps per window, batch {args.batch_size}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}.",
+             "", "| row | ppl | gap to FP | wall s | peak RSS MiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        gap = f"{r['ppl'] - fp:.2f}" if fp is not None else "-"
+        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {gap} | {r.get('wall_s', '-')} | {r.get('peak_rss_mib', '-')} |")
+    lines += ["", "Commands (`$SMOLLM2` = the folder prepare.py prints):", ""]
+    lines += [f"- {r['row']}: `{r['command']}`" for r in rows]
+    jsonl.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True)
+    p.add_argument("--rows", required=True)
+    p.add_argument("--model", default=None, help="default: SmolLM2-135M built by prepare.py")
+    for flag, default in [("wbits", 2), ("group-size", 64), ("iters", 20), ("nsamples", 128), ("seqlen", 512),
+                          ("batch-size", 8), ("seed", 0), ("eval-windows", 40)]:
+        p.add_argument(f"--{flag}", type=int, default=default)
+    args = p.parse_args()
+    args.model = args.model or prepare_model()
+    work = ROOT / "bench" / "work" / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    jsonl = ROOT / "bench" / "results" / f"{args.name}.jsonl"
+    for row in args.rows.split(","):
+        t0 = time.time()
+        result = run_row(row, args, work, work / f"{row.split('=')[0]}.log")
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        write_table(jsonl, args)
+        print(f"{result['row']}: ppl {result['ppl']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Activation quantizers for the inputs of quantized linear layers (fake-quant, STE).
+
+- DynamicActQuant: every token (row of the last dimension) gets its own min/max grid at run
+  time, asymmetric or symmetric, on the same integer conventions as the weights (quant/grid.py)
+  and as compressed-tensors' dynamic per-token scheme. Nothing to learn.
+- StaticActQuant: one step (and zero point) per tensor, calibrated on the range observed on
+  calibration inputs, then learned (LSQ-style: straight-through rounding, the clamp passes
+  gradient into the step). The step is step0 · exp(log_mult), so training moves it relative to
+  its calibrated size: SignSGD's lr (1/iters, at most ×e^0.5 over a window) and Adam's 1e-3 suit
+  any activation scale, and the engine needs no separate learning rate for it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .grid import dequantize, minmax_grid, quantize_to_int, round_ste
+
+
+def act_scheme(bits: int, dynamic: bool, sym: bool) -> dict | None:
+    """The export's description of an activation quantizer (see export/formats.py), or None."""
+    if bits >= 16:
+        return None
+    return {"bits": bits, "dynamic": dynamic, "strategy": "token" if dynamic else "tensor", "symmetric": sym}
+
+
+class DynamicActQuant(nn.Module):
+    def __init__(self, bits: int, sym: bool):
+        super().__init__()
+        self.bits, self.sym = bits, sym
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            rows = x.reshape(-1, x.shape[-1]).float()
+            scale, zero = minmax_grid(rows, self.bits, -1, self.sym)
+            xq = dequantize(quantize_to_int(rows, scale, zero, self.bits, -1), scale, zero, -1)
+        return x + (xq.view(x.shape).to(x.dtype) - x).detach()
+
+    def scheme(self) -> dict:
+        return act_scheme(self.bits, True, self.sym)
+
+    def freeze(self):
+        pass
+
+
+class StaticActQuant(nn.Module):
+    def __init__(self, bits: int, sym: bool):
+        super().__init__()
+        self.bits, self.sym = bits, sym
+        self.observing = False
+        # non-persistent: a restored model's state dict stays that of the original model
+        self.register_buffer("lo", torch.zeros(()), persistent=False)
+        self.register_buffer("hi", torch.zeros(()), persistent=False)
+        self.register_buffer("step0", torch.ones(()), persistent=False)
+        self.register_buffer("zero", torch.zeros(()), persistent=False)
+        self.log_mult = nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def end_observing(self):
+        scale, zero = minmax_grid(torch.stack([self.lo, self.hi]).view(1, 2), self.bits, -1, self.sym)
+        self.step0.copy_(scale.view(()))
+        self.zero.copy_(zero.view(()))
+        self.observing = False
+
+    def step(self) -> torch.Tensor:
+        return self.step0 if self.log_mult is None else self.step0 * self.log_mult.exp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.lo.copy_(torch.minimum(self.lo, x.detach().min().float()))
+            self.hi.copy_(torch.maximum(self.hi, x.detach().max().float()))
+            return x
+        s = self.step()
+        q = (round_ste(x.float() / s) + self.zero).clamp(0, 2 ** self.bits - 1)
+        return ((q - self.zero) * s).to(x.dtype)
+
+    def scheme(self) -> dict:
+        return act_scheme(self.bits, False, self.sym)
+
+    @torch.no_grad()
+    def freeze(self):
+        """Fold the learned multiplier into the step; nothing is left to train."""
+        if self.log_mult is not None:
+            self.step0.mul_(self.log_mult.exp())
+            del self.log_mult
+            self.log_mult = None
+
+
+def act_quantizer(bits: int, dynamic: bool, sym: bool) -> nn.Module:
+    return DynamicActQuant(bits, sym) if dynamic else StaticActQuant(bits, sym)
+
+
+@contextlib.contextmanager
+def observing(quantizers: list[StaticActQuant]):
+    """The quantizers pass inputs through and record their range; the grid is set on exit."""
+    for q in quantizers:
+        q.observing = True
+    yield
+    for q in quantizers:
+        q.end_observing()
+
+
+def quantize_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook that keeps a restored layer quantizing its input."""
+    return (module.crossblock_act_quant(args[0]), *args[1:])

@@ -1,0 +1,71 @@
+"""A run killed with SIGKILL resumes from its last window and ends bit-identical."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors import safe_open
+
+from conftest import CALIB_FILE, STORIES
+from crossblock.engine.checkpoint import CHECKPOINT_FILE
+from crossblock.output import partial_dir
+
+ARGS = ["--recipe", "cbq", "--wbits", "2", "--group-size", "-1", "--iters", "60", "--nsamples", "8",
+        "--seqlen", "64", "--batch-size", "4", "--quiet"]
+
+
+def cli(out, *extra, calib=CALIB_FILE):
+    cmd = [sys.executable, "-m", "crossblock", "quantize", "--model", str(STORIES), "--calib", str(calib),
+           "--out", str(out), *ARGS, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def windows_done(out) -> int:
+    path = partial_dir(out) / CHECKPOINT_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.metadata()["next_window"])
+    except Exception:
+        return 0
+
+
+def kill_after(out, windows: int):
+    proc = cli(out)
+    deadline = time.time() + 300
+    while windows_done(out) < windows:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    ref = tmp_path / "ref"
+    assert cli(ref).wait() == 0
+
+    out = tmp_path / "out"
+    kill_after(out, 2)
+    assert not out.exists()  # an interrupted run never looks finished
+    assert not (partial_dir(out) / "crossblock.json").exists()
+    resumed = cli(out, "--resume")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    assert not partial_dir(out).exists() and not (out / CHECKPOINT_FILE).exists()
+    assert '"resumed_at_window": 2' in (out / "crossblock.json").read_text()
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "out"
+    kill_after(out, 1)
+    other = cli(out, "--resume", "--iters", "61")
+    assert other.wait() == 2 and "different model, recipe or calibration" in other.stderr.read()
+    short = tmp_path / "calib.txt"
+    short.write_text(CALIB_FILE.read_text()[:200_000])
+    other = cli(out, "--resume", calib=short)
+    assert other.wait() == 2 and "different model, recipe or calibration" in other.stderr.read()
+    assert windows_done(out) >= 1  # the refused attempts left the checkpoint alone
+    fresh = cli(out)
+    assert fresh.wait() == 2 and "interrupted run" in fresh.stderr.read()
