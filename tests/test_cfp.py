@@ -103,12 +103,11 @@ def test_outlier_weights_are_truncated_to_the_threshold():
     with torch.no_grad():
         w[0, 0], w[1, 1] = 5.0, -6.0
         before = w.clone()
-    found = cfp(model, torch.randint(3, 100, (4, 16)), cb.Recipe(nsamples=4, batch_size=4), progress=False)
+    ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    found = cfp(model, ids, cb.Recipe(nsamples=4, batch_size=4), progress=False)
     assert found[0]["outlier_weights"]["mlp.down_proj"] == 2
-    rest = before.abs().flatten().sort().values[-3].item()
-    assert (w[0, 0], w[1, 1]) == (rest, -rest) and w.abs().max() == rest
-    changed = (w != before).sum()
-    assert changed == 2
+    rest = before.abs().flatten().sort().values[-3].item()  # the largest weight left
+    assert (w[0, 0], w[1, 1]) == (rest, -rest) and (w != before).sum() == 2
 
 
 def test_w4a8_with_cfp_is_no_worse_on_stories260k_and_the_report_counts_outliers():
