@@ -47,10 +47,10 @@ def test_static_step_is_calibrated_learned_and_frozen():
     assert torch.equal(q(x), y)
 
 
-def quantize(**kw):
+def quantize(checkpoint_dir=None, **kw):
     model, tok = load_stories()
     recipe = cb.Recipe.preset(kw.pop("preset", "rtn"), **FAST, **kw)
-    return cb.quantize(model, tok, recipe, calib=CALIB_FILE.read_text(), progress=False)
+    return cb.quantize(model, tok, recipe, calib=CALIB_FILE.read_text(), progress=False, checkpoint_dir=checkpoint_dir)
 
 
 def test_static_steps_train_with_the_weights_and_restored_layers_keep_quantizing():
@@ -110,3 +110,27 @@ def test_exports_that_cannot_record_the_activations_refuse_before_quantizing(fmt
     model, _ = load_stories()
     with pytest.raises(CrossblockError, match=message):
         cb.api.check_format(fmt, model, cb.Recipe.preset("rtn", wbits=8, **FAST, **kw))
+
+
+def test_static_steps_survive_an_interrupted_run(tmp_path, monkeypatch):
+    """Checkpoints carry calibrated and half-trained steps (cbq: block 2 is mid-window at the stop)."""
+    import crossblock.api as api
+    kw = dict(preset="cbq", wbits=4, abits=6, act_dynamic=False, iters=5)
+
+    def steps(model):
+        return torch.stack([m.crossblock_act_quant.step0 for m in model.modules() if hasattr(m, "crossblock_act_quant")])
+    ref = steps(quantize(**kw)[0])
+
+    write = api.write_checkpoint
+
+    def write_then_stop(folder, state, key):
+        write(folder, state, key)
+        if state.next_window == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(api, "write_checkpoint", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(**kw, checkpoint_dir=tmp_path)
+    monkeypatch.undo()
+    model, report = quantize(**kw, checkpoint_dir=tmp_path)
+    assert report["resumed_at_window"] == 2
+    assert torch.equal(steps(model), ref)
