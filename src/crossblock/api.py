@@ -18,6 +18,7 @@ import torch
 
 from .data.text import calibration_windows, digest, tokenize
 from .engine.checkpoint import read_checkpoint, write_checkpoint
+from .engine.distributed import is_main, rank_and_size, shard
 from .engine.reconstruct import WindowEngine
 from .errors import CrossblockError
 from .eval.perplexity import perplexity
@@ -112,9 +113,11 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         resume = read_checkpoint(Path(checkpoint_dir), key)
         on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key)  # noqa: E731
     outliers = cfp(model, ids, recipe, device, progress) if recipe.cfp else None
-    x0, calls = capture(model, ids, batch_size=recipe.batch_size)
+    # data parallel (torchrun): each rank captures and carries only its shard of the sequences
+    x0, calls = capture(model, shard(ids), batch_size=recipe.batch_size)
     _, blocks = find_blocks(model)
-    engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress)
+    engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress and is_main(),
+                          num_sequences=ids.shape[0])
     try:
         report = engine.quantize(x0, resume=resume, on_window=on_window)
     except FloatingPointError as e:
@@ -125,6 +128,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         "versions": versions(),
         "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
         "device": str(device),
+        "ranks": rank_and_size()[1],
         "resumed_at_window": resume.next_window if resume else None,
         "wall_seconds": round(time.time() - t0, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -188,10 +192,11 @@ def save(model, tokenizer, out, format: str = "fake", report: dict | None = None
     return out
 
 
-def load(path, device: str = "cpu"):
-    """Any folder crossblock writes (fake, compressed-tensors, gptq) as a transformers model."""
+def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """Any folder crossblock writes (fake, compressed-tensors, gptq) as a transformers model,
+    in `dtype` (default: the checkpoint's)."""
     from . import export
-    return export.load(path, device)
+    return export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
 
 
 def evaluate(model, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,

@@ -41,6 +41,7 @@ def recipe_from_args(args) -> Recipe:
 def cmd_quantize(args):
     from . import api
     from .data.text import read_texts
+    from .engine.distributed import barrier, is_main
     from .output import partial_dir, staged_dir
 
     # every check that can fail runs before the long part
@@ -48,18 +49,25 @@ def cmd_quantize(args):
     out = Path(args.out)
     api.check_output(out, args.overwrite)
     work = partial_dir(out)
-    if work.exists() and not args.resume:
+    if is_main() and work.exists() and not args.resume:
         if not args.overwrite:
             raise CrossblockError(f"{work} holds an interrupted run: pass --resume to continue it, "
                                   "or --overwrite to start over")
         shutil.rmtree(work)
+    barrier()  # data parallel: no rank creates the staging folder before rank 0 has checked it
     calib = read_texts(args.calib)
     model, tokenizer = api.load_model(args.model, dtype=args.dtype)
     api.check_format(args.format, model, recipe)
     save_dtype = model.config.dtype if args.save_dtype == "auto" else args.save_dtype
+    if not is_main():  # data parallel: the other ranks compute and checkpoint; rank 0 writes
+        work.mkdir(parents=True, exist_ok=True)
+        api.quantize(model, tokenizer, recipe, calib=calib, device=args.device, progress=False, checkpoint_dir=work)
+        barrier()
+        return
     with staged_dir(out, keep_checkpoint=True) as work:
         model, report = api.quantize(model, tokenizer, recipe, calib=calib, device=args.device,
                                      progress=not args.quiet, checkpoint_dir=work)
+        barrier()  # every rank has written its last checkpoint before the folder is renamed
         report["model"] = args.model
         report["calibration"]["files"] = [str(c) for c in args.calib]
         api.write_folder(model, tokenizer, work, args.format, report, _dtype(save_dtype))
@@ -92,7 +100,7 @@ def cmd_eval(args):
     from .data.text import read_texts
 
     text = read_texts(args.ppl)
-    model = api.load(args.model, device=args.device or api.default_device())
+    model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype)
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet)
@@ -166,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--tokenizer", default=None)
+    e.add_argument("--dtype", default="float32", help="dtype to evaluate in (default float32: bf16 matmuls are slow on most CPUs)")
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -193,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .engine.distributed import init_from_env
+    rank_device = init_from_env()  # under torchrun: join the process group
+    if rank_device and getattr(args, "device", None) is None:
+        args.device = rank_device
     if getattr(args, "quiet", False):
         import transformers
         transformers.utils.logging.disable_progress_bar()

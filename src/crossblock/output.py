@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .engine.checkpoint import CHECKPOINT_FILE
+from .engine.checkpoint import checkpoint_files
 from .errors import CrossblockError
 
 
@@ -38,12 +38,13 @@ def staged_dir(out: Path, keep_checkpoint: bool = False):
         raise _os_error(out, e) from None
     try:
         yield tmp
-        (tmp / CHECKPOINT_FILE).unlink(missing_ok=True)
+        for f in checkpoint_files(tmp):
+            f.unlink()
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException as e:
-        if not (keep_checkpoint and (tmp / CHECKPOINT_FILE).is_file()):
+        if not (keep_checkpoint and checkpoint_files(tmp)):
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise _os_error(out, e) from None

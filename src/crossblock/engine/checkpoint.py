@@ -18,8 +18,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CrossblockError
+from .distributed import rank_and_size
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def checkpoint_path(folder: Path) -> Path:
+    """One file per data-parallel rank: each holds the chains of its own shard."""
+    rank, size = rank_and_size()
+    return Path(folder) / (CHECKPOINT_FILE if size == 1 else f"checkpoint-rank{rank}-of-{size}.safetensors")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("checkpoint*.safetensors"))
 
 
 @dataclass
@@ -48,7 +59,7 @@ def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
         for key, value in entries.items():
             tensors[f"layer.{layer}/{key}"] = value
     meta = {"fingerprint": fingerprint, "next_window": str(state.next_window), "report": json.dumps(state.report)}
-    path = Path(folder) / CHECKPOINT_FILE
+    path = checkpoint_path(folder)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     with open(tmp, "rb+") as f:
@@ -58,7 +69,7 @@ def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
 
 
 def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
-    path = Path(folder) / CHECKPOINT_FILE
+    path = checkpoint_path(folder)
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:

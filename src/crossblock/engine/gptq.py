@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.grid import minmax_grid, num_groups
+from .distributed import all_reduce_
 
 
 class HessianAccumulator:
@@ -27,6 +28,12 @@ class HessianAccumulator:
         self.count += n
         x = x * (2 / self.count) ** 0.5
         self.h += x.t() @ x
+
+    def all_reduce(self):
+        """Combine the running means of every rank, weighted by their token counts."""
+        total = all_reduce_(torch.tensor(float(self.count), device=self.h.device))
+        self.h = all_reduce_(self.h * self.count) / total.clamp(min=1)
+        self.count = int(total.item())
 
 
 def _quantize_column(w, scale, zero, qmax):

@@ -23,6 +23,7 @@ from ..quant.act import act_quantizer, observing
 from ..quant.linear import QuantLinear
 from ..recipe import Recipe
 from .checkpoint import EngineState
+from .distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
 from .gptq import HessianAccumulator, gptq_quantize
 from .schedule import Window, make_schedule
 
@@ -81,8 +82,9 @@ def window_loss(out: torch.Tensor, target: torch.Tensor, recipe: Recipe) -> torc
 
 class WindowEngine:
     def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], recipe: Recipe,
-                 device: torch.device | str = "cpu", progress: bool = True):
+                 device: torch.device | str = "cpu", progress: bool = True, num_sequences: int | None = None):
         self.blocks, self.calls, self.recipe = blocks, calls, recipe
+        self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
         self.progress = progress
         self.schedule = make_schedule(len(blocks), recipe.window, recipe.stride, recipe.lookahead)
@@ -140,6 +142,7 @@ class WindowEngine:
                 h.remove()
         r = self.recipe
         for m in layers:
+            acc[m].all_reduce()
             wq, scale, zero = gptq_quantize(m.weight, acc[m].h, r.wbits, r.group_size, r.sym, r.damp, act_order=r.act_order)
             m.set_init(wq, scale, zero)
 
@@ -156,13 +159,18 @@ class WindowEngine:
     def full_loss(self, w: Window, x_in: torch.Tensor, target: torch.Tensor) -> float:
         """Window loss with hard rounding (as the blocks will be frozen) over the first
         LOSS_SAMPLES calibration sequences (a fixed subset keeps the check cheap)."""
-        x_in, target = x_in[:LOSS_SAMPLES], target[:LOSS_SAMPLES]
-        total = 0.0
+        rows = local_part(torch.arange(min(LOSS_SAMPLES, self.global_len(x_in))))
+        total = torch.zeros(2, dtype=torch.float64)
         with layer_mode([self.blocks[j] for j in w.trained], "hard"):
-            for xb, tb in zip(x_in.split(self.recipe.batch_size), target.split(self.recipe.batch_size)):
-                out = self.run(w.start, w.target, xb.to(self.device))
-                total += window_loss(out, tb.to(self.device), self.recipe).item() * len(xb)
-        return total / len(x_in)
+            for idx in rows.split(self.recipe.batch_size):
+                out = self.run(w.start, w.target, x_in[idx].to(self.device))
+                total += torch.tensor([window_loss(out, target[idx].to(self.device), self.recipe).item() * len(idx),
+                                       len(idx)], dtype=torch.float64)
+        total = all_reduce_(total)
+        return (total[0] / total[1]).item()
+
+    def global_len(self, x: torch.Tensor) -> int:
+        return self.num_sequences or len(x)
 
     def train(self, w: Window, x_in: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> dict:
         """Optimize the window's parameters. A non-finite loss restores the start and retries
@@ -182,8 +190,9 @@ class WindowEngine:
                     p.copy_(p0)
 
         for lr_scale in (1.0, 0.5):
-            if self.optimize(w, layers, params, x_in, target, generator, lr_scale):
-                info["steps"] = self.recipe.iters
+            trace = self.optimize(w, layers, params, x_in, target, generator, lr_scale)
+            if trace is not None:
+                info["steps"], info["loss_trace"] = self.recipe.iters, [round(v, 6) for v in trace]
                 break
             reset()
             info["nonfinite_retries"] = info.get("nonfinite_retries", 0) + 1
@@ -193,35 +202,44 @@ class WindowEngine:
             after, info["reverted"] = before, True
         return dict(info, loss_after=after)
 
-    def optimize(self, w, layers, params, x_in, target, generator, lr_scale: float) -> bool:
-        """The optimizer loop; False if the loss became non-finite."""
+    def optimize(self, w, layers, params, x_in, target, generator, lr_scale: float) -> list[float] | None:
+        """The optimizer loop; returns the loss of every step, or None if it became non-finite."""
         r = self.recipe
         opt, sched = self.optimizer(params)
         for g in opt.param_groups:
             g["lr"] *= lr_scale
         soft = r.rounding in ("adaround", "lora")
-        batches = shuffled_batches(len(x_in), r.batch_size, generator)
+        batches = shuffled_batches(self.global_len(x_in), r.batch_size, generator)
         bar = tqdm(range(r.iters), desc=f"  window {w.start}-{w.end - 1}", leave=False, disable=not self.progress)
+        world = rank_and_size()[1]
+        trace = []
         for step in bar:
-            idx = next(batches)
-            out = self.run(w.start, w.target, x_in[idx].to(self.device))
-            loss = window_loss(out, target[idx].to(self.device), r)
-            if soft:
-                loss = loss + r.round_reg * self.rounding_penalty(layers, step)
-            if not torch.isfinite(loss):
-                bar.close()
-                return False
+            batch = next(batches)          # global indices, the same on every rank
+            idx = local_part(batch)        # the rows of it this rank holds
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=self.device)
+            if len(idx):
+                out = self.run(w.start, w.target, x_in[idx].to(self.device))
+                loss = window_loss(out, target[idx].to(self.device), r) * (len(idx) / len(batch))
+            if soft:
+                loss = loss + r.round_reg * self.rounding_penalty(layers, step) / world
+            global_loss = all_reduce_(loss.detach().clone())
+            if not torch.isfinite(global_loss):  # every rank sees the same value and stops together
+                bar.close()
+                return None
+            if loss.requires_grad:
+                loss.backward()
+            all_reduce_grads_(params)
+            trace.append(global_loss.item())
             opt.step()
             if sched is not None:
                 sched.step()
             for m in layers:
                 m.project()
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4g}")
+                bar.set_postfix(loss=f"{trace[-1]:.4g}")
         bar.close()
-        return True
+        return trace
 
     def rounding_penalty(self, layers, step: int) -> torch.Tensor:
         # AdaRound schedule: no regularizer for the first 20% of steps, then beta 20 -> 2.
@@ -314,8 +332,10 @@ class WindowEngine:
 
     @staticmethod
     def output_error(x: torch.Tensor, ref: torch.Tensor) -> dict:
-        mse = F.mse_loss(x, ref).item()
-        return {"mse": mse, "rel_mse": mse / ref.pow(2).mean().item()}
+        sums = all_reduce_(torch.tensor([(x - ref).double().pow(2).sum().item(), ref.double().pow(2).sum().item(),
+                                         float(ref.numel())], dtype=torch.float64))
+        mse = (sums[0] / sums[2]).item()
+        return {"mse": mse, "rel_mse": (sums[0] / sums[1]).item()}
 
     def restore(self):
         """Put the original modules back, now holding fake-quantized weights."""

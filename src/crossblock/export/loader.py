@@ -29,8 +29,14 @@ def plain_config(path: str | os.PathLike):
     return config
 
 
-def load(path: str | os.PathLike, device: str = "cpu"):
-    """A transformers causal LM with dense (dequantized) weights on `device`."""
+def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A transformers causal LM with dense (dequantized) weights on `device`, in `dtype`
+    (default: the checkpoint's)."""
+    model = _load(path, device)
+    return model if dtype is None else model.to(dtype)
+
+
+def _load(path, device):
     from transformers import AutoModelForCausalLM
     quantization = read_config(path).get("quantization_config")
     if quantization is None:

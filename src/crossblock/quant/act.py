@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ..engine.distributed import all_reduce_
 from .grid import dequantize, minmax_grid, quantize_to_int, round_ste
 
 
@@ -59,6 +61,9 @@ class StaticActQuant(nn.Module):
 
     @torch.no_grad()
     def end_observing(self):
+        # with data parallelism every rank saw a different shard: agree on the range
+        all_reduce_(self.lo, dist.ReduceOp.MIN)
+        all_reduce_(self.hi, dist.ReduceOp.MAX)
         scale, zero = minmax_grid(torch.stack([self.lo, self.hi]).view(1, 2), self.bits, -1, self.sym)
         self.step0.copy_(scale.view(()))
         self.zero.copy_(zero.view(()))
