@@ -79,3 +79,15 @@ def test_full_disk_gives_one_line_and_no_output(tmp_path, monkeypatch, capsys):
     assert err == f"crossblock: error: cannot write output folder {out}: disk full"
     assert not out.exists()
     assert not (partial_dir(out) / "crossblock.json").exists()
+
+
+def test_disk_offload_gives_identical_weights(tmp_path):
+    def weights(offload):
+        model, tok = load_stories()
+        (tmp_path / offload).mkdir()
+        _, report = cb.quantize(model, tok, cb.Recipe.preset("cbq", **RECIPE), calib=CALIB_FILE.read_text(),
+                                progress=False, checkpoint_dir=tmp_path / offload, offload=offload)
+        assert report["resumed_at_window"] is None and report["offload"] == offload
+        assert not list((tmp_path / offload).glob("chain-*"))  # mapped files are unlinked at once
+        return torch.cat([p.flatten() for p in model.parameters()])
+    assert torch.equal(weights("ram"), weights("disk"))

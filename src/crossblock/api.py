@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .data.text import calibration_windows, digest, tokenize
+from .engine.chains import ChainStore
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .engine.distributed import is_main, rank_and_size, shard
 from .engine.reconstruct import WindowEngine
@@ -88,12 +89,13 @@ def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
 
 
 def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
-             checkpoint_dir: str | Path | None = None):
+             checkpoint_dir: str | Path | None = None, offload: str = "ram"):
     """Quantize `model` in place with `recipe`; returns (model, report).
 
     With `checkpoint_dir`, the engine state is saved there after every window, and a run that
     finds a checkpoint of the same model, recipe and calibration data continues from it,
-    producing exactly what an uninterrupted run would.
+    producing exactly what an uninterrupted run would. `offload="disk"` keeps the activation
+    chains in memory-mapped files (in `checkpoint_dir`, or the system temp folder).
 
     The model stays a plain transformers model: each quantized Linear holds fake-quantized
     weights in its dtype and carries `crossblock_qweight` (integers, scales, zero points) for
@@ -114,10 +116,12 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key)  # noqa: E731
     outliers = cfp(model, ids, recipe, device, progress) if recipe.cfp else None
     # data parallel (torchrun): each rank captures and carries only its shard of the sequences
+    store = ChainStore(offload, checkpoint_dir)
     x0, calls = capture(model, shard(ids), batch_size=recipe.batch_size)
+    x0 = store.put(x0)
     _, blocks = find_blocks(model)
     engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress and is_main(),
-                          num_sequences=ids.shape[0])
+                          num_sequences=ids.shape[0], store=store)
     try:
         report = engine.quantize(x0, resume=resume, on_window=on_window)
     except FloatingPointError as e:
@@ -129,6 +133,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
         "device": str(device),
         "ranks": rank_and_size()[1],
+        "offload": offload,
         "resumed_at_window": resume.next_window if resume else None,
         "wall_seconds": round(time.time() - t0, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -61,12 +61,13 @@ def cmd_quantize(args):
     save_dtype = model.config.dtype if args.save_dtype == "auto" else args.save_dtype
     if not is_main():  # data parallel: the other ranks compute and checkpoint; rank 0 writes
         work.mkdir(parents=True, exist_ok=True)
-        api.quantize(model, tokenizer, recipe, calib=calib, device=args.device, progress=False, checkpoint_dir=work)
+        api.quantize(model, tokenizer, recipe, calib=calib, device=args.device, progress=False,
+                     checkpoint_dir=work, offload=args.offload)
         barrier()
         return
     with staged_dir(out, keep_checkpoint=True) as work:
         model, report = api.quantize(model, tokenizer, recipe, calib=calib, device=args.device,
-                                     progress=not args.quiet, checkpoint_dir=work)
+                                     progress=not args.quiet, checkpoint_dir=work, offload=args.offload)
         barrier()  # every rank has written its last checkpoint before the folder is renamed
         report["model"] = args.model
         report["calibration"]["files"] = [str(c) for c in args.calib]
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing OUT (or interrupted run)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last window")
+    q.add_argument("--offload", choices=("ram", "disk"), default="ram",
+                   help="keep activation chains in RAM or in memory-mapped files beside OUT")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     add_recipe_options(q)
     q.set_defaults(func=cmd_quantize)

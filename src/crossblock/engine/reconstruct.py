@@ -22,6 +22,7 @@ from ..model.adapter import BlockCall, block_linears, set_submodule
 from ..quant.act import act_quantizer, observing
 from ..quant.linear import QuantLinear
 from ..recipe import Recipe
+from .chains import ChainStore
 from .checkpoint import EngineState
 from .distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
 from .gptq import HessianAccumulator, gptq_quantize
@@ -82,8 +83,10 @@ def window_loss(out: torch.Tensor, target: torch.Tensor, recipe: Recipe) -> torc
 
 class WindowEngine:
     def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], recipe: Recipe,
-                 device: torch.device | str = "cpu", progress: bool = True, num_sequences: int | None = None):
+                 device: torch.device | str = "cpu", progress: bool = True, num_sequences: int | None = None,
+                 store: ChainStore | None = None):
         self.blocks, self.calls, self.recipe = blocks, calls, recipe
+        self.store = store or ChainStore("ram")
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
         self.progress = progress
@@ -105,9 +108,14 @@ class WindowEngine:
 
     @torch.no_grad()
     def run_all(self, lo: int, hi: int, x: torch.Tensor) -> torch.Tensor:
-        """Blocks lo..hi on every sequence, batch by batch; result float32 on CPU."""
-        outs = [self.run(lo, hi, b.to(self.device)).float().cpu() for b in x.split(self.recipe.batch_size)]
-        return torch.cat(outs)
+        """Blocks lo..hi on every sequence, batch by batch; result float32 on CPU, in the store."""
+        out = None
+        for i in range(0, len(x), self.recipe.batch_size):
+            h = self.run(lo, hi, x[i:i + self.recipe.batch_size].to(self.device)).float().cpu()
+            out = self.store.empty((len(x), *h.shape[1:])) if out is None else out
+            out[i:i + len(h)] = h
+        self.store.release(x, out)
+        return out
 
     # -- wrapping and initialization -------------------------------------------------------------
     def new_layer(self, module: nn.Module, generator: torch.Generator | None) -> QuantLinear:
@@ -261,7 +269,8 @@ class WindowEngine:
         wrapped: set[int] = set()
         first = 0
         if resume is not None:
-            chains, self.report, first = resume.chains, resume.report, resume.next_window
+            chains = {k: self.store.put(v) for k, v in resume.chains.items()}
+            self.report, first = resume.report, resume.next_window
             wrapped = self.restore_layers(resume.layers)
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
         for wi, w in enumerate(self.schedule[first:], start=first):
@@ -281,6 +290,7 @@ class WindowEngine:
                 with layer_mode([self.blocks[j] for j in w.trained], "fp"):
                     target = self.run_all(w.start, w.target, q if r.target == "homologous" else chains["fp"])
                 entry.update(self.train(w, q, target, generator))
+                self.store.release(q)
                 del target
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
             self.advance(w, chains)
@@ -292,6 +302,7 @@ class WindowEngine:
             bar.update()
             if on_window is not None:
                 on_window(EngineState(wi + 1, chains, self.layer_states(), self.report))
+                self.store.release(*chains.values())
         bar.close()
         return self.report
 

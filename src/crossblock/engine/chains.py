@@ -1,0 +1,58 @@
+"""Where activation chains live: RAM, or memory-mapped files on disk.
+
+Chains (N x T x hidden float32 per chain) dominate host memory for long calibration sets. With
+"disk", every chain is a shared mapping of an unlinked temporary file: the kernel can write its
+pages back and drop them, and `release()` tells it to do so right away once a pass over a chain
+is done, so resident memory holds what the current pass touches rather than every chain.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import tempfile
+import weakref
+
+import torch
+
+OFFLOADS = ("ram", "disk")
+
+
+class ChainStore:
+    def __init__(self, mode: str = "ram", folder: str | os.PathLike | None = None):
+        if mode not in OFFLOADS:
+            raise ValueError(f"offload must be one of {OFFLOADS}, got {mode!r}")
+        self.mode, self.folder = mode, folder
+        self.maps: dict[int, mmap.mmap] = {}
+
+    def empty(self, shape) -> torch.Tensor:
+        if self.mode == "ram":
+            return torch.empty(shape)
+        nbytes = math.prod(shape) * 4
+        fd, path = tempfile.mkstemp(dir=self.folder, prefix="chain-")
+        try:
+            os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+            os.unlink(path)  # the mapping keeps the data; nothing is left behind on disk
+        t = torch.frombuffer(mm, dtype=torch.float32).view(shape)
+        self.maps[id(t)] = mm
+        weakref.finalize(t, self.maps.pop, id(t), None)
+        return t
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` moved into the store (a no-op in RAM)."""
+        if self.mode == "ram":
+            return x
+        t = self.empty(x.shape)
+        t.copy_(x)
+        self.release(t)
+        return t
+
+    def release(self, *chains: torch.Tensor):
+        """Let the kernel drop the resident pages of these chains (their data stays on disk)."""
+        for t in chains:
+            mm = self.maps.get(id(t))
+            if mm is not None:
+                mm.madvise(mmap.MADV_DONTNEED)
