@@ -19,7 +19,10 @@ def cli(out, *extra, calib=CALIB_FILE):
     cmd = [sys.executable, "-m", "crossblock", "quantize", "--model", str(STORIES), "--calib", str(calib),
            "--out", str(out), *ARGS, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell's background job starts with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def windows_done(out) -> int:
