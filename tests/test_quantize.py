@@ -112,3 +112,19 @@ def test_quantize_returns_the_same_model_object(tokenizer):
                               progress=False)
     assert out is model
     assert report["calibration"]["nsamples"] == 128 and len(report["calibration"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("rounding,lwc", [("adaround", False), ("lora", True), ("rtn", True), ("signround", False)])
+def test_every_rounding_parameterization_beats_rtn(rounding, lwc):
+    _, report, _ = run("block", wbits=3, group_size=-1, rounding=rounding, lwc=lwc, **TRAIN)
+    last = report["blocks"][-1]
+    assert last["mse"] < last["rtn"]["mse"]
+
+
+def test_gptq_initialization_starts_reconstruction_from_gptq():
+    gptq = run("gptq", wbits=3, group_size=-1, **CALIB)[2]
+    untrained = run("block", wbits=3, group_size=-1, init="gptq", **dict(TRAIN, iters=0))[2]
+    for a, b in zip(gptq.parameters(), untrained.parameters()):
+        assert torch.equal(a, b)
+    trained = run("block", wbits=3, group_size=-1, init="gptq", **TRAIN)[1]["blocks"][-1]["mse"]
+    assert trained < run("gptq", wbits=3, group_size=-1, **CALIB)[1]["blocks"][-1]["mse"]
