@@ -128,3 +128,19 @@ def test_gptq_initialization_starts_reconstruction_from_gptq():
         assert torch.equal(a, b)
     trained = run("block", wbits=3, group_size=-1, init="gptq", **TRAIN)[1]["blocks"][-1]["mse"]
     assert trained < run("gptq", wbits=3, group_size=-1, **CALIB)[1]["blocks"][-1]["mse"]
+
+
+def test_gptq_checkpoint_with_fp16_scales_reloads_exactly(tmp_path):
+    # GPTQ stores fp16 scales; rounding them during quantization makes the packed integers
+    # dequantize to exactly the weights the model was evaluated with
+    model, tok = load_stories()
+    recipe = cb.Recipe.preset("gptq", wbits=8, group_size=-1, sym=True, scale_dtype="float16", **CALIB)
+    cb.quantize(model, tok, recipe, calib=_calib_text(), progress=False)
+    cb.save(model, tok, tmp_path / "q", format="gptq")
+    reloaded = cb.load(tmp_path / "q", dtype=torch.float32)
+    ids = tok(_eval_text()[:2000], return_tensors="pt").input_ids[:, :200]
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert (reloaded(ids).logits - ref).abs().max() <= 1e-4 * ref.abs().max()
+    for (name, a), b in zip(model.named_parameters(), reloaded.parameters()):
+        assert torch.equal(a, b), name

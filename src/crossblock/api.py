@@ -47,12 +47,21 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
         raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
+        from transformers import AutoConfig
+        stored = AutoConfig.from_pretrained(str(path) if looks_local else name_or_path).dtype
         model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name_or_path, dtype=dtype)
+        model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None
         tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name_or_path)
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrossblockError(f"cannot load model {name_or_path}: {first}") from None
     return model.eval(), tokenizer
+
+
+def checkpoint_dtype(model) -> torch.dtype:
+    """The dtype the model's weights were stored in (its config's), whatever it was loaded in."""
+    dtype = getattr(model, "crossblock_stored_dtype", None) or model.config.dtype or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def check_weights_finite(model):

@@ -58,7 +58,11 @@ def cmd_quantize(args):
     calib = read_texts(args.calib)
     model, tokenizer = api.load_model(args.model, dtype=args.dtype)
     api.check_format(args.format, model, recipe)
-    save_dtype = model.config.dtype if args.save_dtype == "auto" else args.save_dtype
+    save_dtype = api.checkpoint_dtype(model) if args.save_dtype == "auto" else _dtype(args.save_dtype)
+    if recipe.scale_dtype is None and args.format != "fake":
+        # scales as the checkpoint stores them, so its integers dequantize to our weights exactly
+        stored = "float16" if args.format == "gptq" else str(save_dtype).removeprefix("torch.")
+        recipe = dataclasses.replace(recipe, scale_dtype=None if stored == "float32" else stored)
     if not is_main():  # data parallel: the other ranks compute and checkpoint; rank 0 writes
         work.mkdir(parents=True, exist_ok=True)
         api.quantize(model, tokenizer, recipe, calib=calib, device=args.device, progress=False,
@@ -71,7 +75,7 @@ def cmd_quantize(args):
         barrier()  # every rank has written its last checkpoint before the folder is renamed
         report["model"] = args.model
         report["calibration"]["files"] = [str(c) for c in args.calib]
-        api.write_folder(model, tokenizer, work, args.format, report, _dtype(save_dtype))
+        api.write_folder(model, tokenizer, work, args.format, report, save_dtype)
     last = report["blocks"][-1]
     print(f"wrote {out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
           + (f" (RTN {last['rtn']['rel_mse']:.4g})" if "rtn" in last else "")

@@ -27,6 +27,7 @@ class Recipe:
     wbits: int = 4
     group_size: int = 128          # -1: per output channel
     sym: bool = False
+    scale_dtype: str | None = None  # round scales to what the checkpoint stores ("float16" for gptq)
     # activations (inputs of every quantized linear) and CBQ's coarse-to-fine preprocessing
     abits: int = 16                # 16: activations stay in full precision; else 4..8
     act_dynamic: bool = True       # per-token ranges at run time; False: one learned step per tensor
@@ -138,6 +139,8 @@ class Recipe:
         need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
         need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
         need(0 < self.damp < 1, f"damp must be in (0, 1), got {self.damp}")
+        need(self.scale_dtype in (None, "float32", "float16", "bfloat16"),
+             f"scale_dtype must be float32, float16 or bfloat16, got {self.scale_dtype!r}")
         need(self.batch_size <= self.nsamples, f"batch_size ({self.batch_size}) exceeds nsamples ({self.nsamples})")
         return self
 
@@ -151,6 +154,11 @@ class Recipe:
                 raise CrossblockError(
                     f"group_size {self.group_size} is larger than the input width of {too_narrow[0]} "
                     f"({in_features[too_narrow[0]]}); use a smaller group size or -1 (per channel)")
+
+    @property
+    def scale_torch_dtype(self):
+        import torch
+        return None if self.scale_dtype is None else getattr(torch, self.scale_dtype)
 
     @property
     def trains(self) -> bool:

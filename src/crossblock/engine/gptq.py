@@ -43,7 +43,8 @@ def _quantize_column(w, scale, zero, qmax):
 
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
-                  damp: float = 0.01, block: int = 128, act_order: bool = False):
+                  damp: float = 0.01, block: int = 128, act_order: bool = False,
+                  scale_dtype: torch.dtype | None = None):
     """Returns (Ŵ, scale, zero): the quantized weight (out, in) float32 and its grid."""
     w = weight.detach().float().clone()
     out, cin = w.shape
@@ -58,7 +59,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     zero = torch.zeros(out, groups, device=w.device)
     if act_order:
         for gi in range(groups):
-            s, z = minmax_grid(w[:, gi * g:(gi + 1) * g], bits, -1, sym)
+            s, z = minmax_grid(w[:, gi * g:(gi + 1) * g], bits, -1, sym, scale_dtype=scale_dtype)
             scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
@@ -79,7 +80,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             if not act_order and col % g == 0:
                 # the group's columns as error feedback has left them so far
                 upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
-                s, z = minmax_grid(upcoming, bits, -1, sym)
+                s, z = minmax_grid(upcoming, bits, -1, sym, scale_dtype=scale_dtype)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
             _, wq[:, i1 + i] = _quantize_column(w1[:, i], scale[:, gi], zero[:, gi], qmax)
             e = (w1[:, i] - wq[:, i1 + i]) / hinv1[i, i]

@@ -120,7 +120,8 @@ class WindowEngine:
     # -- wrapping and initialization -------------------------------------------------------------
     def new_layer(self, module: nn.Module, generator: torch.Generator | None) -> QuantLinear:
         r = self.recipe
-        ql = QuantLinear(module, r.wbits, r.group_size, r.sym, r.rounding, r.lwc, r.lora_rank, generator, r.ste)
+        ql = QuantLinear(module, r.wbits, r.group_size, r.sym, r.rounding, r.lwc, r.lora_rank, generator, r.ste,
+                         r.scale_torch_dtype)
         if r.abits < 16:
             ql.act_quant = act_quantizer(r.abits, r.act_dynamic, r.act_sym).to(ql.weight.device)
         return ql
@@ -151,7 +152,8 @@ class WindowEngine:
         r = self.recipe
         for m in layers:
             acc[m].all_reduce()
-            wq, scale, zero = gptq_quantize(m.weight, acc[m].h, r.wbits, r.group_size, r.sym, r.damp, act_order=r.act_order)
+            wq, scale, zero = gptq_quantize(m.weight, acc[m].h, r.wbits, r.group_size, r.sym, r.damp,
+                                            act_order=r.act_order, scale_dtype=r.scale_torch_dtype)
             m.set_init(wq, scale, zero)
 
     # -- one window ----------------------------------------------------------------------------

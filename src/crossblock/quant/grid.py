@@ -44,9 +44,12 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def minmax_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool,
-                max_mult: torch.Tensor | None = None, min_mult: torch.Tensor | None = None):
+                max_mult: torch.Tensor | None = None, min_mult: torch.Tensor | None = None,
+                scale_dtype: torch.dtype | None = None):
     """Scale and zero point of every group, shape (out, groups). The optional multipliers
-    (learnable weight clipping) shrink the range; gradients flow into them through the scale."""
+    (learnable weight clipping) shrink the range; gradients flow into them through the scale.
+    `scale_dtype` rounds scales to what a checkpoint stores (fp16 for GPTQ), so the packed
+    integers dequantize to exactly the fake-quantized weights."""
     wg = group_view(w, group_size)
     wmax = wg.amax(-1).clamp(min=0)
     wmin = wg.amin(-1).clamp(max=0)
@@ -54,13 +57,13 @@ def minmax_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool,
         wmax = wmax * max_mult
         wmin = wmin * min_mult
     qmax = 2 ** bits - 1
+    scale = (2 * torch.maximum(wmax, -wmin) if sym else wmax - wmin) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if scale_dtype is not None:
+        scale = scale + (scale.to(scale_dtype).float() - scale).detach()
     if sym:
-        scale = 2 * torch.maximum(wmax, -wmin) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        scale = (wmax - wmin) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = round_ste(-wmin / scale).clamp(0, qmax)
     return scale, zero
 

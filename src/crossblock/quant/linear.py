@@ -42,7 +42,8 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 class QuantLinear(nn.Module):
     def __init__(self, module: nn.Module, bits: int, group_size: int, sym: bool,
                  rounding: str = "rtn", lwc: bool = False, lora_rank: int = 4,
-                 generator: torch.Generator | None = None, ste: bool = True):
+                 generator: torch.Generator | None = None, ste: bool = True,
+                 scale_dtype: torch.dtype | None = None):
         super().__init__()
         if rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {rounding!r}")
@@ -52,6 +53,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if module.bias is None else module.bias.detach(), persistent=False)
         self.out_features, self.in_features = w.shape
         self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.scale_dtype = scale_dtype
         self.rounding = rounding
         self.ste = ste  # adaround/lora: hard forward + straight-through, instead of soft weights
         # "quant": trainable (soft rounding for adaround/lora); "hard": as it will be frozen;
@@ -93,7 +95,8 @@ class QuantLinear(nn.Module):
     def grid(self):
         if self.fixed_scale is not None:
             return self.fixed_scale, self.fixed_zero
-        return minmax_grid(self._base(), self.bits, self.group_size, self.sym, self.max_mult, self.min_mult)
+        return minmax_grid(self._base(), self.bits, self.group_size, self.sym, self.max_mult, self.min_mult,
+                           self.scale_dtype)
 
     def set_init(self, base: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         """Start from a given quantized solution (GPTQ): round `base` on a fixed grid."""
