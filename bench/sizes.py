@@ -33,28 +33,36 @@ def main():
     import crossblock as cb
 
     work = ROOT / "bench" / "work" / a.name
-    rows = [("original (bf16)", size_mib(Path(a.model)), "-")]
-    outs = {}
-    for fmt in ("fake", "compressed-tensors", "gptq"):
-        out = work / fmt
+
+    def quantize(name, fmt, *extra):
+        out = work / name
         cmd = [str(Path(sys.executable).parent / "crossblock"), "quantize", "--model", a.model, "--calib",
                str(SHARED / "data" / "wikitext2" / "wiki.valid.tokens"), "--out", str(out), "--recipe", "rtn",
                "--wbits", str(a.wbits), "--group-size", str(a.group_size), "--sym", "--nsamples", "8",
-               "--seqlen", "64", "--batch-size", "8", "--format", fmt, "--overwrite", "--quiet"]
+               "--seqlen", "64", "--batch-size", "8", "--format", fmt, "--overwrite", "--quiet", *extra]
         subprocess.run(cmd, check=True)
-        outs[fmt] = out
-        rows.append((fmt, size_mib(out), shlex.join(cmd).replace(str(ROOT) + "/", "").replace(a.model, "$MODEL")))
-    fake = cb.load(outs["fake"], dtype=torch.float32)
-    ids = torch.randint(0, fake.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = fake(ids).logits
-        checks = {fmt: (cb.load(outs[fmt], dtype=torch.float32)(ids).logits - ref).abs().max().item() / ref.abs().max().item()
-                  for fmt in ("compressed-tensors", "gptq")}
+        return out, shlex.join(cmd).replace(str(ROOT) + "/", "").replace(a.model, "$MODEL")
+
+    rows = [("original (bf16)", size_mib(Path(a.model)), "-")]
+    for fmt in ("fake", "compressed-tensors", "gptq"):
+        out, cmd = quantize(fmt, fmt)
+        rows.append((fmt, size_mib(out), cmd))
+    # exactness: each packed folder against a float32 fake folder quantized on the same scale grid
+    # (the CLI rounds scales to what each format stores: bf16 here for compressed-tensors, fp16 for gptq)
+    checks = {}
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(0))
+    for fmt, scale_dtype in (("compressed-tensors", "bfloat16"), ("gptq", "float16")):
+        ref_dir, _ = quantize(f"fake-{scale_dtype}", "fake", "--save-dtype", "float32", "--scale-dtype", scale_dtype)
+        with torch.no_grad():
+            ref = cb.load(ref_dir)(ids).logits
+            got = cb.load(work / fmt, dtype=torch.float32)(ids).logits
+        checks[fmt] = ((got - ref).abs().max() / ref.abs().max()).item()
     lines = [f"# {a.name}", "", f"W{a.wbits} g{a.group_size} sym, decoder linear layers packed, embeddings / lm_head "
              "kept in the model dtype (bf16); size = sum of the folder's safetensors files.", "",
              "| checkpoint | MiB | ratio to original |", "|---|---|---|"]
     lines += [f"| {n} | {s:.1f} | {s / rows[0][1]:.3f} |" for n, s, _ in rows]
-    lines += ["", "Reloaded with `crossblock.load` in float32, max |logit difference| / max |logit| against the fake folder: "
+    lines += ["", "Reloaded with `crossblock.load` in float32, max |logit difference| / max |logit| against a float32 "
+              "fake-quant folder on the same scale grid: "
               + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()), ""]
     lines += [f"- {n}: `{c}`" for n, _, c in rows[1:]]
     (ROOT / "bench" / "results" / f"{a.name}.md").write_text("\n".join(lines) + "\n")

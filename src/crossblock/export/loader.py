@@ -31,18 +31,17 @@ def plain_config(path: str | os.PathLike):
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
     """A transformers causal LM with dense (dequantized) weights on `device`, in `dtype`
-    (default: the checkpoint's)."""
-    model = _load(path, device)
-    return model if dtype is None else model.to(dtype)
-
-
-def _load(path, device):
+    (default: the checkpoint's). Packed weights are dequantized straight into `dtype`, so a
+    float32 load gives exactly scale * (q - zero)."""
     from transformers import AutoModelForCausalLM
     quantization = read_config(path).get("quantization_config")
     if quantization is None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+        return model if dtype is None else model.to(dtype)
     method = quantization.get("quant_method")
     config = plain_config(path)
+    if dtype is not None:
+        config.dtype = dtype
     tensors = read_tensors(path)
     if method == "compressed-tensors":
         from .compressed_tensors import read_compressed_tensors
@@ -53,4 +52,5 @@ def _load(path, device):
     else:
         raise CrossblockError(f"{path}: cannot load quant_method {method!r} "
                               f"(crossblock loads fake-quant, compressed-tensors and gptq folders)")
-    return build_model(config, tensors, qweights, device)
+    return build_model(config, {k: v.to(config.dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                       qweights, device)
