@@ -91,7 +91,12 @@ def run_row(row, args, work, log):
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
     return {"row": name, "ppl": evaluate(out, args, log), "wall_s": wall, "peak_rss_mib": rss,
-            "command": shlex.join(map(str, cmd)).replace(str(ROOT) + "/", "").replace(args.model, "$SMOLLM2")}
+            "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")}
+
+
+def portable(command: str) -> str:
+    """A command as a reader can rerun it from the repository root."""
+    return command.replace(str(ROOT) + "/", "").replace(str(SHARED), "$CROSSBLOCK_SHARED")
 
 
 def write_table(jsonl: Path, args):
@@ -106,8 +111,9 @@ def write_table(jsonl: Path, args):
     for r in rows:
         gap = f"{r['ppl'] - fp:.2f}" if fp is not None else "-"
         lines.append(f"| {r['row']} | {r['ppl']:.2f} | {gap} | {r.get('wall_s', '-')} | {r.get('peak_rss_mib', '-')} |")
-    lines += ["", "Commands (`$SMOLLM2` = the folder prepare.py prints):", ""]
-    lines += [f"- {r['row']}: `{r['command']}`" for r in rows]
+    lines += ["", "Commands, from the repository root (`$SMOLLM2` = the folder prepare.py prints, "
+              "`$CROSSBLOCK_SHARED` = ../shared):", ""]
+    lines += [f"- {r['row']}: `{portable(r['command'])}`" for r in rows]
     jsonl.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
