@@ -6,7 +6,6 @@
 Each rank uses one torch thread, the single process too, so on an idle N-core machine the ratio
 shows what data parallelism buys for this recipe.
 """
-import argparse
 import json
 import os
 import shlex
@@ -16,14 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, parser
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--calib", required=True)
-    p.add_argument("--name", required=True)
+    p = parser(__doc__)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--extra", default="--recipe block --wbits 3 --group-size -1 --iters 50 --nsamples 64 "
                                       "--seqlen 256 --batch-size 8")

@@ -6,21 +6,17 @@
 Each mode is a separate `crossblock quantize` process; its crossblock.json gives peak RSS and
 wall time. Also checks that both modes wrote byte-identical weights.
 """
-import argparse
 import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, parser
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--calib", required=True)
-    p.add_argument("--name", required=True)
+    p = parser(__doc__)
     p.add_argument("--nsamples", type=int, default=512)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--extra", default="--recipe block --iters 5 --group-size -1 --wbits 3")

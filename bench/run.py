@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CROSSBLOCK_SHARED", ROOT.parent / "shared")).resolve()
+from common import ROOT, SHARED
 CALIB = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
 TEST = SHARED / "data" / "wikitext2" / "wiki.test.raw"
 BIN = Path(sys.executable).parent

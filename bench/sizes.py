@@ -7,7 +7,6 @@ Weights are RTN (the size does not depend on the method); calibration is a few s
 Each packed folder is loaded back with crossblock.load and compared with the fake-quant folder.
 """
 import argparse
-import os
 import shlex
 import subprocess
 import sys
@@ -15,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CROSSBLOCK_SHARED", ROOT.parent / "shared")).resolve()
+from common import ROOT, SHARED
 
 
 def size_mib(folder: Path) -> float:
