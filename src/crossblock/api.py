@@ -39,19 +39,19 @@ def default_device() -> str:
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
     """A transformers causal LM and its tokenizer, from a local folder or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path).expanduser()
     looks_local = path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1
     if looks_local and not (path / "config.json").is_file():
         raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
+    source = str(path) if looks_local else name_or_path
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
-        from transformers import AutoConfig
-        stored = AutoConfig.from_pretrained(str(path) if looks_local else name_or_path).dtype
-        model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name_or_path, dtype=dtype)
-        model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name_or_path)
+        stored = AutoConfig.from_pretrained(source).dtype
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None  # see checkpoint_dtype
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrossblockError(f"cannot load model {name_or_path}: {first}") from None
