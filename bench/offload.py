@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Peak RSS with activation chains in RAM vs memory-mapped on disk (same run otherwise).
 
-    python bench/offload.py --model DIR --calib FILE --nsamples 512 --seqlen 512 --name NAME
+    python bench/offload.py --model DIR --calib FILE --nsamples 512 --seqlen 512 --name NAME [--blocks 4]
 
 Each mode is a separate `crossblock quantize` process; its crossblock.json gives peak RSS and
-wall time. Also checks that both modes wrote byte-identical weights.
+wall time. Also checks that both modes wrote byte-identical weights. `--blocks N` first saves
+the model cut to its first N blocks (the chains, which are what offloading moves, keep their
+full size; only the weights and the run time shrink).
 """
 import json
 import shlex
@@ -15,13 +17,28 @@ from pathlib import Path
 from common import ROOT, parser
 
 
+def truncated(model: str, blocks: int, out: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    m = AutoModelForCausalLM.from_pretrained(model)
+    m.model.layers = m.model.layers[:blocks]
+    m.config.num_hidden_layers = blocks
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return str(out)
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--nsamples", type=int, default=512)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--extra", default="--recipe block --iters 5 --group-size -1 --wbits 3")
+    p.add_argument("--blocks", type=int, default=None)
     a = p.parse_args()
     work = ROOT / "bench" / "work" / a.name
+    model_note = ""
+    if a.blocks:
+        a.model, model_note = truncated(a.model, a.blocks, work / f"model-{a.blocks}-blocks"), \
+            f" Model cut to its first {a.blocks} blocks (`--blocks {a.blocks}`)."
     rows = []
     for mode in ("ram", "disk"):
         out = work / mode
@@ -32,7 +49,7 @@ def main():
         info = json.loads((out / "crossblock.json").read_text())
         rows.append((mode, info["peak_rss_mib"], info["wall_seconds"], shlex.join(cmd).replace(str(ROOT) + "/", "")))
     same = (work / "ram" / "model.safetensors").read_bytes() == (work / "disk" / "model.safetensors").read_bytes()
-    lines = [f"# {a.name}", "", f"{a.nsamples} x {a.seqlen} calibration tokens; weights identical in both modes: {same}.",
+    lines = [f"# {a.name}", "", f"{a.nsamples} x {a.seqlen} calibration tokens; weights identical in both modes: {same}.{model_note}",
              "", "| offload | peak RSS MiB | wall s |", "|---|---|---|"]
     lines += [f"| {m} | {rss} | {wall} |" for m, rss, wall, _ in rows]
     lines += [f"", f"RSS ratio disk/ram: {rows[1][1] / rows[0][1]:.2f}", ""]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import CALIB_FILE, STORIES
 
 ARGS = ["--recipe", "block", "--wbits", "3", "--group-size", "-1", "--iters", "20", "--nsamples", "16",
-        "--seqlen", "64", "--batch-size", "8", "--quiet"]
+        "--seqlen", "64", "--batch-size", "8", "--quiet", "--device", "cpu"]
 
 
 def quantize(out, ranks: int):

@@ -126,8 +126,8 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     outliers = cfp(model, ids, recipe, device, progress) if recipe.cfp else None
     # data parallel (torchrun): each rank captures and carries only its shard of the sequences
     store = ChainStore(offload, checkpoint_dir)
-    x0, calls = capture(model, shard(ids), batch_size=recipe.batch_size)
-    x0 = store.put(x0)
+    x0, calls = capture(model, shard(ids), batch_size=recipe.batch_size, empty=store.empty)
+    store.release(x0)
     _, blocks = find_blocks(model)
     engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress and is_main(),
                           num_sequences=ids.shape[0], store=store)

@@ -1,8 +1,10 @@
 """Window checkpoints: what a killed run needs to continue bit-identically.
 
-One safetensors file holds the activation chains, the state of every wrapped layer (integers of
-finished blocks, learnable parameters of blocks still in a window), and, as metadata, the next
-window, the report so far and a fingerprint of model + recipe + calibration data. It is written
+One safetensors file holds the state of every wrapped layer (integers of finished blocks,
+learnable parameters of blocks still in a window) and, as metadata, the next window, the report
+so far and a fingerprint of model + recipe + calibration data. Activation chains are not stored:
+a resumed run recomputes them from the frozen blocks (see WindowEngine.replay), which costs one
+forward pass and keeps checkpoints small however long the calibration set is. It is written
 to a temporary file, fsynced and renamed over the previous one, so at any instant the file on
 disk is a complete checkpoint (or absent).
 """
@@ -24,7 +26,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 
 
 def checkpoint_path(folder: Path) -> Path:
-    """One file per data-parallel rank: each holds the chains of its own shard."""
+    """One file per data-parallel rank, so that ranks never write the same path."""
     rank, size = rank_and_size()
     return Path(folder) / (CHECKPOINT_FILE if size == 1 else f"checkpoint-rank{rank}-of-{size}.safetensors")
 
@@ -36,7 +38,6 @@ def checkpoint_files(folder: Path) -> list[Path]:
 @dataclass
 class EngineState:
     next_window: int
-    chains: dict[str, torch.Tensor]
     layers: dict[str, dict[str, torch.Tensor]]  # "block.name" -> QuantLinear.checkpoint_state()
     report: dict
 
@@ -51,10 +52,6 @@ def fsync_dir(path: Path):
 
 def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
     tensors = {}
-    for name, chain in state.chains.items():
-        # chains may alias each other (all start as the same tensor): store each storage once
-        tensors[f"chain.{name}"] = chain.contiguous().clone() if any(
-            t.data_ptr() == chain.data_ptr() for t in tensors.values()) else chain.contiguous()
     for layer, entries in state.layers.items():
         for key, value in entries.items():
             tensors[f"layer.{layer}/{key}"] = value
@@ -78,12 +75,8 @@ def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
             raise CrossblockError(
                 f"cannot resume from {path}: it was made with a different model, recipe or calibration "
                 "data (start over with --overwrite, or resume with the original settings)")
-        chains, layers = {}, {}
+        layers = {}
         for key in f.keys():
-            kind, _, rest = key.partition(".")
-            if kind == "chain":
-                chains[rest] = f.get_tensor(key)
-            else:
-                layer, _, name = rest.partition("/")
-                layers.setdefault(layer, {})[name] = f.get_tensor(key)
-    return EngineState(int(meta["next_window"]), chains, layers, json.loads(meta["report"]))
+            layer, _, name = key.removeprefix("layer.").partition("/")
+            layers.setdefault(layer, {})[name] = f.get_tensor(key)
+    return EngineState(int(meta["next_window"]), layers, json.loads(meta["report"]))

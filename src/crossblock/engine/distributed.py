@@ -9,6 +9,7 @@ the same way. With no process group (or one process) every function here is a no
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,11 +29,16 @@ def init_from_env() -> str | None:
     """Join the process group torchrun describes (WORLD_SIZE > 1); returns this rank's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return None
-    if torch.cuda.is_available():
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if torch.cuda.is_available() and local_ranks <= torch.cuda.device_count():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        # small statistics (losses, error sums) stay on the CPU: gloo for those, nccl for the rest
+        dist.init_process_group("cpu:gloo,cuda:nccl")
         return f"cuda:{local}"
+    if torch.cuda.is_available():
+        print(f"crossblock: {local_ranks} ranks per node but {torch.cuda.device_count()} GPU(s): "
+              "running every rank on the CPU", file=sys.stderr)
     dist.init_process_group("gloo")
     return "cpu"
 

@@ -89,6 +89,8 @@ class WindowEngine:
         self.store = store or ChainStore("ram")
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
+        # where each block lives between its windows (the user's placement, usually the CPU)
+        self.home = [next(b.parameters()).device for b in blocks]
         self.progress = progress
         self.schedule = make_schedule(len(blocks), recipe.window, recipe.stride, recipe.lookahead)
         self.report: dict = {"windows": [], "blocks": []}
@@ -162,7 +164,10 @@ class WindowEngine:
         if r.rounding == "signround":
             opt = SignSGD(params, lr=r.lr or 1.0 / r.iters)
             return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / r.iters)
-        opt = torch.optim.Adam(params, lr=r.lr or 1e-3)
+        # Adam moves each parameter by about lr per step: scaling lr with 1/iters keeps the total
+        # movement equal at any step budget (1.5/iters was best at 15 and 60 steps on stories260k
+        # W2; a fixed 1e-3 left LoRA-Rounding at RTN's perplexity after 15 steps).
+        opt = torch.optim.Adam(params, lr=r.lr or 1.5 / r.iters)
         return opt, None
 
     @torch.no_grad()
@@ -271,9 +276,9 @@ class WindowEngine:
         wrapped: set[int] = set()
         first = 0
         if resume is not None:
-            chains = {k: self.store.put(v) for k, v in resume.chains.items()}
             self.report, first = resume.report, resume.next_window
             wrapped = self.restore_layers(resume.layers)
+            self.replay(chains, self.schedule[:first])
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
         for wi, w in enumerate(self.schedule[first:], start=first):
             t0 = time.time()
@@ -296,15 +301,13 @@ class WindowEngine:
                 del target
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
             self.advance(w, chains)
-            if self.device.type != "cpu":
-                for j in range(w.start, w.target + 1):
-                    self.blocks[j].to("cpu")
+            for j in range(w.start, w.target + 1):
+                self.blocks[j].to(self.home[j])
             entry["seconds"] = round(time.time() - t0, 3)
             self.report["windows"].append(entry)
             bar.update()
             if on_window is not None:
-                on_window(EngineState(wi + 1, chains, self.layer_states(), self.report))
-                self.store.release(*chains.values())
+                on_window(EngineState(wi + 1, self.layer_states(), self.report))
         bar.close()
         return self.report
 
@@ -331,17 +334,30 @@ class WindowEngine:
         for j in w.finished:
             for m in quant_layers([self.blocks[j]]):
                 m.freeze()
-            with layer_mode([self.blocks[j]], "fp"):
-                chains["fp"] = fp = self.run_all(j, j, chains["fp"])
-            chains["q"] = self.run_all(j, j, chains["q"])
-            entry = {"block": j, **self.output_error(chains["q"], fp)}
+            self.step_chains(j, chains)
+            entry = {"block": j, **self.output_error(chains["q"], chains["fp"])}
             if "rtn" in chains:
-                with layer_mode([self.blocks[j]], "rtn"):
-                    chains["rtn"] = self.run_all(j, j, chains["rtn"])
-                entry["rtn"] = self.output_error(chains["rtn"], fp)
+                entry["rtn"] = self.output_error(chains["rtn"], chains["fp"])
             if not math.isfinite(entry["mse"]):
                 raise FloatingPointError(f"block {j} produced non-finite outputs after quantization")
             self.report["blocks"].append(entry)
+
+    def step_chains(self, j: int, chains: dict):
+        """Every chain one block further: FP weights for "fp", frozen quantized weights for "q"."""
+        for name, mode in (("fp", "fp"), ("q", "quant"), ("rtn", "rtn")):
+            if name in chains:
+                with layer_mode([self.blocks[j]], mode):
+                    chains[name] = self.run_all(j, j, chains[name])
+
+    @torch.no_grad()
+    def replay(self, chains: dict, done: list[Window]):
+        """Resume: recompute the chains past the blocks a checkpoint had frozen (one forward pass
+        per block, the same batches and kernels as the first run, so bit-identical) instead of
+        storing gigabytes of activations in every checkpoint."""
+        for j in (j for w in done for j in w.finished):
+            self.blocks[j].to(self.device)
+            self.step_chains(j, chains)
+            self.blocks[j].to(self.home[j])
 
     @staticmethod
     def output_error(x: torch.Tensor, ref: torch.Tensor) -> dict:

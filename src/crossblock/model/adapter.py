@@ -82,12 +82,14 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8
+def capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8, empty=torch.empty
             ) -> tuple[torch.Tensor, list[BlockCall]]:
-    """Inputs of block 0 for every sequence (float32, CPU) and one BlockCall per block."""
+    """Inputs of block 0 for every sequence (float32, CPU) and one BlockCall per block.
+    `empty(shape)` allocates the result (a chain store's, so it never sits in RAM twice)."""
     _, blocks = find_blocks(model)
     calls: list[BlockCall | None] = [None] * len(blocks)
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []  # the batch-1 probe's, then one slice of `out` per batch
+    out = None
 
     def recorder(i):
         def forward(hidden_states, *args, **kwargs):
@@ -106,12 +108,17 @@ def capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8
         block.forward = recorder(i)
     try:
         # Batch 1 first, so that the recorded masks broadcast over any batch size.
-        for ids in [input_ids[:1]] + list(input_ids.split(batch_size)):
+        for start in [None, *range(0, len(input_ids), batch_size)]:
+            ids = input_ids[:1] if start is None else input_ids[start:start + batch_size]
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except _Stop:
                 pass
+            if start is not None:
+                h = hidden.pop()
+                out = empty((len(input_ids), *h.shape[1:])) if out is None else out
+                out[start:start + len(h)] = h
     finally:
         for block in blocks:
             del block.forward
-    return torch.cat(hidden[1:]), calls
+    return out, calls

@@ -47,10 +47,10 @@ class QuantLinear(nn.Module):
         super().__init__()
         if rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {rounding!r}")
-        self.__dict__["original"] = module  # not registered: its weight must not train
-        w = weight_of(module).detach()
-        self.register_buffer("weight", w, persistent=False)  # FP weight, shared storage
-        self.register_buffer("bias", None if module.bias is None else module.bias.detach(), persistent=False)
+        # Not registered, so that its weight is no parameter of ours; `_apply` moves it with us,
+        # and `weight`/`bias` read it, so the FP weight exists once, on the block's device.
+        self.__dict__["original"] = module
+        w = self.weight
         self.out_features, self.in_features = w.shape
         self.bits, self.group_size, self.sym = bits, group_size, sym
         self.scale_dtype = scale_dtype
@@ -60,8 +60,8 @@ class QuantLinear(nn.Module):
         # "fp": the original layer; "rtn": round-to-nearest (the baseline)
         self.mode = "quant"
         self.act_quant: nn.Module | None = None
-        self.frozen: QuantizedWeight | None = None
-        self._frozen_w: torch.Tensor | None = None
+        self.frozen: QuantizedWeight | None = None  # the integers, always on the CPU (for exports)
+        self.register_buffer("frozen_weight", None, persistent=False)  # their dequantized weight
         # What is rounded and on which grid; GPTQ initialization replaces both.
         self.register_buffer("base", None, persistent=False)
         self.register_buffer("fixed_scale", None, persistent=False)
@@ -87,6 +87,18 @@ class QuantLinear(nn.Module):
             a1 = torch.randn(self.out_features, lora_rank, generator=generator) / lora_rank ** 0.5
             self.lora_a = nn.Parameter(a1.to(dev))
             self.lora_b = nn.Parameter(torch.zeros(lora_rank, self.in_features, device=dev))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return weight_of(self.original).detach()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.original.bias is None else self.original.bias.detach()
+
+    def _apply(self, fn, recurse=True):
+        self.original._apply(fn)
+        return super()._apply(fn, recurse)
 
     # -- grid and weights -------------------------------------------------------------------
     def _base(self) -> torch.Tensor:
@@ -142,8 +154,8 @@ class QuantLinear(nn.Module):
         return q, scale, zero
 
     def quantized_weight(self, hard: bool = False) -> torch.Tensor:
-        if self._frozen_w is not None:
-            return self._frozen_w
+        if self.frozen_weight is not None:
+            return self.frozen_weight
         q, scale, zero = self.integers(hard=hard)
         return dequantize(q, scale, zero, self.group_size)
 
@@ -180,12 +192,12 @@ class QuantLinear(nn.Module):
     def freeze(self):
         """Hard-round, keep the integers, drop every learnable parameter."""
         q, scale, zero = self.integers(hard=True)
-        self.set_frozen(QuantizedWeight(q.round().to(torch.uint8), scale.detach().float().clone(),
-                                        zero.detach().float().clone(), self.bits, self.group_size, self.sym))
+        self.set_frozen(QuantizedWeight(q.round().to(torch.uint8).cpu(), scale.detach().float().cpu(),
+                                        zero.detach().float().cpu(), self.bits, self.group_size, self.sym))
 
     def set_frozen(self, frozen: QuantizedWeight):
         self.frozen = frozen
-        self._frozen_w = self.frozen.dequantize()
+        self.frozen_weight = frozen.dequantize().to(self.weight.device)
         for name, _ in list(self.named_parameters(recurse=False)):
             delattr(self, name)
         if self.act_quant is not None:
@@ -197,7 +209,7 @@ class QuantLinear(nn.Module):
         """Write the fake-quantized weight into the original module and return it."""
         assert self.frozen is not None, "freeze() first"
         module = self.original
-        w = self._frozen_w.to(module.weight.dtype)
+        w = self.frozen_weight.to(module.weight.dtype)
         module.weight.data.copy_(w.t() if is_conv1d(module) else w)
         module.crossblock_qweight = self.frozen
         if self.act_quant is not None:
@@ -211,13 +223,14 @@ class QuantLinear(nn.Module):
         """Everything a resumed run needs to continue exactly: the integers once frozen, else
         every learnable parameter and initialization buffer (never the FP weight)."""
         state = {k: v for k, v in [*self.named_parameters(), *self.named_buffers()]
-                 if k not in ("weight", "bias") and v is not None}
+                 if k != "frozen_weight" and v is not None}
         if self.frozen is not None:
             state.update(q=self.frozen.q, scale=self.frozen.scale, zero=self.frozen.zero)
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     @torch.no_grad()
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]):
+        state = {k: v.to(self.weight.device) for k, v in state.items()}
         if "fixed_scale" in state:
             self.set_init(state.get("base", self.weight), state["fixed_scale"], state["fixed_zero"])
         for k, v in state.items():
@@ -226,5 +239,5 @@ class QuantLinear(nn.Module):
             target = self.get_parameter(k) if k in dict(self.named_parameters()) else self.get_buffer(k)
             target.copy_(v)
         if "q" in state:
-            self.set_frozen(QuantizedWeight(state["q"], state["scale"], state["zero"],
+            self.set_frozen(QuantizedWeight(state["q"].cpu(), state["scale"].cpu(), state["zero"].cpu(),
                                             self.bits, self.group_size, self.sym))
