@@ -45,7 +45,10 @@ def _quantize_column(w, scale, zero, qmax):
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                   damp: float = 0.01, block: int = 128, act_order: bool = False,
                   scale_dtype: torch.dtype | None = None):
-    """Returns (Ŵ, scale, zero): the quantized weight (out, in) float32 and its grid."""
+    """Returns (W', scale, zero): the weight (out, in) float32 as error feedback had left each column
+    when it was rounded, and the grid. Rounding W' to nearest on that grid gives GPTQ's integers;
+    it is also where reconstruction starts from (`--init gptq`): a learnable rounding offset then
+    explores GPTQ's neighbours instead of sitting on grid points."""
     w = weight.detach().float().clone()
     out, cin = w.shape
     h = hessian.clone()
@@ -69,6 +72,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     wq = torch.zeros_like(w)
+    unrounded = torch.zeros_like(w)
     for i1 in range(0, cin, block):
         i2 = min(i1 + block, cin)
         w1 = w[:, i1:i2].clone()
@@ -82,10 +86,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
                 upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
                 s, z = minmax_grid(upcoming, bits, -1, sym, scale_dtype=scale_dtype)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            unrounded[:, i1 + i] = w1[:, i]
             _, wq[:, i1 + i] = _quantize_column(w1[:, i], scale[:, gi], zero[:, gi], qmax)
             e = (w1[:, i] - wq[:, i1 + i]) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
-    return wq[:, inv], scale, zero
+    return unrounded[:, inv], scale, zero

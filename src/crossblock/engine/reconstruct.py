@@ -154,9 +154,9 @@ class WindowEngine:
         r = self.recipe
         for m in layers:
             acc[m].all_reduce()
-            wq, scale, zero = gptq_quantize(m.weight, acc[m].h, r.wbits, r.group_size, r.sym, r.damp,
-                                            act_order=r.act_order, scale_dtype=r.scale_torch_dtype)
-            m.set_init(wq, scale, zero)
+            unrounded, scale, zero = gptq_quantize(m.weight, acc[m].h, r.wbits, r.group_size, r.sym, r.damp,
+                                                   act_order=r.act_order, scale_dtype=r.scale_torch_dtype)
+            m.set_init(unrounded, scale, zero)
 
     # -- one window ----------------------------------------------------------------------------
     def optimizer(self, params):
