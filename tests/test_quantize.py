@@ -106,6 +106,22 @@ def test_same_seed_is_bit_identical_and_another_seed_differs():
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("preset", ["block", "mb"])
+def test_reusing_the_propagated_target_as_fp_chain_changes_no_bit(preset, monkeypatch):
+    from crossblock.engine.reconstruct import WindowEngine
+
+    def weights():
+        model, tok = load_stories()
+        _, report = cb.quantize(model, tok, cb.Recipe.preset(preset, wbits=3, group_size=-1, **dict(TRAIN, iters=3)),
+                                calib=_calib_text(), progress=False)
+        return torch.cat([p.flatten() for p in model.parameters()]), report["blocks"]
+    reused = weights()
+    advance = WindowEngine.advance
+    monkeypatch.setattr(WindowEngine, "advance", lambda self, w, chains, fp_target=None: advance(self, w, chains))
+    recomputed = weights()
+    assert torch.equal(reused[0], recomputed[0]) and reused[1] == recomputed[1]
+
+
 def test_quantize_returns_the_same_model_object(tokenizer):
     model, tok = load_stories()
     out, report = cb.quantize(model, tok, cb.Recipe.preset("rtn", wbits=4, group_size=-1), calib=_calib_text(),

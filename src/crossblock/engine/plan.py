@@ -3,20 +3,23 @@ from __future__ import annotations
 
 from ..recipe import Recipe
 from .reconstruct import LOSS_SAMPLES
-from .schedule import make_schedule
+from .schedule import Window, make_schedule
 
 BACKWARD_COST = 2  # a backward pass costs about two forward passes
 
 
-def window_cost(recipe: Recipe, start: int, target: int, finished: int) -> int:
+def window_cost(recipe: Recipe, w: Window) -> int:
     """Forward passes of one block over one calibration sequence, backward counted as 2."""
-    depth = target - start + 1
+    depth = w.target - w.start + 1
     n = recipe.nsamples
-    cost = 2 * n * finished  # advancing the FP and quantized chains
+    chains = 3 if recipe.trains or recipe.init != "rtn" else 2  # FP, quantized (+ RTN reference)
+    cost = chains * n * len(w.finished)
     if recipe.trains:
         cost += n * depth                                      # target, once per window
         cost += 2 * min(n, LOSS_SAMPLES) * depth               # loss before and after
         cost += recipe.iters * recipe.batch_size * depth * (1 + BACKWARD_COST)
+        if recipe.target == "propagated" and w.target in w.finished:
+            cost -= n                                          # the target is the FP chain's next value
     return cost
 
 
@@ -28,7 +31,7 @@ def plan_table(recipe: Recipe, num_blocks: int) -> str:
             f"{'window':>6}  {'trains':>9}  {'loss after':>10}  {'finishes':>9}  {'block passes':>12}"]
     total = 0
     for i, w in enumerate(windows):
-        cost = window_cost(recipe, w.start, w.target, len(w.finished))
+        cost = window_cost(recipe, w)
         total += cost
         rows.append(f"{i:>6}  {f'{w.start}-{w.end - 1}':>9}  {w.target:>10}  "
                     f"{f'{w.start}-{w.next_start - 1}':>9}  {cost:>12,}")

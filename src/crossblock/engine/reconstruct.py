@@ -293,14 +293,15 @@ class WindowEngine:
                     self.wrap(j, x_j, generator)
                     wrapped.add(j)
             entry = {"window": [w.start, w.end, w.target]}
+            target = None
             if r.trains:
                 with layer_mode([self.blocks[j] for j in w.trained], "fp"):
                     target = self.run_all(w.start, w.target, q if r.target == "homologous" else chains["fp"])
                 entry.update(self.train(w, q, target, generator))
                 self.store.release(q)
-                del target
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
-            self.advance(w, chains)
+            self.advance(w, chains, target if r.target == "propagated" else None)
+            del target
             for j in range(w.start, w.target + 1):
                 self.blocks[j].to(self.home[j])
             entry["seconds"] = round(time.time() - t0, 3)
@@ -329,12 +330,14 @@ class WindowEngine:
         return set(blocks)
 
     @torch.no_grad()
-    def advance(self, w: Window, chains: dict):
-        """Freeze the blocks that leave the schedule and move every chain past them."""
+    def advance(self, w: Window, chains: dict, fp_target: torch.Tensor | None = None):
+        """Freeze the blocks that leave the schedule and move every chain past them. A propagated
+        target is the FP chain past w.target: reused when that block finishes (block, mb), which
+        saves one pass over the calibration set per window and gives the same bits."""
         for j in w.finished:
             for m in quant_layers([self.blocks[j]]):
                 m.freeze()
-            self.step_chains(j, chains)
+            self.step_chains(j, chains, fp_target if j == w.target else None)
             entry = {"block": j, **self.output_error(chains["q"], chains["fp"])}
             if "rtn" in chains:
                 entry["rtn"] = self.output_error(chains["rtn"], chains["fp"])
@@ -342,10 +345,12 @@ class WindowEngine:
                 raise FloatingPointError(f"block {j} produced non-finite outputs after quantization")
             self.report["blocks"].append(entry)
 
-    def step_chains(self, j: int, chains: dict):
+    def step_chains(self, j: int, chains: dict, fp_next: torch.Tensor | None = None):
         """Every chain one block further: FP weights for "fp", frozen quantized weights for "q"."""
+        if fp_next is not None:
+            chains["fp"] = fp_next
         for name, mode in (("fp", "fp"), ("q", "quant"), ("rtn", "rtn")):
-            if name in chains:
+            if name in chains and not (name == "fp" and fp_next is not None):
                 with layer_mode([self.blocks[j]], mode):
                     chains[name] = self.run_all(j, j, chains[name])
 
