@@ -131,8 +131,10 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     _, blocks = find_blocks(model)
     engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress and is_main(),
                           num_sequences=ids.shape[0], store=store)
+    inputs = [x0]
+    del x0  # the engine frees the block-0 inputs once every chain has moved past block 0
     try:
-        report = engine.quantize(x0, resume=resume, on_window=on_window)
+        report = engine.quantize(inputs, resume=resume, on_window=on_window)
     except FloatingPointError as e:
         raise CrossblockError(str(e)) from None
     engine.restore()

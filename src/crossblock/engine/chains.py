@@ -7,6 +7,8 @@ is done, so resident memory holds what the current pass touches rather than ever
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import mmap
 import os
@@ -56,3 +58,21 @@ class ChainStore:
             mm = self.maps.get(id(t))
             if mm is not None:
                 mm.madvise(mmap.MADV_DONTNEED)
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def trim_heap():
+    """Hand the heap's free pages back to the OS. Training leaves hundreds of MB of freed
+    batch-sized tensors scattered in glibc's heap, which it would otherwise keep resident
+    (measured on SmolLM2 4 blocks, 128 x 512 tokens: peak RSS 1,680 -> 1,493 MiB with --offload disk)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

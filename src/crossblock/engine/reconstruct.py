@@ -22,7 +22,7 @@ from ..model.adapter import BlockCall, block_linears, set_submodule
 from ..quant.act import act_quantizer, observing
 from ..quant.linear import QuantLinear
 from ..recipe import Recipe
-from .chains import ChainStore
+from .chains import ChainStore, trim_heap
 from .checkpoint import EngineState
 from .distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
 from .gptq import HessianAccumulator, gptq_quantize
@@ -265,10 +265,12 @@ class WindowEngine:
         return sum(m.rounding_penalty(beta) for m in layers) / len(layers)
 
     # -- the whole schedule --------------------------------------------------------------------
-    def quantize(self, x0: torch.Tensor, resume: EngineState | None = None, on_window=None):
-        """Run the schedule. `resume` continues a checkpointed run; `on_window(state)` is called
-        after every window with what a checkpoint needs."""
+    def quantize(self, inputs: list[torch.Tensor], resume: EngineState | None = None, on_window=None):
+        """Run the schedule on `inputs` = [block-0 inputs], a list the engine empties so that it
+        holds the only reference. `resume` continues a checkpointed run; `on_window(state)` is
+        called after every window with what a checkpoint needs."""
         r = self.recipe
+        x0 = inputs.pop()
         # chains: FP model, quantized model, and (for the report) the RTN-quantized model
         chains = {"fp": x0, "q": x0}  # never modified in place
         if r.trains or r.init != "rtn":
@@ -279,6 +281,7 @@ class WindowEngine:
             self.report, first = resume.report, resume.next_window
             wrapped = self.restore_layers(resume.layers)
             self.replay(chains, self.schedule[:first])
+        del x0
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
         for wi, w in enumerate(self.schedule[first:], start=first):
             t0 = time.time()
@@ -292,6 +295,7 @@ class WindowEngine:
                     x_j = q if j == w.start else self.run_all(w.start, j - 1, q)
                     self.wrap(j, x_j, generator)
                     wrapped.add(j)
+                    del x_j
             entry = {"window": [w.start, w.end, w.target]}
             target = None
             if r.trains:
@@ -299,9 +303,11 @@ class WindowEngine:
                     target = self.run_all(w.start, w.target, q if r.target == "homologous" else chains["fp"])
                 entry.update(self.train(w, q, target, generator))
                 self.store.release(q)
+                trim_heap()
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
             self.advance(w, chains, target if r.target == "propagated" else None)
-            del target
+            del target, q  # the chains have moved on: free what they were
+            trim_heap()
             for j in range(w.start, w.target + 1):
                 self.blocks[j].to(self.home[j])
             entry["seconds"] = round(time.time() - t0, 3)
@@ -364,10 +370,12 @@ class WindowEngine:
             self.step_chains(j, chains)
             self.blocks[j].to(self.home[j])
 
-    @staticmethod
-    def output_error(x: torch.Tensor, ref: torch.Tensor) -> dict:
-        sums = all_reduce_(torch.tensor([(x - ref).double().pow(2).sum().item(), ref.double().pow(2).sum().item(),
-                                         float(ref.numel())], dtype=torch.float64))
+    def output_error(self, x: torch.Tensor, ref: torch.Tensor) -> dict:
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i in range(0, len(x), self.recipe.batch_size):  # per batch: no chain-sized temporaries
+            a, b = x[i:i + self.recipe.batch_size].double(), ref[i:i + self.recipe.batch_size].double()
+            sums += torch.stack([(a - b).pow(2).sum(), b.pow(2).sum(), torch.tensor(float(b.numel()))])
+        sums = all_reduce_(sums)
         mse = (sums[0] / sums[2]).item()
         return {"mse": mse, "rel_mse": (sums[0] / sums[1]).item()}
 
