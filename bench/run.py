@@ -113,6 +113,9 @@ def write_table(jsonl: Path, args):
     lines += ["", "Commands, from the repository root (`$SMOLLM2` = the folder prepare.py prints, "
               "`$CROSSBLOCK_SHARED` = ../shared):", ""]
     lines += [f"- {r['row']}: `{portable(r['command'])}`" for r in rows]
+    notes = jsonl.with_name(jsonl.stem + ".notes.md")  # hand-written findings, kept across rewrites
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     jsonl.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
