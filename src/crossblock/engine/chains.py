@@ -52,6 +52,14 @@ class ChainStore:
         self.release(t)
         return t
 
+    def release_rows(self, t: torch.Tensor, start: int, stop: int):
+        """Drop the resident pages of rows start..stop of a chain (a pass is done with them)."""
+        mm = self.maps.get(id(t))
+        if mm is not None and stop > start:
+            row = t[0].numel() * t.element_size()
+            lo = start * row // mmap.PAGESIZE * mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, lo, min(stop * row, len(mm)) - lo)
+
     def release(self, *chains: torch.Tensor):
         """Let the kernel drop the resident pages of these chains (their data stays on disk)."""
         for t in chains:

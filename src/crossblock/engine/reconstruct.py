@@ -116,7 +116,8 @@ class WindowEngine:
             h = self.run(lo, hi, x[i:i + self.recipe.batch_size].to(self.device)).float().cpu()
             out = self.store.empty((len(x), *h.shape[1:])) if out is None else out
             out[i:i + len(h)] = h
-        self.store.release(x, out)
+            for chain in (x, out):  # with --offload disk, only the batch in flight stays resident
+                self.store.release_rows(chain, i, i + len(h))
         return out
 
     # -- wrapping and initialization -------------------------------------------------------------
