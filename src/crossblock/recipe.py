@@ -164,6 +164,11 @@ class Recipe:
     def trains(self) -> bool:
         return self.iters > 0
 
+    @property
+    def rtn_reference(self) -> bool:
+        """Whether the engine carries an RTN chain (its report compares with RTN): not for RTN itself."""
+        return self.trains or self.init != "rtn"
+
 
 # The methods, as data. Training presets share AutoRound's defaults (SignRound + clipping,
 # 200 steps, batch 8), so that schedules compare at the same budget per window.

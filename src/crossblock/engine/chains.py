@@ -2,8 +2,8 @@
 
 Chains (N x T x hidden float32 per chain) dominate host memory for long calibration sets. With
 "disk", every chain is a shared mapping of an unlinked temporary file: the kernel can write its
-pages back and drop them, and `release()` tells it to do so right away once a pass over a chain
-is done, so resident memory holds what the current pass touches rather than every chain.
+pages back and drop them, and `release_rows()` / `release()` tell it to do so right away once a
+batch or a pass is done, so resident memory holds what is in flight rather than every chain.
 """
 from __future__ import annotations
 
@@ -41,15 +41,6 @@ class ChainStore:
         t = torch.frombuffer(mm, dtype=torch.float32).view(shape)
         self.maps[id(t)] = mm
         weakref.finalize(t, self.maps.pop, id(t), None)
-        return t
-
-    def put(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` moved into the store (a no-op in RAM)."""
-        if self.mode == "ram":
-            return x
-        t = self.empty(x.shape)
-        t.copy_(x)
-        self.release(t)
         return t
 
     def release_rows(self, t: torch.Tensor, start: int, stop: int):

@@ -12,7 +12,7 @@ def window_cost(recipe: Recipe, w: Window) -> int:
     """Forward passes of one block over one calibration sequence, backward counted as 2."""
     depth = w.target - w.start + 1
     n = recipe.nsamples
-    chains = 3 if recipe.trains or recipe.init != "rtn" else 2  # FP, quantized (+ RTN reference)
+    chains = 3 if recipe.rtn_reference else 2  # FP, quantized (+ RTN reference)
     cost = chains * n * len(w.finished)
     if recipe.trains:
         cost += n * depth                                      # target, once per window

@@ -274,7 +274,7 @@ class WindowEngine:
         x0 = inputs.pop()
         # chains: FP model, quantized model, and (for the report) the RTN-quantized model
         chains = {"fp": x0, "q": x0}  # never modified in place
-        if r.trains or r.init != "rtn":
+        if r.rtn_reference:
             chains["rtn"] = x0
         wrapped: set[int] = set()
         first = 0

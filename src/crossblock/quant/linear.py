@@ -230,7 +230,8 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]):
-        state = {k: v.to(self.weight.device) for k, v in state.items()}
+        # learnable parameters and init buffers live with the layer; the integers stay on the CPU
+        state = {k: v if k in ("q", "scale", "zero") else v.to(self.weight.device) for k, v in state.items()}
         if "fixed_scale" in state:
             self.set_init(state.get("base", self.weight), state["fixed_scale"], state["fixed_zero"])
         for k, v in state.items():
@@ -239,5 +240,5 @@ class QuantLinear(nn.Module):
             target = self.get_parameter(k) if k in dict(self.named_parameters()) else self.get_buffer(k)
             target.copy_(v)
         if "q" in state:
-            self.set_frozen(QuantizedWeight(state["q"].cpu(), state["scale"].cpu(), state["zero"].cpu(),
+            self.set_frozen(QuantizedWeight(state["q"], state["scale"], state["zero"],
                                             self.bits, self.group_size, self.sym))
