@@ -68,9 +68,13 @@ def run_row(row, args, work, log):
     out = work / name
     common = ["--wbits", args.wbits, "--group-size", args.group_size, "--nsamples", args.nsamples,
               "--seqlen", args.seqlen, "--seed", args.seed, "--batch-size", args.batch_size]
+    if getattr(args, "abits", 16) < 16:
+        common += ["--abits", args.abits]
     if preset == "fp":
         return {"row": name, "ppl": evaluate(args.model, args, log), "command": "(full precision)"}
     if preset == "autoround":
+        if getattr(args, "abits", 16) < 16:
+            raise SystemExit("the autoround row quantizes weights only; drop it or --abits")
         sh(["bash", AUTOROUND / "setup.sh"], log)
         tokens = work / "calib_tokens.safetensors"
         calib_tokens(args, tokens)
@@ -101,8 +105,11 @@ def portable(command: str) -> str:
 def write_table(jsonl: Path, args):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     fp = next((r["ppl"] for r in rows if r["row"] == "fp"), None)
+    abits = getattr(args, "abits", 16)
+    bits = f"W{args.wbits}" + (f"A{abits} (per-token dynamic asym activations)" if abits < 16 else "")
+    group = "per-channel" if args.group_size == -1 else f"g{args.group_size}"
     lines = [f"# {jsonl.stem}", "",
-             f"SmolLM2-135M-Instruct, W{args.wbits} g{args.group_size} asym, WikiText-2 test perplexity "
+             f"SmolLM2-135M-Instruct, {bits} {group} asym weights, WikiText-2 test perplexity "
              f"(`wiki.test.raw`, first {args.eval_windows} windows of {args.seqlen} tokens), calibration "
              f"{args.nsamples} x {args.seqlen} tokens from `wiki.valid.tokens` (seed {args.seed}), "
              f"{args.iters} steps per window, batch {args.batch_size}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}.",
@@ -125,7 +132,7 @@ def main():
     p.add_argument("--rows", required=True)
     p.add_argument("--model", default=None, help="default: SmolLM2-135M built by prepare.py")
     for flag, default in [("wbits", 2), ("group-size", 64), ("iters", 20), ("nsamples", 128), ("seqlen", 512),
-                          ("batch-size", 8), ("seed", 0), ("eval-windows", 40)]:
+                          ("batch-size", 8), ("seed", 0), ("eval-windows", 40), ("abits", 16)]:
         p.add_argument(f"--{flag}", type=int, default=default)
     args = p.parse_args()
     args.model = args.model or prepare_model()

@@ -134,3 +134,32 @@ def test_static_steps_survive_an_interrupted_run(tmp_path, monkeypatch):
     model, report = quantize(**kw, checkpoint_dir=tmp_path)
     assert report["resumed_at_window"] == 2
     assert torch.equal(steps(model), ref)
+
+
+@pytest.mark.parametrize("fmt,kw", [
+    ("fake", dict(abits=4)),
+    ("fake", dict(abits=6, act_dynamic=False, preset="block", iters=3)),
+    ("compressed-tensors", dict(abits=8, act_sym=True)),
+])
+def test_a_saved_folder_loads_back_quantizing_its_activations(tmp_path, fmt, kw):
+    """`crossblock eval` must measure the WxAy model, not its weights with FP activations."""
+    model, report = quantize(wbits=4, **kw)
+    tok = load_stories()[1]
+    cb.save(model, tok, tmp_path / "out", format=fmt, report=report)
+    loaded = cb.load(tmp_path / "out", dtype="float32")
+    layers = [n for n, m in loaded.named_modules() if hasattr(m, "crossblock_act_quant")]
+    assert len(layers) == 35
+    ids = tok(CALIB_FILE.read_text()[:2000], return_tensors="pt").input_ids[:, :128]
+    with torch.no_grad():
+        ours = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, ours, rtol=0, atol=1e-5)
+        for _, m in loaded.named_modules():  # without the quantizers the output differs
+            m._forward_pre_hooks.clear()
+        assert not torch.allclose(loaded(ids).logits, ours, rtol=0, atol=1e-3)
+
+
+def test_a_weight_only_folder_records_no_activation_quantizers(tmp_path):
+    model, report = quantize(wbits=4)
+    cb.save(model, load_stories()[1], tmp_path / "out", report=report)
+    assert json.loads((tmp_path / "out" / "crossblock.json").read_text())["activations"] is None
+    assert not any(hasattr(m, "crossblock_act_quant") for m in cb.load(tmp_path / "out").modules())

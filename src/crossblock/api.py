@@ -26,6 +26,7 @@ from .eval.perplexity import perplexity
 from .model.adapter import block_linears, capture, find_blocks
 from .output import staged_dir
 from .preprocess import cfp
+from .quant import act as act_quant
 from .quant.act import act_scheme
 from .quant.linear import is_conv1d, weight_of
 from .recipe import Recipe
@@ -193,7 +194,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     if dtype is not None:
         model.to(dtype)
     export.save(model, tokenizer, folder, format, act_scheme=act_scheme_of(model))
-    info = dict(report or {}, format=format)
+    info = dict(report or {}, format=format, activations=act_quant.record(model))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 
@@ -210,9 +211,15 @@ def save(model, tokenizer, out, format: str = "fake", report: dict | None = None
 
 def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None):
     """Any folder crossblock writes (fake, compressed-tensors, gptq) as a transformers model,
-    in `dtype` (default: the checkpoint's)."""
+    in `dtype` (default: the checkpoint's), its layers quantizing their inputs as they did
+    when it was written (crossblock.json records the activation quantizers)."""
     from . import export
-    return export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    model = export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    report = Path(path) / REPORT_FILE
+    recorded = json.loads(report.read_text()).get("activations") if report.is_file() else None
+    if recorded:
+        act_quant.rebuild(model, recorded)
+    return model
 
 
 def evaluate(model, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,

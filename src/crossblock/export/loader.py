@@ -6,7 +6,7 @@ Three folder kinds, told apart by config.json's `quantization_config`:
 - "gptq": integers unpacked here from the safetensors, no GPTQ kernel package involved.
 For the packed kinds the dense weights are recomputed from the integers exactly as the
 fake-quant model computes them, and each layer gets its `crossblock_qweight` back. Activation
-quantization recorded in a compressed-tensors config is not simulated by the loaded model.
+quantizers are re-attached by `crossblock.load`, from crossblock.json (any format).
 """
 from __future__ import annotations
 

@@ -110,3 +110,34 @@ def observing(quantizers: list[StaticActQuant]):
 def quantize_input(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook that keeps a restored layer quantizing its input."""
     return (module.crossblock_act_quant(args[0]), *args[1:])
+
+
+def attach(module: nn.Module, quantizer: nn.Module):
+    """Make a plain Linear quantize its input with `quantizer` (a restored or loaded layer)."""
+    module.crossblock_act_quant = quantizer
+    module.register_forward_pre_hook(quantize_input)
+
+
+# -- saved folders: the activation quantizers recorded in crossblock.json ----------------------
+def record(model: nn.Module) -> dict | None:
+    """The model's activation quantizers as JSON: the scheme, and per layer its static
+    [step, zero point] (float32 values, exact through JSON) or None for dynamic ones."""
+    layers = {n: m.crossblock_act_quant for n, m in model.named_modules() if hasattr(m, "crossblock_act_quant")}
+    if not layers:
+        return None
+    static = lambda q: [q.step().item(), q.zero.item()] if isinstance(q, StaticActQuant) else None  # noqa: E731
+    return {**next(iter(layers.values())).scheme(), "layers": {n: static(q) for n, q in sorted(layers.items())}}
+
+
+def rebuild(model: nn.Module, recorded: dict):
+    """Attach the quantizers `record` described to the loaded model's layers."""
+    for name, static in recorded["layers"].items():
+        module = model.get_submodule(name)
+        if recorded["dynamic"]:
+            quantizer = DynamicActQuant(recorded["bits"], recorded["symmetric"])
+        else:
+            quantizer = StaticActQuant(recorded["bits"], recorded["symmetric"])
+            quantizer.step0.fill_(static[0])
+            quantizer.zero.fill_(static[1])
+            quantizer.freeze()
+        attach(module, quantizer.to(module.weight.device))

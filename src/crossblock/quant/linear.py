@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .act import quantize_input
+from .act import attach as attach_act_quant
 from .grid import QuantizedWeight, dequantize, expand_groups, fake_quantize, minmax_grid, num_groups, quantize_to_int
 
 ROUNDINGS = ("rtn", "signround", "adaround", "lora")
@@ -214,8 +214,7 @@ class QuantLinear(nn.Module):
         module.crossblock_qweight = self.frozen
         if self.act_quant is not None:
             # the original layer must keep quantizing its input, or the model would run A16
-            module.crossblock_act_quant = self.act_quant
-            module.register_forward_pre_hook(quantize_input)
+            attach_act_quant(module, self.act_quant)
         return module
 
     # -- checkpoints -------------------------------------------------------------------------
