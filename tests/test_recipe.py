@@ -51,3 +51,9 @@ def test_unknown_preset_and_unknown_yaml_field(tmp_path):
 def test_group_wider_than_a_layer_is_refused():
     with pytest.raises(CrossblockError, match="larger than the input width of down"):
         Recipe(group_size=256).check_model({"up": 512, "down": 172})
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "activations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_activation_recipes_load_as_the_cbq_preset_with_their_bits(path):
+    wbits, abits = (int(c) for c in path.stem.split("-")[1][1:].split("a"))
+    assert Recipe.from_yaml(path) == Recipe.preset("cbq", wbits=wbits, abits=abits, cfp=True)
