@@ -56,10 +56,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert not (partial_dir(out) / "crossblock.json").exists()
     with safe_open(str(partial_dir(out) / CHECKPOINT_FILE), framework="pt") as f:
         assert all(k.startswith("layer.") for k in f.keys())  # no activations: they are replayed
+        assert not any(k.startswith(("layer.0.", "layer.1.")) for k in f.keys())  # finished: own files
+    assert {p.name for p in partial_dir(out).glob("checkpoint.block*")} >= {
+        "checkpoint.block0.safetensors", "checkpoint.block1.safetensors"}
     resumed = cli(out, "--resume")
     assert resumed.wait() == 0, resumed.stderr.read()
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
-    assert not partial_dir(out).exists() and not (out / CHECKPOINT_FILE).exists()
+    assert not partial_dir(out).exists() and not list(out.glob("checkpoint*"))
     report, ref_report = (json.loads((d / "crossblock.json").read_text()) for d in (out, ref))
     assert report["resumed_at_window"] == 2
     assert report["blocks"] == ref_report["blocks"]  # replayed chains give the same per-block errors
@@ -77,3 +80,27 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert windows_done(out) >= 1  # the refused attempts left the checkpoint alone
     fresh = cli(out)
     assert fresh.wait() == 2 and "interrupted run" in fresh.stderr.read()
+
+
+def test_finished_blocks_are_written_once_and_read_back(tmp_path):
+    import pytest
+    import torch
+    from crossblock.engine.checkpoint import EngineState, block_path, read_checkpoint, write_checkpoint
+    from crossblock.errors import CrossblockError
+    frozen = lambda: {"q": torch.randint(0, 4, (4, 8), dtype=torch.uint8), "scale": torch.rand(4, 1)}  # noqa: E731
+    live = lambda: {"lora_a": torch.randn(4, 2)}  # noqa: E731
+    layers = {"0.q_proj": frozen(), "0.o_proj": frozen(), "1.q_proj": live()}
+    write_checkpoint(tmp_path, EngineState(1, dict(layers), {"windows": [1]}), "run")
+    first = block_path(tmp_path, 0).stat().st_ino
+    layers.update({"1.q_proj": frozen(), "2.q_proj": live()})
+    write_checkpoint(tmp_path, EngineState(2, dict(layers), {"windows": [1, 2]}), "run")
+    assert block_path(tmp_path, 0).stat().st_ino == first  # not rewritten
+    state = read_checkpoint(tmp_path, "run")
+    assert state.next_window == 2 and state.report == {"windows": [1, 2]}
+    assert state.layers.keys() == layers.keys()
+    assert all(torch.equal(state.layers[k][n], v) for k, e in layers.items() for n, v in e.items())
+    with pytest.raises(CrossblockError, match="different model, recipe or calibration"):
+        read_checkpoint(tmp_path, "another run")
+    block_path(tmp_path, 1).unlink()
+    with pytest.raises(CrossblockError, match="checkpoint.block1.safetensors, which it needs, is missing"):
+        read_checkpoint(tmp_path, "run")

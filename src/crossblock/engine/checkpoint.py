@@ -1,8 +1,10 @@
 """Window checkpoints: what a killed run needs to continue bit-identically.
 
-One safetensors file holds the state of every wrapped layer (integers of finished blocks,
-learnable parameters of blocks still in a window) and, as metadata, the next window, the report
-so far and a fingerprint of model + recipe + calibration data. Activation chains are not stored:
+A finished block's integers never change again, so each is written once, to its own file
+(`checkpoint.block{j}.safetensors`), when it freezes; the window checkpoint holds the learnable
+parameters of blocks still in a window and, as metadata, the next window, the list of finished
+blocks, the report so far and a fingerprint of model + recipe + calibration data (also stamped
+on every block file). Rewriting every finished block each window would cost O(blocks²) writes. Activation chains are not stored:
 a resumed run recomputes them from the frozen blocks (see WindowEngine.replay), which costs one
 forward pass and keeps checkpoints small however long the calibration set is. It is written
 to a temporary file, fsynced and renamed over the previous one, so at any instant the file on
@@ -50,13 +52,13 @@ def fsync_dir(path: Path):
         os.close(fd)
 
 
-def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
-    tensors = {}
-    for layer, entries in state.layers.items():
-        for key, value in entries.items():
-            tensors[f"layer.{layer}/{key}"] = value
-    meta = {"fingerprint": fingerprint, "next_window": str(state.next_window), "report": json.dumps(state.report)}
+def block_path(folder: Path, block: int) -> Path:
     path = checkpoint_path(folder)
+    return path.with_name(f"{path.stem}.block{block}.safetensors")
+
+
+def write_atomic(path: Path, layers: dict[str, dict[str, torch.Tensor]], meta: dict):
+    tensors = {f"layer.{layer}/{key}": value for layer, entries in layers.items() for key, value in entries.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     with open(tmp, "rb+") as f:
@@ -65,10 +67,8 @@ def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
     fsync_dir(path.parent)
 
 
-def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
-    path = checkpoint_path(folder)
-    if not path.is_file():
-        return None
+def read_layers(path: Path, fingerprint: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(metadata, layers) of one checkpoint file made by the run `fingerprint` identifies."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         if meta.get("fingerprint") != fingerprint:
@@ -79,4 +79,42 @@ def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
         for key in f.keys():
             layer, _, name = key.removeprefix("layer.").partition("/")
             layers.setdefault(layer, {})[name] = f.get_tensor(key)
+    return meta, layers
+
+
+def finished_blocks(layers: dict[str, dict[str, torch.Tensor]]) -> dict[int, dict]:
+    """Blocks whose every layer holds its final integers ("q"), with those layers."""
+    blocks: dict[int, dict] = {}
+    for layer, entries in layers.items():
+        blocks.setdefault(int(layer.split(".", 1)[0]), {})[layer] = entries
+    return {j: ls for j, ls in blocks.items() if all("q" in e for e in ls.values())}
+
+
+def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
+    finished = finished_blocks(state.layers)
+    for j, layers in finished.items():  # block files first: the window checkpoint refers to them
+        path = block_path(folder, j)
+        if not (path.is_file() and read_fingerprint(path) == fingerprint):
+            write_atomic(path, layers, {"fingerprint": fingerprint})
+    live = {k: v for k, v in state.layers.items() if int(k.split(".", 1)[0]) not in finished}
+    write_atomic(checkpoint_path(folder), live, {
+        "fingerprint": fingerprint, "next_window": str(state.next_window), "report": json.dumps(state.report),
+        "finished_blocks": json.dumps(sorted(finished))})
+
+
+def read_fingerprint(path: Path) -> str | None:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata().get("fingerprint")
+
+
+def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
+    path = checkpoint_path(folder)
+    if not path.is_file():
+        return None
+    meta, layers = read_layers(path, fingerprint)
+    for j in json.loads(meta.get("finished_blocks", "[]")):
+        if not block_path(folder, j).is_file():
+            raise CrossblockError(f"cannot resume from {path}: {block_path(folder, j).name}, which it needs, "
+                                  "is missing (start over with --overwrite)")
+        layers.update(read_layers(block_path(folder, j), fingerprint)[1])
     return EngineState(int(meta["next_window"]), layers, json.loads(meta["report"]))
