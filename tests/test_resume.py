@@ -104,3 +104,38 @@ def test_finished_blocks_are_written_once_and_read_back(tmp_path):
     block_path(tmp_path, 1).unlink()
     with pytest.raises(CrossblockError, match="checkpoint.block1.safetensors, which it needs, is missing"):
         read_checkpoint(tmp_path, "run")
+
+
+def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """In process, every preset (GPTQ's frozen scales once aliased its init buffers, and
+    safetensors refused to write the checkpoint)."""
+    import pytest
+    import torch
+    import crossblock as cb
+    import crossblock.api as api
+    from crossblock.recipe import PRESETS
+    from conftest import load_stories
+
+    def run(preset, folder=None):
+        model, tok = load_stories()
+        recipe = cb.Recipe.preset(preset, wbits=3, group_size=-1, iters=3, nsamples=8, seqlen=64, batch_size=4)
+        model, report = cb.quantize(model, tok, recipe, calib=CALIB_FILE.read_text(), progress=False,
+                                    checkpoint_dir=folder)
+        return {k: v.clone() for k, v in model.state_dict().items()}, report
+
+    write = api.write_checkpoint
+
+    def write_then_stop(folder, state, key):
+        write(folder, state, key)
+        if state.next_window == 2:
+            raise KeyboardInterrupt
+    for preset in PRESETS:
+        ref, _ = run(preset)
+        folder = tmp_path / preset
+        monkeypatch.setattr(api, "write_checkpoint", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(preset, folder)
+        monkeypatch.undo()
+        weights, report = run(preset, folder)
+        assert report["resumed_at_window"] == 2, preset
+        assert all(torch.equal(weights[k], v) for k, v in ref.items()), preset

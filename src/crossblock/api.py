@@ -121,6 +121,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     model.eval().requires_grad_(False)
     resume, on_window = None, None
     if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         key = fingerprint(model, recipe, ids)
         resume = read_checkpoint(Path(checkpoint_dir), key)
         on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key)  # noqa: E731

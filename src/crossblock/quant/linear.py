@@ -202,7 +202,8 @@ class QuantLinear(nn.Module):
             delattr(self, name)
         if self.act_quant is not None:
             self.act_quant.freeze()
-        self.base = None
+        # the initial solution is spent; GPTQ's frozen scales would otherwise alias fixed_scale
+        self.base = self.fixed_scale = self.fixed_zero = None
 
     @torch.no_grad()
     def restore(self) -> nn.Module:
