@@ -160,3 +160,12 @@ def test_gptq_checkpoint_with_fp16_scales_reloads_exactly(tmp_path):
         assert (reloaded(ids).logits - ref).abs().max() <= 1e-4 * ref.abs().max()
     for (name, a), b in zip(model.named_parameters(), reloaded.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_short_signround_budgets_cap_the_rounding_step():
+    """At 5 steps, lr 1/iters = 0.2 would flip whole layers' rounding at once; offsets move at
+    most 1/15 per step while clipping keeps 1/iters (an explicit lr applies to both, as before)."""
+    short = dict(CALIB, wbits=2, group_size=-1, iters=5)
+    capped, uncapped = ppl("block", **short), ppl("block", **short, lr=0.2)
+    assert capped < 0.6 * uncapped, (capped, uncapped)
+    assert capped < ppl("rtn", wbits=2, group_size=-1, **CALIB)

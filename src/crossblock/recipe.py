@@ -52,7 +52,7 @@ class Recipe:
                                    # estimator; False: the soft relaxation (needs many more steps)
     iters: int = 0                 # optimizer steps per window; 0: no training (RTN, GPTQ)
     batch_size: int = 8
-    lr: float | None = None        # None: 1/iters for signround, 1.5/iters for Adam (see engine)
+    lr: float | None = None        # None: 1/iters for signround (offsets: at most 1/15), 1.5/iters for Adam
     # GPTQ
     damp: float = 0.01
     act_order: bool = False
