@@ -112,3 +112,23 @@ def test_module_entry_point_exit_code():
     r = subprocess.run([sys.executable, "-m", "crossblock", "quantize", "--model", "/nonexistent", "--calib",
                         str(CALIB_FILE), "--out", "/tmp/never"], capture_output=True, text=True)
     assert r.returncode == 2 and "model not found" in r.stderr
+
+
+def test_compare_ranks_recipes_on_a_prefix_of_the_model(capsys):
+    assert main(["compare", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--recipe", "rtn,block",
+                 "--blocks", "2", "--wbits", "2", "--group-size", "-1", "--iters", "10", "--quiet", *FAST]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "quantized blocks: 2"
+    ranked = [line.split() for line in lines[1:-1]]
+    assert [r[0] for r in ranked] == ["block", "rtn"]  # sorted by error: reconstruction beats RTN
+    assert float(ranked[0][2]) == 1.0 and float(ranked[1][2]) > 1.0
+    assert int(ranked[0][3].replace(",", "")) > int(ranked[1][3].replace(",", ""))  # and costs more passes
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--blocks", "9"], "--blocks must be in 1..5 for this model, got 9"),
+    (["--recipe", "block,magic"], "unknown recipe 'magic'"),
+])
+def test_compare_refuses_bad_input(extra, message, capsys):
+    assert main(["compare", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--quiet", *FAST, *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -57,3 +57,11 @@ def test_group_wider_than_a_layer_is_refused():
 def test_activation_recipes_load_as_the_cbq_preset_with_their_bits(path):
     wbits, abits = (int(c) for c in path.stem.split("-")[1][1:].split("a"))
     assert Recipe.from_yaml(path) == Recipe.preset("cbq", wbits=wbits, abits=abits, cfp=True)
+
+
+def test_steps_without_learnable_parameters_do_not_train():
+    assert not Recipe.preset("rtn", iters=10).trains  # `compare --iters 10` applies to every recipe
+    assert not Recipe.preset("gptq", iters=10).trains
+    assert Recipe.preset("rtn", iters=10, lwc=True).trains
+    assert Recipe.preset("rtn", iters=10, abits=8, act_dynamic=False).trains
+    assert Recipe.preset("block").trains and not Recipe.preset("block", iters=0).trains

@@ -32,10 +32,10 @@ def add_recipe_options(p: argparse.ArgumentParser):
             p.add_argument(flag, type=base, default=None)
 
 
-def recipe_from_args(args) -> Recipe:
+def recipe_from_args(args, name: str | None = None) -> Recipe:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                  if f.name != "name" and getattr(args, f.name, None) is not None}
-    return Recipe.load(args.recipe, **overrides)
+    return Recipe.load(name or args.recipe, **overrides)
 
 
 def cmd_quantize(args):
@@ -127,6 +127,17 @@ def cmd_plan(args):
     print(plan_table(recipe, layers))
 
 
+def cmd_compare(args):
+    from .compare import compare, compare_table
+    from .data.text import read_texts
+
+    recipes = [recipe_from_args(args, name) for name in args.recipe.split(",") if name]
+    if not recipes:
+        raise CrossblockError("--recipe needs at least one preset or YAML file (comma-separated)")
+    rows = compare(args.model, recipes, read_texts(args.calib), args.blocks, args.device, progress=not args.quiet)
+    print(compare_table(rows))
+
+
 def cmd_report(args):
     from .report import write_report
     print(write_report(Path(args.out), plot=not args.no_plot))
@@ -190,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True)
     add_recipe_options(pl)
     pl.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("compare", help="rank recipes by last-block output error, cheaply (a prefix of the model)")
+    c.add_argument("--model", required=True, help="a local HF folder or a hub id")
+    c.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
+    c.add_argument("--blocks", type=int, default=None, help="quantize only the first N blocks (default: all)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--quiet", action="store_true")
+    add_recipe_options(c)
+    c.set_defaults(func=cmd_compare, recipe="rtn,block,la,mb,cbq")
 
     r = sub.add_parser("report", help="per-block error table (and plot) of a quantized folder")
     r.add_argument("out")

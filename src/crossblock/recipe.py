@@ -162,7 +162,9 @@ class Recipe:
 
     @property
     def trains(self) -> bool:
-        return self.iters > 0
+        """Whether windows optimize anything: steps, and a parameter to learn."""
+        learnable = self.rounding != "rtn" or self.lwc or (self.abits < 16 and not self.act_dynamic)
+        return self.iters > 0 and learnable
 
     @property
     def rtn_reference(self) -> bool:
