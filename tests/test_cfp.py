@@ -104,7 +104,7 @@ def test_outlier_weights_are_truncated_to_the_threshold():
         w[0, 0], w[1, 1] = 5.0, -6.0
         before = w.clone()
     ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(1))
-    found = cfp(model, ids, cb.Recipe(nsamples=4, batch_size=4), progress=False)
+    found = cfp(model, ids, cb.Recipe(nsamples=4, batch_size=4, cfp_weights=True), progress=False)
     assert found[0]["outlier_weights"]["mlp.down_proj"] == 2
     rest = before.abs().flatten().sort().values[-3].item()  # the largest weight left
     assert (w[0, 0], w[1, 1]) == (rest, -rest) and (w != before).sum() == 2
@@ -117,13 +117,15 @@ def test_w4a8_with_cfp_is_no_worse_on_stories260k_and_the_report_counts_outliers
     report = run("rtn", cfp=True, **kw)[1]
     assert [b["block"] for b in report["cfp"]] == list(range(5))
     assert sum(sum(b["outlier_channels"].values()) for b in report["cfp"]) > 0
+    assert sum(sum(b["outlier_weights"].values()) for b in report["cfp"]) == 0  # weights kept by default
+    report = run("rtn", cfp=True, cfp_weights=True, **kw)[1]
     assert sum(sum(b["outlier_weights"].values()) for b in report["cfp"]) > 0
 
 
 def test_preprocess_command_writes_the_scaled_model(tmp_path, capsys):
     out = tmp_path / "pre"
     assert main(["preprocess", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out),
-                 "--nsamples", "16", "--seqlen", "64", "--no-cfp-weights", "--quiet"]) == 0
+                 "--nsamples", "16", "--seqlen", "64", "--quiet"]) == 0  # default: channels only
     assert "outlier channels scaled" in capsys.readouterr().out
     info = json.loads((out / "cfp.json").read_text())
     assert len(info["cfp"]) == 5 and info["cfp_weights"] is False

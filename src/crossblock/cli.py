@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--cfp-alpha", type=float, default=Recipe.cfp_alpha)
     pp.add_argument("--cfp-weights", action=argparse.BooleanOptionalAction, default=Recipe.cfp_weights,
-                    help="truncate outlier weights (--no-cfp-weights: only scale channels, the function is kept)")
+                    help="also truncate outlier weights (CBQ; default off: only scale channels, the function is kept)")
     pp.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=None,
                     help="comma-separated name substrings of layers whose weights are not truncated")
     pp.add_argument("--dtype", default="float32")

@@ -34,7 +34,7 @@ class Recipe:
     act_sym: bool = False
     cfp: bool = False              # scale outlier channels into the norms, truncate outlier weights
     cfp_alpha: float = 0.7         # outlier channel c is divided by (max_c / max_non_outlier) ** alpha
-    cfp_weights: bool = True       # False: CFP only scales channels (the FP model's function is kept)
+    cfp_weights: bool = False      # True: CFP also truncates outlier weights (CBQ; hurt SmolLM2, see README)
     # schedule: windows of `window` blocks every `stride` blocks, loss after `lookahead` FP blocks
     window: int = 1
     stride: int = 1
