@@ -12,7 +12,7 @@ from crossblock.cli import main
 from crossblock.errors import CrossblockError
 from crossblock.model.adapter import find_blocks
 from crossblock.preprocess import cfp
-from crossblock.preprocess.fold import FOLDS
+from crossblock.preprocess.fold import FOLDS, LINEAR_FOLDS
 from crossblock.preprocess.outliers import find_outliers
 from conftest import CALIB_FILE, STORIES, load_stories
 from test_adapter import FAMILIES, tiny
@@ -49,8 +49,9 @@ def test_constant_and_tiny_inputs_have_no_outliers():
 
 
 def plant_outlier_channels(model):
-    """Random norm weights (and biases) with two channels 40x larger: tiny random models have
-    no outlier channels of their own, and unit norm weights would hide folding mistakes."""
+    """Random norm weights (and biases) with two channels 40x larger, and two 40x output rows in
+    up_proj / fc1: tiny random models have no outlier channels of their own, and unit norm
+    weights would hide folding mistakes."""
     g = torch.Generator().manual_seed(2)
     for block in find_blocks(model)[1]:
         for norm, _ in FOLDS[model.config.model_type]:
@@ -59,6 +60,11 @@ def plant_outlier_channels(model):
             n.weight.data[[3, 7]] *= 40
             if getattr(n, "bias", None) is not None:
                 n.bias.data = 0.1 * torch.randn(n.bias.shape, generator=g)
+        for source, _ in LINEAR_FOLDS[model.config.model_type]:
+            lin = block.get_submodule(source)
+            lin.weight.data[[3, 7]] *= 40
+            if lin.bias is not None:
+                lin.bias.data = 0.1 * torch.randn(lin.bias.shape, generator=g)
     return model
 
 
@@ -95,6 +101,9 @@ def test_unknown_architectures_are_refused():
     post_ln = T.OPTForCausalLM(T.OPTConfig(**dict(FAMILIES["opt"][2], do_layer_norm_before=False)))
     with pytest.raises(CrossblockError, match="do_layer_norm_before=False"):
         cfp(post_ln, torch.ones(1, 8, dtype=torch.long), SCALE_ONLY)
+    gelu = T.OPTForCausalLM(T.OPTConfig(**dict(FAMILIES["opt"][2], activation_function="gelu")))
+    with pytest.raises(CrossblockError, match="fc1 -> fc2 only through relu"):
+        cfp(gelu, torch.ones(1, 8, dtype=torch.long), SCALE_ONLY)
 
 
 def test_outlier_weights_are_truncated_to_the_threshold():

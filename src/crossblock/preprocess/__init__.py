@@ -3,11 +3,13 @@
 Block by block, on the calibration data flowing through the (already preprocessed) FP prefix:
 1. each quantized layer's outlier weights (|W| above the detector's threshold, outliers.py) are
    truncated to the threshold;
-2. the block runs, recording the per-channel maximum |output| of each norm that feeds linear
-   layers, and the next block's input;
+2. the block runs, recording the per-channel maximum |input| of the layers fed by each norm,
+   and of down_proj (fc2) fed by up_proj (fc1), and the next block's input;
 3. outlier channels c of those maxima get s_c = (max_c / max_non_outlier) ** alpha, folded
-   exactly into the norm and its consumers (fold.py): the function stays the same, the
-   consumers' inputs lose their outlier channels.
+   exactly into the source and its consumers (fold.py): the function stays the same, the
+   consumers' inputs lose their outlier channels. Sources are folded in block order (norms
+   first): each peak was measured before any fold, and folds on different paths do not
+   interact.
 Truncation comes first so that it never clips the columns the scaling has just enlarged (that
 would change the function the fold preserves).
 """
@@ -25,8 +27,9 @@ from .outliers import find_outliers
 
 
 def _record_peak(peak: dict, name: str):
-    def hook(module, args, out):
-        m = out.detach().abs().flatten(0, -2).amax(0).float()
+    """Pre-hook on a consumer: the per-channel max |input| it sees from `name`."""
+    def hook(module, args):
+        m = args[0].detach().abs().flatten(0, -2).amax(0).float()
         peak[name] = m if name not in peak else torch.maximum(peak[name], m)
     return hook
 
@@ -50,7 +53,8 @@ def cfp(model, ids: torch.Tensor, recipe: Recipe, device="cpu", progress: bool =
                     m.weight.clamp_(-out.threshold, out.threshold)
                 weights[name] = out.count
         peak: dict[str, torch.Tensor] = {}
-        hooks = [block.get_submodule(n).register_forward_hook(_record_peak(peak, n)) for n, _ in pairs]
+        hooks = [block.get_submodule(consumers[0]).register_forward_pre_hook(_record_peak(peak, n))
+                 for n, consumers in pairs]
         try:
             x = torch.cat([calls[i](block, b.to(device)).float().cpu() for b in x.split(recipe.batch_size)])
         finally:

@@ -1,9 +1,12 @@
-"""Which norm feeds which linear layers, per architecture, and the exact fold of a per-channel
-scale through such a pair: the norm's output channel c is divided by s_c and the consuming
+"""Which layer feeds which linear layers, per architecture, and the exact fold of a per-channel
+scale through such a pair: the source's output channel c is divided by s_c and the consuming
 layers' input column c multiplied by s_c, so the block computes the same function.
 
-Only pre-norm blocks whose norm output goes nowhere but the listed layers can be folded, so
-the table is explicit; any other architecture is refused rather than silently left alone.
+Sources are the pre-norms (FOLDS) and, where the path between is linear in each channel, a
+linear layer (LINEAR_FOLDS): Llama-style MLPs compute down(act(gate) * up), so up's output
+channel scales down's input channel; OPT's fc2 sees relu(fc1), and relu(x / s) = relu(x) / s
+for s > 0. The tables are explicit; any other architecture is refused rather than silently
+left alone.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CrossblockError
+from ..model.adapter import is_linear
 from ..quant.linear import weight_of
 
 _LLAMA = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -24,12 +28,16 @@ FOLDS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
             ("final_layer_norm", ("fc1",))),
     "gpt2": (("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),  # Conv1D: weight is (in, out)
 }
+_GATED_MLP = (("mlp.up_proj", ("mlp.down_proj",)),)
+LINEAR_FOLDS = {"llama": _GATED_MLP, "qwen2": _GATED_MLP, "mistral": _GATED_MLP, "gemma": _GATED_MLP,
+                "opt": (("fc1", ("fc2",)),), "gpt2": ()}  # GPT-2's gelu is not scale-equivariant
 # Gemma's RMSNorm multiplies by (1 + weight), so the fold acts on 1 + weight.
 NORM_OFFSET = {"gemma": 1.0}
 
 
 def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """The (norm, consuming linears) pairs of `model`'s blocks; CrossblockError if unknown."""
+    """The (source, consuming linears) pairs of `model`'s blocks, norms first; CrossblockError
+    if unknown."""
     kind = getattr(model.config, "model_type", type(model).__name__)
     if kind not in FOLDS:
         raise CrossblockError(f"CFP does not know which norms feed which layers in {kind!r} models "
@@ -37,7 +45,7 @@ def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str
     if kind == "opt" and not model.config.do_layer_norm_before:
         raise CrossblockError("CFP cannot fold into OPT models with do_layer_norm_before=False "
                               "(the norms follow attention and MLP); run without --cfp")
-    pairs = FOLDS[kind]
+    pairs = FOLDS[kind] + LINEAR_FOLDS[kind]
     for norm, linears in pairs:
         for name in (norm, *linears):
             try:
@@ -47,15 +55,21 @@ def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str
                                       "but it is missing; run without --cfp") from None
         if getattr(block.get_submodule(norm), "weight", None) is None:
             raise CrossblockError(f"CFP cannot fold into {norm}: it has no weight to scale; run without --cfp")
+        if kind == "opt" and norm == "fc1" and model.config.activation_function != "relu":
+            raise CrossblockError("CFP folds fc1 -> fc2 only through relu; run without --cfp")
     return pairs
 
 
 @torch.no_grad()
-def fold_scale(block: nn.Module, norm: str, linears: tuple[str, ...], s: torch.Tensor, offset: float = 0.0):
-    """X' = X / s after `norm`, W' = W · s in its consumers (in place)."""
-    n = block.get_submodule(norm)
+def fold_scale(block: nn.Module, source: str, linears: tuple[str, ...], s: torch.Tensor, offset: float = 0.0):
+    """X' = X / s out of `source` (a norm or a linear layer), W' = W · s in its consumers (in place)."""
+    n = block.get_submodule(source)
     s = s.to(n.weight.device, torch.float32)
-    n.weight.copy_(((n.weight.float() + offset) / s - offset).to(n.weight.dtype))
+    if is_linear(n):
+        w = weight_of(n)  # (out, in): output channel c is row c
+        w.copy_((w.float() / s[:, None]).to(w.dtype))
+    else:
+        n.weight.copy_(((n.weight.float() + offset) / s - offset).to(n.weight.dtype))
     if getattr(n, "bias", None) is not None:
         n.bias.copy_((n.bias.float() / s).to(n.bias.dtype))
     for name in linears:
