@@ -4,11 +4,11 @@ A finished block's integers never change again, so each is written once, to its 
 (`checkpoint.block{j}.safetensors`), when it freezes; the window checkpoint holds the learnable
 parameters of blocks still in a window and, as metadata, the next window, the list of finished
 blocks, the report so far and a fingerprint of model + recipe + calibration data (also stamped
-on every block file). Rewriting every finished block each window would cost O(blocks²) writes. Activation chains are not stored:
-a resumed run recomputes them from the frozen blocks (see WindowEngine.replay), which costs one
-forward pass and keeps checkpoints small however long the calibration set is. It is written
-to a temporary file, fsynced and renamed over the previous one, so at any instant the file on
-disk is a complete checkpoint (or absent).
+on every block file); rewriting every finished block after each window would cost O(blocks²)
+writes. Activation chains are not stored: a resumed run recomputes them from the frozen blocks
+(see WindowEngine.replay), which costs one forward pass and keeps checkpoints small however long
+the calibration set is. Every file is written to a temporary name, fsynced and renamed, so at
+any instant each file on disk is complete (or absent).
 """
 from __future__ import annotations
 
