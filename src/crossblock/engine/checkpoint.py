@@ -34,7 +34,8 @@ def checkpoint_path(folder: Path) -> Path:
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob("checkpoint*.safetensors"))
+    """Every checkpoint file, and the temporary file of a write a crash interrupted."""
+    return sorted(Path(folder).glob("checkpoint*.safetensors*"))
 
 
 @dataclass
