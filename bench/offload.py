@@ -19,9 +19,9 @@ from common import ROOT, parser
 
 def truncated(model: str, blocks: int, out: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    m = AutoModelForCausalLM.from_pretrained(model)
-    m.model.layers = m.model.layers[:blocks]
-    m.config.num_hidden_layers = blocks
+
+    from crossblock.compare import keep_first_blocks
+    m = keep_first_blocks(AutoModelForCausalLM.from_pretrained(model), blocks)
     m.save_pretrained(out)
     AutoTokenizer.from_pretrained(model).save_pretrained(out)
     return str(out)

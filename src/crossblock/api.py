@@ -182,20 +182,16 @@ def check_format(format: str, model, recipe: Recipe):
                             act_scheme=act_scheme(recipe.abits, recipe.act_dynamic, recipe.act_sym))
 
 
-def act_scheme_of(model) -> dict | None:
-    """The activation quantization the model's layers carry, as the exports record it."""
-    quantizers = [m.crossblock_act_quant for m in model.modules() if hasattr(m, "crossblock_act_quant")]
-    return quantizers[0].scheme() if quantizers else None
-
-
 def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: dict | None = None,
                  dtype: torch.dtype | None = None):
     """Model files, tokenizer, then crossblock.json (last: its presence marks a complete folder)."""
     from . import export
     if dtype is not None:
         model.to(dtype)
-    export.save(model, tokenizer, folder, format, act_scheme=act_scheme_of(model))
-    info = dict(report or {}, format=format, activations=act_quant.record(model))
+    activations = act_quant.record(model)  # the scheme the exports record, and per-layer steps
+    scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
+    export.save(model, tokenizer, folder, format, act_scheme=scheme)
+    info = dict(report or {}, format=format, activations=activations)
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 

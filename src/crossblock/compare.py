@@ -14,8 +14,7 @@ import time
 from torch import nn
 
 from .errors import CrossblockError
-from .engine.plan import window_cost
-from .engine.schedule import make_schedule
+from .engine.plan import schedule_cost
 from .model.adapter import find_blocks
 from .recipe import Recipe
 
@@ -45,9 +44,8 @@ def compare(model_name: str, recipes: list[Recipe], calib, blocks: int | None = 
         n = len(find_blocks(model)[1])
         t0 = time.time()
         _, report = quantize(model, tokenizer, recipe, calib, device=device, progress=progress)
-        windows = make_schedule(n, recipe.window, recipe.stride, recipe.lookahead)
         rows.append({"recipe": recipe.name, "blocks": n, "rel_mse": report["blocks"][-1]["rel_mse"],
-                     "block_passes": sum(window_cost(recipe, w) for w in windows),
+                     "block_passes": schedule_cost(recipe, n),
                      "seconds": round(time.time() - t0, 1)})
     return rows
 

@@ -83,11 +83,16 @@ def read_layers(path: Path, fingerprint: str) -> tuple[dict, dict[str, dict[str,
     return meta, layers
 
 
+def block_of(layer: str) -> int:
+    """The block index of a layer key ("3.self_attn.q_proj" -> 3)."""
+    return int(layer.split(".", 1)[0])
+
+
 def finished_blocks(layers: dict[str, dict[str, torch.Tensor]]) -> dict[int, dict]:
     """Blocks whose every layer holds its final integers ("q"), with those layers."""
     blocks: dict[int, dict] = {}
     for layer, entries in layers.items():
-        blocks.setdefault(int(layer.split(".", 1)[0]), {})[layer] = entries
+        blocks.setdefault(block_of(layer), {})[layer] = entries
     return {j: ls for j, ls in blocks.items() if all("q" in e for e in ls.values())}
 
 
@@ -97,7 +102,7 @@ def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
         path = block_path(folder, j)
         if not (path.is_file() and read_fingerprint(path) == fingerprint):
             write_atomic(path, layers, {"fingerprint": fingerprint})
-    live = {k: v for k, v in state.layers.items() if int(k.split(".", 1)[0]) not in finished}
+    live = {k: v for k, v in state.layers.items() if block_of(k) not in finished}
     write_atomic(checkpoint_path(folder), live, {
         "fingerprint": fingerprint, "next_window": str(state.next_window), "report": json.dumps(state.report),
         "finished_blocks": json.dumps(sorted(finished))})

@@ -23,6 +23,11 @@ def window_cost(recipe: Recipe, w: Window) -> int:
     return cost
 
 
+def schedule_cost(recipe: Recipe, num_blocks: int) -> int:
+    """Block passes of the whole schedule on a model of `num_blocks` blocks."""
+    return sum(window_cost(recipe, w) for w in make_schedule(num_blocks, recipe.window, recipe.stride, recipe.lookahead))
+
+
 def plan_table(recipe: Recipe, num_blocks: int) -> str:
     windows = make_schedule(num_blocks, recipe.window, recipe.stride, recipe.lookahead)
     rows = [f"recipe {recipe.name}: W{recipe.wbits} g{recipe.group_size} {'sym' if recipe.sym else 'asym'}, "

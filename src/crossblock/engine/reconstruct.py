@@ -23,7 +23,7 @@ from ..quant.act import act_quantizer, observing
 from ..quant.linear import QuantLinear
 from ..recipe import Recipe
 from .chains import ChainStore, trim_heap
-from .checkpoint import EngineState
+from .checkpoint import EngineState, block_of
 from .distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
 from .gptq import HessianAccumulator, gptq_quantize
 from .schedule import Window, make_schedule
@@ -335,7 +335,7 @@ class WindowEngine:
 
     def restore_layers(self, states: dict[str, dict[str, torch.Tensor]]) -> set[int]:
         """Re-wrap the blocks a checkpoint had wrapped and load their state."""
-        blocks = sorted({int(key.split(".", 1)[0]) for key in states})
+        blocks = sorted({block_of(key) for key in states})
         for j in blocks:
             for name, module in block_linears(self.blocks[j]):
                 key = f"{j}.{name}"

@@ -45,6 +45,8 @@ def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str
     if kind == "opt" and not model.config.do_layer_norm_before:
         raise CrossblockError("CFP cannot fold into OPT models with do_layer_norm_before=False "
                               "(the norms follow attention and MLP); run without --cfp")
+    if kind == "opt" and model.config.activation_function != "relu":
+        raise CrossblockError("CFP folds fc1 -> fc2 only through relu; run without --cfp")
     pairs = FOLDS[kind] + LINEAR_FOLDS[kind]
     for norm, linears in pairs:
         for name in (norm, *linears):
@@ -55,8 +57,6 @@ def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str
                                       "but it is missing; run without --cfp") from None
         if getattr(block.get_submodule(norm), "weight", None) is None:
             raise CrossblockError(f"CFP cannot fold into {norm}: it has no weight to scale; run without --cfp")
-        if kind == "opt" and norm == "fc1" and model.config.activation_function != "relu":
-            raise CrossblockError("CFP folds fc1 -> fc2 only through relu; run without --cfp")
     return pairs
 
 
