@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from crossblock.quant.grid import dequantize, fake_quantize, group_view, minmax_grid, num_groups, quantize_to_int
+from crossblock.quant.grid import (CLIP_RATIOS, dequantize, fake_quantize, group_view, minmax_grid, num_groups,
+                                  quantize_to_int, search_clip)
 from crossblock.quant.linear import QuantLinear
 
 
@@ -63,3 +64,56 @@ def test_lora_parameter_count_and_hard_rounding_near_rtn():
     diff = (qw.q.float() - rtn_q).abs()
     assert diff.max() <= 1 and diff.sum() > 0
     assert torch.equal(qw.dequantize(), dequantize(qw.q, qw.scale, qw.zero, 8))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [-1, 16])  # 16: ragged last group
+@pytest.mark.parametrize("sym", [False, True])
+def test_clip_search_never_loses_to_minmax_and_wins_at_low_bits(bits, group_size, sym):
+    w = rand_weight(out=32, cin=40, seed=1)
+    w[0, 3] = 8.0  # a heavy outlier: clipping it is not worth its group's resolution
+    ratio = search_clip(w, bits, group_size, sym)
+    assert ratio.shape == (32, num_groups(40, group_size))
+    assert all(any(abs(r - c) < 1e-6 for c in CLIP_RATIOS) for r in ratio.flatten().tolist())
+
+    def group_errors(mult):
+        scale, zero = minmax_grid(w, bits, group_size, sym, mult, mult)
+        w_hat = dequantize(quantize_to_int(w, scale, zero, bits, group_size), scale, zero, group_size)
+        return group_view((w - w_hat) ** 2, group_size).sum(-1)
+    searched, minmax = group_errors(ratio), group_errors(torch.ones_like(ratio))
+    assert (searched <= minmax).all()
+    if bits <= 3:
+        assert searched.sum() < 0.95 * minmax.sum()
+
+
+def test_clip_search_sets_the_starting_clip_learned_or_fixed():
+    layer = torch.nn.Linear(40, 12, bias=False)
+    layer.weight.data = rand_weight()
+    ratio = search_clip(layer.weight, 3, 8, False)
+    learned = QuantLinear(layer, 3, 8, False, rounding="signround", lwc=True, clip_search=True)
+    fixed = QuantLinear(layer, 3, 8, False, rounding="rtn", lwc=False, clip_search=True)
+    assert torch.equal(learned.max_mult.detach(), ratio) and learned.max_mult.requires_grad
+    assert torch.equal(fixed.min_mult, ratio) and not any(p.numel() for p in fixed.parameters())
+    scale, zero = minmax_grid(layer.weight, 3, 8, False, ratio, ratio)
+    fixed.freeze()
+    assert torch.equal(fixed.frozen.scale, scale)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_gptq_output_error_is_below_rtn(act_order, clip_search):
+    from crossblock.engine.gptq import HessianAccumulator, gptq_quantize
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 48, generator=gen) @ torch.randn(48, 48, generator=gen)  # correlated inputs
+    x[:, 5] *= 10  # one loud channel, where act_order matters
+    w = torch.randn(16, 48, generator=gen)
+    acc = HessianAccumulator(48, "cpu")
+    acc.add(x)
+    unrounded, scale, zero = gptq_quantize(w, acc.h, 3, 16, False, act_order=act_order, clip_search=clip_search)
+    q = quantize_to_int(unrounded, scale, zero, 3, 16)
+    assert q.min() >= 0 and q.max() <= 7
+    w_gptq = dequantize(q, scale, zero, 16)
+
+    def out_err(w_hat):
+        return ((x @ (w - w_hat).t()) ** 2).sum()
+    assert out_err(w_gptq) < 0.8 * out_err(fake_quantize(w, 3, 16, False))

@@ -107,7 +107,7 @@ def test_finished_blocks_are_written_once_and_read_back(tmp_path):
 
 
 def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """In process, every preset (GPTQ's frozen scales once aliased its init buffers, and
+    """In process, every preset and a searched clip start (GPTQ's frozen scales once aliased its init buffers, and
     safetensors refused to write the checkpoint)."""
     import pytest
     import torch
@@ -118,7 +118,9 @@ def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monk
 
     def run(preset, folder=None):
         model, tok = load_stories()
-        recipe = cb.Recipe.preset(preset, wbits=3, group_size=-1, iters=3, nsamples=8, seqlen=64, batch_size=4)
+        preset, _, clip = preset.partition("+")
+        recipe = cb.Recipe.preset(preset, wbits=3, group_size=-1, iters=3, nsamples=8, seqlen=64, batch_size=4,
+                                  clip_search=bool(clip))
         model, report = cb.quantize(model, tok, recipe, calib=CALIB_FILE.read_text(), progress=False,
                                     checkpoint_dir=folder)
         return {k: v.clone() for k, v in model.state_dict().items()}, report
@@ -129,7 +131,7 @@ def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monk
         write(folder, state, key)
         if state.next_window == 2:
             raise KeyboardInterrupt
-    for preset in PRESETS:
+    for preset in [*PRESETS, "block+clip_search"]:
         ref, _ = run(preset)
         folder = tmp_path / preset
         monkeypatch.setattr(api, "write_checkpoint", write_then_stop)

@@ -46,6 +46,7 @@ class Recipe:
     init: str = "rtn"
     rounding: str = "signround"
     lwc: bool = True               # learnable clipping multipliers
+    clip_search: bool = False      # start clipping at each group's least-weight-error ratio (1 .. 0.7)
     lora_rank: int = 4
     round_reg: float = 0.01        # AdaRound/LoRA regularizer weight (annealed beta 20 -> 2)
     ste: bool = True               # AdaRound/LoRA: train the hard rounding through a straight-through

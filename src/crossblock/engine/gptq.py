@@ -3,14 +3,15 @@
 H = 2/n Σ x xᵀ + λI (λ = damp · mean diag). Columns are quantized in order (or by descending
 diag(H) with act_order) and each column's error is spread onto the columns not yet quantized
 through the upper Cholesky factor of H⁻¹, in lazy batches of `block` columns. Group scales are
-taken from the error-updated weights when a group starts; with act_order they are fixed up front
-from the original weights ("static groups") so that group membership stays column // g.
+taken from the error-updated weights when a group starts (min/max, or with clip_search the
+clipping of least weight error); with act_order they are fixed up front from the original
+weights ("static groups") so that group membership stays column // g.
 """
 from __future__ import annotations
 
 import torch
 
-from ..quant.grid import minmax_grid, num_groups
+from ..quant.grid import minmax_grid, num_groups, search_clip
 from .distributed import all_reduce_
 
 
@@ -36,6 +37,13 @@ class HessianAccumulator:
         self.count = int(total.item())
 
 
+def _group_grid(w, bits, sym, scale_dtype, clip_search):
+    """Scale and zero of one group of columns (out, g), each (out,)."""
+    ratio = search_clip(w, bits, -1, sym, scale_dtype) if clip_search else None
+    s, z = minmax_grid(w, bits, -1, sym, ratio, ratio, scale_dtype=scale_dtype)
+    return s[:, 0], z[:, 0]
+
+
 def _quantize_column(w, scale, zero, qmax):
     q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
     return q, scale * (q - zero)
@@ -44,7 +52,7 @@ def _quantize_column(w, scale, zero, qmax):
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                   damp: float = 0.01, block: int = 128, act_order: bool = False,
-                  scale_dtype: torch.dtype | None = None):
+                  scale_dtype: torch.dtype | None = None, clip_search: bool = False):
     """Returns (W', scale, zero): the weight (out, in) float32 as error feedback had left each column
     when it was rounded, and the grid. Rounding W' to nearest on that grid gives GPTQ's integers;
     it is also where reconstruction starts from (`--init gptq`): a learnable rounding offset then
@@ -62,8 +70,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     zero = torch.zeros(out, groups, device=w.device)
     if act_order:
         for gi in range(groups):
-            s, z = minmax_grid(w[:, gi * g:(gi + 1) * g], bits, -1, sym, scale_dtype=scale_dtype)
-            scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            scale[:, gi], zero[:, gi] = _group_grid(w[:, gi * g:(gi + 1) * g], bits, sym, scale_dtype, clip_search)
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(cin, device=w.device)
@@ -84,8 +91,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             if not act_order and col % g == 0:
                 # the group's columns as error feedback has left them so far
                 upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
-                s, z = minmax_grid(upcoming, bits, -1, sym, scale_dtype=scale_dtype)
-                scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+                scale[:, gi], zero[:, gi] = _group_grid(upcoming, bits, sym, scale_dtype, clip_search)
             unrounded[:, i1 + i] = w1[:, i]
             _, wq[:, i1 + i] = _quantize_column(w1[:, i], scale[:, gi], zero[:, gi], qmax)
             e = (w1[:, i] - wq[:, i1 + i]) / hinv1[i, i]

@@ -127,7 +127,7 @@ class WindowEngine:
     def new_layer(self, module: nn.Module, generator: torch.Generator | None) -> QuantLinear:
         r = self.recipe
         ql = QuantLinear(module, r.wbits, r.group_size, r.sym, r.rounding, r.lwc, r.lora_rank, generator, r.ste,
-                         r.scale_torch_dtype)
+                         r.scale_torch_dtype, r.clip_search)
         if r.abits < 16:
             ql.act_quant = act_quantizer(r.abits, r.act_dynamic, r.act_sym).to(ql.weight.device)
         return ql
@@ -159,7 +159,8 @@ class WindowEngine:
         for m in layers:
             acc[m].all_reduce()
             unrounded, scale, zero = gptq_quantize(m.weight, acc[m].h, r.wbits, r.group_size, r.sym, r.damp,
-                                                   act_order=r.act_order, scale_dtype=r.scale_torch_dtype)
+                                                   act_order=r.act_order, scale_dtype=r.scale_torch_dtype,
+                                                   clip_search=r.clip_search)
             m.set_init(unrounded, scale, zero)
 
     # -- one window ----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .act import attach as attach_act_quant
-from .grid import QuantizedWeight, dequantize, expand_groups, fake_quantize, minmax_grid, num_groups, quantize_to_int
+from .grid import (QuantizedWeight, dequantize, expand_groups, fake_quantize, minmax_grid, num_groups,
+                   quantize_to_int, search_clip)
 
 ROUNDINGS = ("rtn", "signround", "adaround", "lora")
 
@@ -43,7 +44,7 @@ class QuantLinear(nn.Module):
     def __init__(self, module: nn.Module, bits: int, group_size: int, sym: bool,
                  rounding: str = "rtn", lwc: bool = False, lora_rank: int = 4,
                  generator: torch.Generator | None = None, ste: bool = True,
-                 scale_dtype: torch.dtype | None = None):
+                 scale_dtype: torch.dtype | None = None, clip_search: bool = False):
         super().__init__()
         if rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {rounding!r}")
@@ -69,10 +70,17 @@ class QuantLinear(nn.Module):
 
         groups = num_groups(self.in_features, group_size)
         dev = w.device
+        # Clipping multipliers of each group's max and min: 1 (the min/max grid of RTN) or, with
+        # clip_search, the ratio of least weight error. With lwc they are learned (AutoRound's
+        # learnable clipping, kept in [0.5, 1]); without, a search result is a fixed buffer.
+        start = (search_clip(w, bits, group_size, sym, scale_dtype) if clip_search
+                 else torch.ones(self.out_features, groups, device=dev))
         if lwc:
-            # AutoRound-style clipping multipliers: start at 1 (exactly RTN), kept in [0.5, 1].
-            self.max_mult = nn.Parameter(torch.ones(self.out_features, groups, device=dev))
-            self.min_mult = nn.Parameter(torch.ones(self.out_features, groups, device=dev))
+            self.max_mult = nn.Parameter(start.clone())
+            self.min_mult = nn.Parameter(start.clone())
+        elif clip_search:
+            self.register_buffer("max_mult", start.clone(), persistent=False)
+            self.register_buffer("min_mult", start.clone(), persistent=False)
         else:
             self.max_mult = self.min_mult = None
         if rounding == "signround":
