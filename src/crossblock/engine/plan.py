@@ -12,8 +12,8 @@ def window_cost(recipe: Recipe, w: Window) -> int:
     """Forward passes of one block over one calibration sequence, backward counted as 2."""
     depth = w.target - w.start + 1
     n = recipe.nsamples
-    chains = 3 if recipe.rtn_reference else 2  # FP, quantized (+ RTN reference)
-    cost = chains * n * len(w.finished)
+    chains = 2 * n + (min(n, LOSS_SAMPLES) if recipe.rtn_reference else 0)  # FP, quantized (+ RTN reference)
+    cost = chains * len(w.finished)
     if recipe.trains:
         cost += n * depth                                      # target, once per window
         cost += 2 * min(n, LOSS_SAMPLES) * depth               # loss before and after
