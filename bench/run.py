@@ -6,7 +6,9 @@ WikiText-2 perplexity with `crossblock eval`, append one JSON line per row and r
         --nsamples 64 --seqlen 512 --batch-size 8 --eval-windows 40 --rows fp,rtn,gptq,block,autoround
 
 Rows: fp, any preset (rtn gptq block mb la cbq), `autoround`, or NAME=PRESET:FLAGS for a custom
-recipe, e.g. "cbq-sr=cbq:--rounding signround". Every row's exact command goes in the table.
+recipe, e.g. "cbq-sr=cbq:--rounding signround" (flags come last, so they override the common
+ones: "block-60x2=block:--iters 60 --batch-size 2"; "ar-60x2=autoround:--iters 60 --batch-size 2"
+passes them to run_autoround.py). Every row's exact command goes in the table.
 Models and data come from $CROSSBLOCK_SHARED (default ../shared); SmolLM2 is built by
 shared/models/smollm2-135m/prepare.py into the user cache.
 """
@@ -81,15 +83,14 @@ def run_row(row, args, work, log):
         cmd = [AUTOROUND / ".venv" / "bin" / "python", AUTOROUND / "run_autoround.py", "--model", args.model,
                "--bits", args.wbits, "--group-size", args.group_size, "--iters", args.iters,
                "--nsamples", args.nsamples, "--seqlen", args.seqlen, "--batch-size", args.batch_size,
-               "--seed", args.seed, "--calib-tokens", tokens, "--out", out]
+               "--seed", args.seed, "--calib-tokens", tokens, "--out", out, *shlex.split(flags)]
         sh(cmd, log)
         info = json.loads((out / "autoround.json").read_text())
         wall, rss = info["quantize_wall_s"], info["peak_rss_mib"]
     else:
+        steps = [] if preset in ("rtn", "gptq") else ["--iters", args.iters]
         cmd = [BIN / "crossblock", "quantize", "--model", args.model, "--calib", CALIB, "--out", out,
-               "--recipe", preset, *common, "--quiet", "--overwrite", *shlex.split(flags)]
-        if preset not in ("rtn", "gptq"):
-            cmd += ["--iters", args.iters]
+               "--recipe", preset, *common, *steps, "--quiet", "--overwrite", *shlex.split(flags)]
         sh(cmd, log)
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
