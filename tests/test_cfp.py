@@ -12,7 +12,7 @@ from crossblock.cli import main
 from crossblock.errors import CrossblockError
 from crossblock.model.adapter import find_blocks
 from crossblock.preprocess import cfp
-from crossblock.preprocess.fold import FOLDS, LINEAR_FOLDS
+from crossblock.preprocess.fold import FOLDS, LINEAR_FOLDS, consumer_channels
 from crossblock.preprocess.outliers import find_outliers
 from conftest import CALIB_FILE, STORIES, load_stories
 from test_adapter import FAMILIES, tiny
@@ -91,6 +91,15 @@ def test_scaling_is_exact_on_stories260k():
     ids = calibration_ids(tok, CALIB_FILE.read_text(), SCALE_ONLY)
     found = assert_same_logits_after_scaling(model, ids)
     assert all(sum(b["outlier_weights"].values()) == 0 for b in found)
+
+
+def test_value_channels_map_onto_every_query_head_of_their_group():
+    model = tiny("llama")  # 4 heads of 8 channels, 2 kv heads
+    index = consumer_channels(model, 16, 32)
+    assert index.tolist() == [*range(8), *range(8), *range(8, 16), *range(8, 16)]
+    assert consumer_channels(model, 32, 32) is None
+    with pytest.raises(CrossblockError, match="cannot map 32 attention output channels onto 12"):
+        consumer_channels(model, 12, 32)
 
 
 def test_unknown_architectures_are_refused():

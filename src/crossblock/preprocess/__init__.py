@@ -4,7 +4,8 @@ Block by block, on the calibration data flowing through the (already preprocesse
 1. each quantized layer's outlier weights (|W| above the detector's threshold, outliers.py) are
    truncated to the threshold;
 2. the block runs, recording the per-channel maximum |input| of the layers fed by each norm,
-   and of down_proj (fc2) fed by up_proj (fc1), and the next block's input;
+   of down_proj (fc2) fed by up_proj (fc1) and of o_proj fed by v_proj (the maximum over the
+   query heads that share a value head), and the next block's input;
 3. outlier channels c of those maxima get s_c = (max_c / max_non_outlier) ** alpha, folded
    exactly into the source and its consumers (fold.py): the function stays the same, the
    consumers' inputs lose their outlier channels. Sources are folded in block order (norms
@@ -20,9 +21,10 @@ import json
 import torch
 from tqdm.auto import tqdm
 
-from ..model.adapter import block_linears, capture, find_blocks
+from ..model.adapter import block_linears, capture, find_blocks, is_linear
+from ..quant.linear import weight_of
 from ..recipe import Recipe
-from .fold import NORM_OFFSET, fold_pairs, fold_scale
+from .fold import NORM_OFFSET, consumer_channels, fold_pairs, fold_scale
 from .outliers import find_outliers
 
 
@@ -32,6 +34,18 @@ def _record_peak(peak: dict, name: str):
         m = args[0].detach().abs().flatten(0, -2).amax(0).float()
         peak[name] = m if name not in peak else torch.maximum(peak[name], m)
     return hook
+
+
+def source_peaks(model, block, source: str, consumer: str, peak: torch.Tensor):
+    """(per-channel peak of the source's outputs, consumer -> source channel map or None): the
+    peak of a value channel is the largest over the query heads it feeds."""
+    src = block.get_submodule(source)
+    width = weight_of(src).shape[0] if is_linear(src) else len(peak)  # a norm is as wide as its consumers
+    index = consumer_channels(model, width, len(peak))
+    if index is None:
+        return peak, None
+    index = index.to(peak.device)
+    return torch.zeros(width, device=peak.device).scatter_reduce(0, index, peak, "amax", include_self=False), index
 
 
 @torch.no_grad()
@@ -61,11 +75,13 @@ def cfp(model, ids: torch.Tensor, recipe: Recipe, device="cpu", progress: bool =
             for h in hooks:
                 h.remove()
         channels = {}
-        for norm, linears in pairs:
-            out = find_outliers(peak[norm])
-            channels[norm] = out.count
+        for source, linears in pairs:
+            source_peak, index = source_peaks(model, block, source, linears[0], peak[source])
+            out = find_outliers(source_peak)
+            channels[source] = out.count
             if out.count and out.threshold > 0:
-                fold_scale(block, norm, linears, (peak[norm] / out.threshold).clamp(min=1) ** recipe.cfp_alpha, offset)
+                s = (source_peak / out.threshold).clamp(min=1) ** recipe.cfp_alpha
+                fold_scale(block, source, linears, s, offset, index)
         if torch.device(device).type != "cpu":
             block.to("cpu")
         found.append({"block": i, "outlier_channels": channels, "outlier_weights": weights})

@@ -5,8 +5,10 @@ layers' input column c multiplied by s_c, so the block computes the same functio
 Sources are the pre-norms (FOLDS) and, where the path between is linear in each channel, a
 linear layer (LINEAR_FOLDS): Llama-style MLPs compute down(act(gate) * up), so up's output
 channel scales down's input channel; OPT's fc2 sees relu(fc1), and relu(x / s) = relu(x) / s
-for s > 0. The tables are explicit; any other architecture is refused rather than silently
-left alone.
+for s > 0; attention outputs are softmax(QKᵀ)·V per head, linear in V, so v_proj's output
+channel scales o_proj's input channel. With grouped-query attention one value channel feeds
+the same channel of every query head in its group (`consumer_channels`). The tables are
+explicit; any other architecture is refused rather than silently left alone.
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ FOLDS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
             ("final_layer_norm", ("fc1",))),
     "gpt2": (("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),  # Conv1D: weight is (in, out)
 }
-_GATED_MLP = (("mlp.up_proj", ("mlp.down_proj",)),)
+_GATED_MLP = (("mlp.up_proj", ("mlp.down_proj",)), ("self_attn.v_proj", ("self_attn.o_proj",)))
 LINEAR_FOLDS = {"llama": _GATED_MLP, "qwen2": _GATED_MLP, "mistral": _GATED_MLP, "gemma": _GATED_MLP,
-                "opt": (("fc1", ("fc2",)),), "gpt2": ()}  # GPT-2's gelu is not scale-equivariant
+                "opt": (("fc1", ("fc2",)), ("self_attn.v_proj", ("self_attn.out_proj",))),
+                # GPT-2's gelu is not scale-equivariant, and its q, k, v share one Conv1D
+                "gpt2": ()}
 # Gemma's RMSNorm multiplies by (1 + weight), so the fold acts on 1 + weight.
 NORM_OFFSET = {"gemma": 1.0}
 
@@ -60,9 +64,27 @@ def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str
     return pairs
 
 
+def consumer_channels(model: nn.Module, source_width: int, consumer_width: int) -> torch.Tensor | None:
+    """For each input channel of the consumers, the source channel feeding it; None when they
+    are the same. Only grouped-query attention differs: query head h reads value head
+    h // (heads / kv_heads), channel by channel."""
+    if source_width == consumer_width:
+        return None
+    heads = model.config.num_attention_heads
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
+    head_dim = consumer_width // heads
+    if heads % kv_heads or kv_heads * head_dim != source_width or heads * head_dim != consumer_width:
+        raise CrossblockError(f"CFP cannot map {consumer_width} attention output channels onto "
+                              f"{source_width} value channels ({heads} heads, {kv_heads} kv heads); run without --cfp")
+    col = torch.arange(consumer_width)
+    return col // head_dim // (heads // kv_heads) * head_dim + col % head_dim
+
+
 @torch.no_grad()
-def fold_scale(block: nn.Module, source: str, linears: tuple[str, ...], s: torch.Tensor, offset: float = 0.0):
-    """X' = X / s out of `source` (a norm or a linear layer), W' = W · s in its consumers (in place)."""
+def fold_scale(block: nn.Module, source: str, linears: tuple[str, ...], s: torch.Tensor, offset: float = 0.0,
+               channels: torch.Tensor | None = None):
+    """X' = X / s out of `source` (a norm or a linear layer), W' = W · s in its consumers (in place);
+    `channels` maps the consumers' input channels to the source's (consumer_channels)."""
     n = block.get_submodule(source)
     s = s.to(n.weight.device, torch.float32)
     if is_linear(n):
@@ -72,6 +94,7 @@ def fold_scale(block: nn.Module, source: str, linears: tuple[str, ...], s: torch
         n.weight.copy_(((n.weight.float() + offset) / s - offset).to(n.weight.dtype))
     if getattr(n, "bias", None) is not None:
         n.bias.copy_((n.bias.float() / s).to(n.bias.dtype))
+    s_in = s if channels is None else s[channels.to(s.device)]
     for name in linears:
         w = weight_of(block.get_submodule(name))  # (out, in) view sharing storage
-        w.copy_((w.float() * s).to(w.dtype))
+        w.copy_((w.float() * s_in).to(w.dtype))
