@@ -123,8 +123,8 @@ def test_static_steps_survive_an_interrupted_run(tmp_path, monkeypatch):
 
     write = api.write_checkpoint
 
-    def write_then_stop(folder, state, key):
-        write(folder, state, key)
+    def write_then_stop(folder, state, key, *on_disk):
+        write(folder, state, key, *on_disk)
         if state.next_window == 2:
             raise KeyboardInterrupt
     monkeypatch.setattr(api, "write_checkpoint", write_then_stop)

@@ -95,6 +95,18 @@ def test_finished_blocks_are_written_once_and_read_back(tmp_path):
     layers.update({"1.q_proj": frozen(), "2.q_proj": live()})
     write_checkpoint(tmp_path, EngineState(2, dict(layers), {"windows": [1, 2]}), "run")
     assert block_path(tmp_path, 0).stat().st_ino == first  # not rewritten
+    # with the set a run keeps, a finished block's file is not even opened again
+    import crossblock.engine.checkpoint as ckpt
+    opened = []
+    real = ckpt.read_fingerprint
+    ckpt.read_fingerprint = lambda path: opened.append(path) or real(path)
+    try:
+        on_disk: set[int] = set()
+        for _ in range(2):  # the same window state twice: what is on disk stays as it was
+            write_checkpoint(tmp_path, EngineState(2, dict(layers), {"windows": [1, 2]}), "run", on_disk)
+    finally:
+        ckpt.read_fingerprint = real
+    assert opened == [block_path(tmp_path, 0), block_path(tmp_path, 1)] and on_disk == {0, 1}
     state = read_checkpoint(tmp_path, "run")
     assert state.next_window == 2 and state.report == {"windows": [1, 2]}
     assert state.layers.keys() == layers.keys()
@@ -127,8 +139,8 @@ def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monk
 
     write = api.write_checkpoint
 
-    def write_then_stop(folder, state, key):
-        write(folder, state, key)
+    def write_then_stop(folder, state, key, *on_disk):
+        write(folder, state, key, *on_disk)
         if state.next_window == 2:
             raise KeyboardInterrupt
     for preset in [*PRESETS, "block+clip_search"]:

@@ -124,7 +124,8 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         key = fingerprint(model, recipe, ids)
         resume = read_checkpoint(Path(checkpoint_dir), key)
-        on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key)  # noqa: E731
+        on_disk: set[int] = set()
+        on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)  # noqa: E731
     outliers = cfp(model, ids, recipe, device, progress) if recipe.cfp else None
     # data parallel (torchrun): each rank captures and carries only its shard of the sequences
     store = ChainStore(offload, checkpoint_dir)

@@ -96,12 +96,16 @@ def finished_blocks(layers: dict[str, dict[str, torch.Tensor]]) -> dict[int, dic
     return {j: ls for j, ls in blocks.items() if all("q" in e for e in ls.values())}
 
 
-def write_checkpoint(folder: Path, state: EngineState, fingerprint: str):
+def write_checkpoint(folder: Path, state: EngineState, fingerprint: str, on_disk: set[int] | None = None):
+    """`on_disk`: blocks known to have their file already (a set the caller keeps across windows),
+    so that each block file is written, or its header checked, once per run."""
+    on_disk = set() if on_disk is None else on_disk
     finished = finished_blocks(state.layers)
     for j, layers in finished.items():  # block files first: the window checkpoint refers to them
         path = block_path(folder, j)
-        if not (path.is_file() and read_fingerprint(path) == fingerprint):
+        if j not in on_disk and not (path.is_file() and read_fingerprint(path) == fingerprint):
             write_atomic(path, layers, {"fingerprint": fingerprint})
+        on_disk.add(j)
     live = {k: v for k, v in state.layers.items() if block_of(k) not in finished}
     write_atomic(checkpoint_path(folder), live, {
         "fingerprint": fingerprint, "next_window": str(state.next_window), "report": json.dumps(state.report),
