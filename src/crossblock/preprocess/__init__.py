@@ -36,7 +36,7 @@ def _record_peak(peak: dict, name: str):
     return hook
 
 
-def source_peaks(model, block, source: str, consumer: str, peak: torch.Tensor):
+def source_peaks(model, block, source: str, peak: torch.Tensor):
     """(per-channel peak of the source's outputs, consumer -> source channel map or None): the
     peak of a value channel is the largest over the query heads it feeds."""
     src = block.get_submodule(source)
@@ -76,7 +76,7 @@ def cfp(model, ids: torch.Tensor, recipe: Recipe, device="cpu", progress: bool =
                 h.remove()
         channels = {}
         for source, linears in pairs:
-            source_peak, index = source_peaks(model, block, source, linears[0], peak[source])
+            source_peak, index = source_peaks(model, block, source, peak[source])
             out = find_outliers(source_peak)
             channels[source] = out.count
             if out.count and out.threshold > 0:
