@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from crossblock.quant.grid import (CLIP_RATIOS, dequantize, fake_quantize, group_view, minmax_grid, num_groups,
-                                  quantize_to_int, search_clip)
+from crossblock.quant.grid import (CLIP_RATIOS, dequantize, fake_quantize, fake_quantize_weight, group_view,
+                                  minmax_grid, num_groups, quantize_to_int, search_clip)
 from crossblock.quant.linear import QuantLinear
 
 
@@ -30,6 +30,32 @@ def test_fake_quant_lies_on_grid_and_is_idempotent(bits, group_size, sym):
     step = scale.repeat_interleave(w.shape[1] if group_size == -1 else group_size, 1)[:, :w.shape[1]]
     inside = (w_hat - w).abs() <= step / 2 + 1e-6
     assert inside.float().mean() > (0.9 if sym else 0.999)
+
+
+@pytest.mark.parametrize("group_size", [-1, 8, 16])  # 16: ragged
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_fused_weight_quantizer_matches_autograd(group_size, sym, with_offset):
+    """The in-place fake-quant with hand-written gradients gives the same bits as
+    dequantize(quantize_to_int(...)) and the same gradients for offsets and clipping."""
+    w = rand_weight(seed=1) * 3
+    groups = num_groups(w.shape[1], group_size)
+    gen = torch.Generator().manual_seed(2)
+    mults = [torch.rand(w.shape[0], groups, generator=gen).mul(0.5).add(0.5).requires_grad_() for _ in range(2)]
+    offset = (torch.rand(w.shape, generator=gen) - 0.5).requires_grad_() if with_offset else None
+    upstream = torch.randn(w.shape, generator=gen)
+    results = []
+    for fused in (False, True):
+        scale, zero = minmax_grid(w, 3, group_size, sym, *mults)
+        out = (fake_quantize_weight(w, scale, zero, 3, group_size, offset) if fused
+               else dequantize(quantize_to_int(w, scale, zero, 3, group_size, offset), scale, zero, group_size))
+        inputs = [*mults] + ([offset] if with_offset else [])
+        results.append((out.detach(), torch.autograd.grad(out, inputs, upstream)))
+    (ref, ref_grads), (out, grads) = results
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_ragged_last_group_gets_its_own_range():

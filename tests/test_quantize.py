@@ -115,7 +115,9 @@ def test_same_seed_is_bit_identical_and_another_seed_differs():
 
 
 @pytest.mark.parametrize("preset", ["block", "mb"])
-def test_reusing_the_propagated_target_as_fp_chain_changes_no_bit(preset, monkeypatch):
+def test_reusing_the_target_and_the_measured_chain_changes_no_bit(preset, monkeypatch):
+    """block/mb advance the FP chain with the propagated target and the quantized chain with the
+    pass that measured the window's loss after training: recomputing both gives the same bits."""
     from crossblock.engine.reconstruct import WindowEngine
 
     def weights():
@@ -125,7 +127,7 @@ def test_reusing_the_propagated_target_as_fp_chain_changes_no_bit(preset, monkey
         return torch.cat([p.flatten() for p in model.parameters()]), report["blocks"]
     reused = weights()
     advance = WindowEngine.advance
-    monkeypatch.setattr(WindowEngine, "advance", lambda self, w, chains, fp_target=None: advance(self, w, chains))
+    monkeypatch.setattr(WindowEngine, "advance", lambda self, w, chains, fp_target=None, q_next=None: advance(self, w, chains))
     recomputed = weights()
     assert torch.equal(reused[0], recomputed[0]) and reused[1] == recomputed[1]
 
@@ -177,3 +179,24 @@ def test_short_signround_budgets_cap_the_rounding_step():
     capped, uncapped = ppl("block", **short), ppl("block", **short, lr=0.2)
     assert capped < 0.6 * uncapped, (capped, uncapped)
     assert capped < ppl("rtn", wbits=2, group_size=-1, **CALIB)
+
+
+@pytest.mark.parametrize("preset", ["rtn", "gptq", "block", "mb", "la", "cbq"])
+def test_plan_counts_the_block_passes_the_engine_runs(preset, monkeypatch):
+    """`crossblock plan` predicts cost from the schedule alone: it must count every forward
+    pass of a block over a calibration sequence that the run makes (backward not counted)."""
+    from crossblock.engine import plan
+    from crossblock.engine.schedule import make_schedule
+    from crossblock.model.adapter import BlockCall
+    recipe = cb.Recipe.preset(preset, wbits=3, group_size=-1, **dict(TRAIN, iters=2))
+    model, tok = load_stories()
+    passes = []
+    call = BlockCall.__call__
+    monkeypatch.setattr(BlockCall, "__call__", lambda self, block, h: passes.append(len(h)) or call(self, block, h))
+    _, report = cb.quantize(model, tok, recipe, calib=_calib_text(), progress=False)
+    monkeypatch.setattr(plan, "BACKWARD_COST", 0)
+    # what no plan can know: a reverted block/mb window advances its chain once more
+    schedule = make_schedule(len(model.model.layers), recipe.window, recipe.stride, recipe.lookahead)
+    reverted = sum(recipe.nsamples * len(w.finished) for w, entry in zip(schedule, report["windows"])
+                   if entry.get("reverted") and w.finishes_through_target)
+    assert sum(passes) == plan.schedule_cost(recipe, len(model.model.layers)) + reverted

@@ -168,6 +168,11 @@ class Recipe:
         return self.iters > 0 and learnable
 
     @property
+    def needs_block_input(self) -> bool:
+        """Whether wrapping a block needs its calibration input: GPTQ, static activation steps."""
+        return self.init == "gptq" or (self.abits < 16 and not self.act_dynamic)
+
+    @property
     def rtn_reference(self) -> bool:
         """Whether the engine carries an RTN chain (its report compares with RTN): not for RTN itself."""
         return self.trains or self.init != "rtn"

@@ -132,11 +132,16 @@ class WindowEngine:
             ql.act_quant = act_quantizer(r.abits, r.act_dynamic, r.act_sym).to(ql.weight.device)
         return ql
 
-    def wrap(self, j: int, x_in: torch.Tensor, generator: torch.Generator):
+    def wrap(self, j: int, block_input, generator: torch.Generator):
+        """Wrap block j's linears; `block_input()` gives its calibration input, computed only if
+        the initialization needs it (GPTQ, static activation steps)."""
         r = self.recipe
         for name, module in block_linears(self.blocks[j]):
             if not any(s in name for s in r.skip):
                 set_submodule(self.blocks[j], name, self.new_layer(module, generator))
+        if not r.needs_block_input:
+            return
+        x_in = block_input()
         if r.init == "gptq":
             self.init_gptq(j, x_in)
         if r.abits < 16 and not r.act_dynamic:
@@ -186,15 +191,29 @@ class WindowEngine:
     def full_loss(self, w: Window, x_in: torch.Tensor, target: torch.Tensor) -> float:
         """Window loss with hard rounding (as the blocks will be frozen) over the first
         LOSS_SAMPLES calibration sequences (a fixed subset keeps the check cheap)."""
-        rows = self.loss_rows(x_in)
-        total = torch.zeros(2, dtype=torch.float64)
         with layer_mode([self.blocks[j] for j in w.trained], "hard"):
-            for idx in rows.split(self.recipe.batch_size):
-                out = self.run(w.start, w.target, x_in[idx].to(self.device))
-                total += torch.tensor([window_loss(out, target[idx].to(self.device), self.recipe).item() * len(idx),
-                                       len(idx)], dtype=torch.float64)
+            return self.subset_loss(lambda idx: self.run(w.start, w.target, x_in[idx].to(self.device)), target)
+
+    @torch.no_grad()
+    def subset_loss(self, outputs, target: torch.Tensor) -> float:
+        """Window loss of `outputs(rows)` over the first LOSS_SAMPLES sequences, batch by batch."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for idx in self.loss_rows(target).split(self.recipe.batch_size):
+            loss = window_loss(outputs(idx), target[idx].to(self.device), self.recipe)
+            total += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
         total = all_reduce_(total)
         return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def hard_chain(self, w: Window, x_in: torch.Tensor) -> list[torch.Tensor]:
+        """The quantized chain past each block of a window that finishes all its blocks, with hard
+        rounding (bit for bit what the frozen blocks give): the window's loss after training is
+        read from it, so that pass is also the chain's advance, not one more."""
+        outs = []
+        for j in w.finished:
+            with layer_mode([self.blocks[j]], "hard"):
+                outs.append(self.run_all(j, j, outs[-1] if outs else x_in))
+        return outs
 
     def global_len(self, x: torch.Tensor) -> int:
         return self.num_sequences or len(x)
@@ -203,10 +222,12 @@ class WindowEngine:
         """This rank's rows of the first LOSS_SAMPLES sequences (a prefix of its shard)."""
         return local_part(torch.arange(min(LOSS_SAMPLES, self.global_len(x))))
 
-    def train(self, w: Window, x_in: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> dict:
+    def train(self, w: Window, x_in: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+              loss_after=None) -> dict:
         """Optimize the window's parameters. A non-finite loss restores the start and retries
-        once at half the learning rate; a result worse than the start on the whole calibration
-        set is reverted (as AutoRound keeps its best iterate), so a window never hurts."""
+        once at half the learning rate; a result worse than the start on the calibration subset
+        is reverted (as AutoRound keeps its best iterate), so a window never hurts.
+        `loss_after()` measures the result (default: `full_loss`)."""
         layers = quant_layers([self.blocks[j] for j in w.trained])
         params = [p for m in layers for p in m.parameters()]
         before = self.full_loss(w, x_in, target)
@@ -227,7 +248,8 @@ class WindowEngine:
                 break
             reset()
             info["nonfinite_retries"] = info.get("nonfinite_retries", 0) + 1
-        after = self.full_loss(w, x_in, target) if info["steps"] else before
+        loss_after = loss_after or (lambda: self.full_loss(w, x_in, target))
+        after = loss_after() if info["steps"] else before
         if not after <= before:  # also catches NaN
             reset()
             after, info["reverted"] = before, True
@@ -309,20 +331,27 @@ class WindowEngine:
             q = chains["q"]
             for j in w.trained:
                 if j not in wrapped:
-                    x_j = q if j == w.start else self.run_all(w.start, j - 1, q)
-                    self.wrap(j, x_j, generator)
+                    self.wrap(j, lambda: q if j == w.start else self.run_all(w.start, j - 1, q), generator)
                     wrapped.add(j)
-                    del x_j
             entry = {"window": [w.start, w.end, w.target]}
-            target = None
+            target, q_next = None, None
             if r.trains:
                 with layer_mode([self.blocks[j] for j in w.trained], "fp"):
                     target = self.run_all(w.start, w.target, q if r.target == "homologous" else chains["fp"])
-                entry.update(self.train(w, q, target, generator))
+                loss_after = None
+                if w.finishes_through_target:
+                    def loss_after():
+                        nonlocal q_next
+                        q_next = self.hard_chain(w, q)
+                        return self.subset_loss(lambda idx: q_next[-1][idx].to(self.device), target)
+                entry.update(self.train(w, q, target, generator, loss_after))
+                if entry.get("reverted"):
+                    q_next = None
                 self.store.release(q)
                 trim_heap()
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
-            self.advance(w, chains, target if r.target == "propagated" else None)
+            self.advance(w, chains, target if r.target == "propagated" else None, q_next)
+            del q_next
             del target, q  # the chains have moved on: free what they were
             trim_heap()
             for j in range(w.start, w.target + 1):
@@ -353,14 +382,16 @@ class WindowEngine:
         return set(blocks)
 
     @torch.no_grad()
-    def advance(self, w: Window, chains: dict, fp_target: torch.Tensor | None = None):
+    def advance(self, w: Window, chains: dict, fp_target: torch.Tensor | None = None,
+                q_next: list[torch.Tensor] | None = None):
         """Freeze the blocks that leave the schedule and move every chain past them. A propagated
         target is the FP chain past w.target: reused when that block finishes (block, mb), which
-        saves one pass over the calibration set per window and gives the same bits."""
-        for j in w.finished:
+        saves one pass over the calibration set per window and gives the same bits; so is the
+        quantized chain past each finished block when training measured it (`hard_chain`)."""
+        for i, j in enumerate(w.finished):
             for m in quant_layers([self.blocks[j]]):
                 m.freeze()
-            self.step_chains(j, chains, fp_target if j == w.target else None)
+            self.step_chains(j, chains, fp_target if j == w.target else None, q_next[i] if q_next else None)
             entry = {"block": j, **self.output_error(chains["q"], chains["fp"])}
             if "rtn" in chains:  # RTN vs this model on the same (first LOSS_SAMPLES) sequences
                 k = len(chains["rtn"])
@@ -370,12 +401,15 @@ class WindowEngine:
                 raise FloatingPointError(f"block {j} produced non-finite outputs after quantization")
             self.report["blocks"].append(entry)
 
-    def step_chains(self, j: int, chains: dict, fp_next: torch.Tensor | None = None):
-        """Every chain one block further: FP weights for "fp", frozen quantized weights for "q"."""
-        if fp_next is not None:
-            chains["fp"] = fp_next
+    def step_chains(self, j: int, chains: dict, fp_next: torch.Tensor | None = None,
+                    q_next: torch.Tensor | None = None):
+        """Every chain one block further: FP weights for "fp", frozen quantized weights for "q"
+        (`fp_next`, `q_next`: those already computed)."""
+        known = {"fp": fp_next, "q": q_next}
         for name, mode in (("fp", "fp"), ("q", "quant"), ("rtn", "rtn")):
-            if name in chains and not (name == "fp" and fp_next is not None):
+            if known.get(name) is not None:
+                chains[name] = known[name]
+            elif name in chains:
                 with layer_mode([self.blocks[j]], mode):
                     chains[name] = self.run_all(j, j, chains[name])
 

@@ -25,6 +25,12 @@ class Window:
     def finished(self) -> range:
         return range(self.start, self.next_start)
 
+    @property
+    def finishes_through_target(self) -> bool:
+        """Every block up to the target is finished (no look-ahead, no overlap: block, mb), so the
+        quantized chain's advance passes exactly what the window's loss reads."""
+        return self.finished == range(self.start, self.target + 1)
+
 
 def make_schedule(num_blocks: int, size: int = 1, stride: int = 1, lookahead: int = 0) -> list[Window]:
     if num_blocks < 1:

@@ -32,10 +32,13 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(out, -1, g)
 
 
-def expand_groups(per_group: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """(out, groups) -> (out, in): each column gets its group's value."""
-    g = in_features if group_size == -1 else group_size
-    return per_group.repeat_interleave(g, dim=1)[:, :in_features]
+def ungroup(t: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(out, groups, g) -> (out, in), dropping a ragged group's padding. Per-group arithmetic
+    broadcasts (out, groups, 1) over this view instead of expanding scales to (out, in): that
+    halves the cost of a fake-quantized weight's forward and backward (repeat_interleave's
+    backward is a scatter)."""
+    t = t.reshape(t.shape[0], -1)
+    return t if t.shape[1] == in_features else t[:, :in_features]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +75,59 @@ def quantize_to_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
                     group_size: int, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Integers q (as float, differentiable via STE) for w on the grid; `offset` is a learnable
     rounding perturbation added before rounding (SignRound)."""
-    s = expand_groups(scale, w.shape[1], group_size)
-    z = expand_groups(zero, w.shape[1], group_size)
-    x = w / s
+    x = group_view(w, group_size) / scale[..., None]
     if offset is not None:
-        x = x + offset
-    return (round_ste(x) + z).clamp(0, 2 ** bits - 1)
+        x = x + group_view(offset, group_size)
+    return ungroup((round_ste(x) + zero[..., None]).clamp(0, 2 ** bits - 1), w.shape[1])
+
+
+class _RoundedWeight(torch.autograd.Function):
+    """s * (clamp(round(W/s + offset) + z, 0, qmax) - z) on grouped views (out, groups, g),
+    with the straight-through gradients autograd would give for offset, scale and zero (W
+    itself gets none), but computed in place from one saved tensor (W/s + offset): autograd's
+    graph of the same expression keeps about ten weight-sized tensors per layer and spends
+    most of a small-batch training step allocating them."""
+
+    @staticmethod
+    def forward(ctx, wg, scale, zero, offset, qmax):
+        s, z = scale[..., None], zero[..., None]
+        x = wg / s
+        if offset is not None:
+            x += offset
+        out = torch.round(x).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
+        ctx.save_for_backward(x, scale, zero, offset)
+        ctx.qmax = qmax
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero, offset = ctx.saved_tensors
+        s, z = scale[..., None], zero[..., None]
+        r = torch.round(x)
+        q = r + z
+        inside = (q >= 0) & (q <= ctx.qmax)  # where rounding passes gradients straight through
+        gs = grad * s
+        g_in = torch.where(inside, gs, 0)      # d out / d offset
+        grad_scale = grad_zero = None
+        if ctx.needs_input_grad[2]:            # d out / d z = -1 where clamped
+            grad_zero = g_in.sum(-1) - gs.sum(-1)
+        if ctx.needs_input_grad[1]:            # d out / d s = q - z, minus W/s where inside
+            r.sub_(x)
+            if offset is not None:
+                r.add_(offset)                 # round(x) - W/s, as x = W/s + offset
+            q.clamp_(0, ctx.qmax).sub_(z)
+            grad_scale = torch.where(inside, r, q).mul_(grad).sum(-1)
+        grad_offset = g_in if offset is not None and ctx.needs_input_grad[3] else None
+        return None, grad_scale, grad_zero, grad_offset, None
+
+
+def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                         group_size: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """dequantize(quantize_to_int(w, ...)) for a weight that takes no gradient, with the same
+    bits and gradients, in a fraction of the time and memory."""
+    og = None if offset is None else group_view(offset, group_size)
+    out = _RoundedWeight.apply(group_view(w.detach(), group_size), scale, zero, og, 2 ** bits - 1)
+    return ungroup(out, w.shape[1])
 
 
 # Clipping ratios tried by `search_clip`: the full range down to 70% of it.
@@ -106,9 +156,7 @@ def search_clip(w: torch.Tensor, bits: int, group_size: int, sym: bool,
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    s = expand_groups(scale, q.shape[1], group_size)
-    z = expand_groups(zero, q.shape[1], group_size)
-    return s * (q.float() - z)
+    return ungroup(scale[..., None] * (group_view(q, group_size).float() - zero[..., None]), q.shape[1])
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

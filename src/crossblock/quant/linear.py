@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .act import attach as attach_act_quant
-from .grid import (QuantizedWeight, dequantize, expand_groups, fake_quantize, minmax_grid, num_groups,
-                   quantize_to_int, search_clip)
+from .grid import (QuantizedWeight, dequantize, fake_quantize, fake_quantize_weight, group_view, minmax_grid, num_groups,
+                   quantize_to_int, search_clip, ungroup)
 
 ROUNDINGS = ("rtn", "signround", "adaround", "lora")
 
@@ -129,9 +129,12 @@ class QuantLinear(nn.Module):
 
     def reset_adaround(self):
         with torch.no_grad():
-            scale, _ = self.grid()
-            x = self._base() / expand_groups(scale, self.in_features, self.group_size)
+            x = self.scaled(self.grid()[0])
             self.v.copy_(inverse_rectified_sigmoid(x - torch.floor(x)))
+
+    def scaled(self, scale: torch.Tensor) -> torch.Tensor:
+        """W / s, (out, in): the weight in units of its group's step."""
+        return ungroup(group_view(self._base(), self.group_size) / scale[..., None], self.in_features)
 
     def soft_offset(self, x: torch.Tensor) -> torch.Tensor | None:
         """h in [0, 1] added to floor(x) by AdaRound and LoRA-Rounding; None for other modes."""
@@ -145,25 +148,26 @@ class QuantLinear(nn.Module):
     def integers(self, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, scale, zero) for the current parameters; q is float, differentiable unless hard."""
         scale, zero = self.grid()
-        w = self._base()
-        s = expand_groups(scale, self.in_features, self.group_size)
-        x = w / s
-        h = self.soft_offset(x)
-        if h is None:
+        if self.rounding in ("rtn", "signround"):
             offset = self.offset if self.rounding == "signround" else None
-            q = quantize_to_int(w, scale, zero, self.bits, self.group_size, offset)
-        else:
-            if hard:
-                h = (h >= 0.5).float()
-            elif self.ste:  # the forward sees the rounding it will get; gradients flow through h
-                h = (h >= 0.5).float() + h - h.detach()
-            z = expand_groups(zero, self.in_features, self.group_size)
-            q = (torch.floor(x) + h + z).clamp(0, 2 ** self.bits - 1)
+            return quantize_to_int(self._base(), scale, zero, self.bits, self.group_size, offset), scale, zero
+        x = self.scaled(scale)
+        h = self.soft_offset(x)
+        if hard:
+            h = (h >= 0.5).float()
+        elif self.ste:  # the forward sees the rounding it will get; gradients flow through h
+            h = (h >= 0.5).float() + h - h.detach()
+        q = group_view(torch.floor(x) + h, self.group_size) + zero[..., None]
+        q = ungroup(q.clamp(0, 2 ** self.bits - 1), self.in_features)
         return q, scale, zero
 
     def quantized_weight(self, hard: bool = False) -> torch.Tensor:
         if self.frozen_weight is not None:
             return self.frozen_weight
+        if self.rounding in ("rtn", "signround"):  # hard rounding is all they have
+            scale, zero = self.grid()
+            offset = self.offset if self.rounding == "signround" else None
+            return fake_quantize_weight(self._base(), scale, zero, self.bits, self.group_size, offset)
         q, scale, zero = self.integers(hard=hard)
         return dequantize(q, scale, zero, self.group_size)
 
@@ -181,8 +185,7 @@ class QuantLinear(nn.Module):
     # -- training helpers -------------------------------------------------------------------
     def rounding_penalty(self, beta: float) -> torch.Tensor:
         """AdaRound's regularizer, mean over weights: pushes h towards 0 or 1."""
-        x = self._base() / expand_groups(self.grid()[0], self.in_features, self.group_size)
-        h = self.soft_offset(x)
+        h = self.soft_offset(self.scaled(self.grid()[0]))
         if h is None:
             return torch.zeros((), device=self.weight.device)
         return (1 - (2 * h - 1).abs().pow(beta)).mean()
