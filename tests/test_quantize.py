@@ -76,6 +76,28 @@ def test_every_schedule_beats_rtn(preset, bits):
     assert trained and all(w["loss_after"] < w["loss_before"] for w in trained)
 
 
+def test_token_mse_is_not_dominated_by_a_massive_token():
+    """An attention-sink token (hidden state 10^3x the others) takes over plain MSE, not token-mse."""
+    from crossblock.engine.reconstruct import window_loss
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 16, 8, generator=gen)
+    out = target + 0.1 * torch.randn(2, 16, 8, generator=gen)
+    sink_target, sink_out = target.clone(), out.clone()
+    sink_target[:, 0] *= 1000
+    sink_out[:, 0] *= 1000
+    for loss, dominated in [("mse", True), ("token-mse", False)]:
+        recipe = cb.Recipe(loss=loss)
+        ratio = window_loss(sink_out, sink_target, recipe) / window_loss(out, target, recipe)
+        assert (ratio > 1000) if dominated else (abs(ratio - 1) < 1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_block_with_token_mse_beats_rtn(bits):
+    ours = run("block", wbits=bits, group_size=-1, loss="token-mse", **TRAIN)
+    assert ours[1]["blocks"][-1]["mse"] < ours[1]["blocks"][-1]["rtn"]["mse"]
+    assert ours[0] < ppl("rtn", wbits=bits, group_size=-1, **CALIB)
+
+
 @pytest.mark.parametrize("preset,bits,group", [("gptq", 3, 32), ("block", 2, -1)])
 def test_quantized_weights_lie_on_their_grid(preset, bits, group):
     model = run(preset, wbits=bits, group_size=group, **(TRAIN if preset == "block" else CALIB))[2]

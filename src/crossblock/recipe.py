@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import CrossblockError
 
 TARGETS = ("propagated", "homologous")
-LOSSES = ("mse", "mse+kl")
+LOSSES = ("mse", "mse+kl", "token-mse", "token-mse+kl")
 INITS = ("rtn", "gptq")
 ROUNDINGS = ("rtn", "signround", "adaround", "lora")
 FORMATS = ("fake", "compressed-tensors", "gptq")
@@ -40,7 +40,8 @@ class Recipe:
     stride: int = 1
     lookahead: int = 0
     target: str = "propagated"     # propagated: FP model on FP input; homologous: FP blocks on quantized input
-    loss: str = "mse"
+    loss: str = "mse"              # token-mse: each token's squared error relative to its target's
+                                   # squared norm (attention sinks do not dominate); +kl: CBQ's KL term
     kl_weight: float = 1.0
     # learnable quantization parameters
     init: str = "rtn"
