@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 @pytest.mark.parametrize("name", PRESETS)
 def test_yaml_files_mirror_the_presets(name):
     assert Recipe.from_yaml(RECIPES / f"{name}.yaml") == Recipe.preset(name)
+
+
+def test_best_recipe_file_is_block_with_token_mse_and_more_steps():
+    r = Recipe.load(str(RECIPES / "block-60x2-token.yaml"), wbits=3, group_size=64)
+    expected = Recipe.preset("block", wbits=3, group_size=64, loss="token-mse", iters=60, batch_size=2)
+    assert r == dataclasses.replace(expected, name="block-60x2-token")
 
 
 def test_yaml_round_trip(tmp_path):

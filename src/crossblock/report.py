@@ -17,13 +17,14 @@ def read_report(out: Path) -> dict:
 
 
 def error_table(report: dict) -> str:
-    rows = [f"{'block':>5}  {'rel. MSE':>10}  {'RTN rel. MSE':>12}  {'ratio':>6}"]
+    rows = [f"{'block':>5}  {'rel. MSE':>10}  {'RTN rel. MSE':>12}  {'ratio':>6}  {'per-token':>10}"]
     for b in report["blocks"]:
         rtn = b.get("rtn", {}).get("rel_mse")
         rtn_text = "-" if rtn is None else f"{rtn:.4g}"
         # the RTN chain covers the first sequences only: compare on those
         ratio = f"{b['rtn'].get('quantized_rel_mse', b['rel_mse']) / rtn:.3f}" if rtn else "-"
-        rows.append(f"{b['block']:>5}  {b['rel_mse']:>10.4g}  {rtn_text:>12}  {ratio:>6}")
+        token = f"{b['token_rel_mse']:.4g}" if "token_rel_mse" in b else "-"  # older reports lack it
+        rows.append(f"{b['block']:>5}  {b['rel_mse']:>10.4g}  {rtn_text:>12}  {ratio:>6}  {token:>10}")
     return "\n".join(rows)
 
 
