@@ -165,13 +165,18 @@ class Recipe:
     @property
     def trains(self) -> bool:
         """Whether windows optimize anything: steps, and a parameter to learn."""
-        learnable = self.rounding != "rtn" or self.lwc or (self.abits < 16 and not self.act_dynamic)
+        learnable = self.rounding != "rtn" or self.lwc or self.static_act_steps
         return self.iters > 0 and learnable
 
     @property
     def needs_block_input(self) -> bool:
         """Whether wrapping a block needs its calibration input: GPTQ, static activation steps."""
-        return self.init == "gptq" or (self.abits < 16 and not self.act_dynamic)
+        return self.init == "gptq" or self.static_act_steps
+
+    @property
+    def static_act_steps(self) -> bool:
+        """Activations quantized with one learned step per tensor (calibrated, then trained)."""
+        return self.abits < 16 and not self.act_dynamic
 
     @property
     def rtn_reference(self) -> bool:

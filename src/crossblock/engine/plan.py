@@ -16,7 +16,7 @@ def window_cost(recipe: Recipe, w: Window, first_new: int | None = None) -> int:
     chains = 2 * n + (min(n, LOSS_SAMPLES) if recipe.rtn_reference else 0)  # FP, quantized (+ RTN reference)
     cost = chains * len(w.finished)
     if recipe.needs_block_input:  # each new block's input, then a pass for GPTQ / static steps
-        per_block = (recipe.init == "gptq") + (recipe.abits < 16 and not recipe.act_dynamic)
+        per_block = (recipe.init == "gptq") + recipe.static_act_steps
         cost += sum(n * (j - w.start + per_block) for j in range(w.start if first_new is None else first_new, w.end))
     if recipe.trains:
         cost += n * depth                                      # target, once per window

@@ -150,7 +150,7 @@ class WindowEngine:
         x_in = block_input()
         if r.init == "gptq":
             self.init_gptq(j, x_in)
-        if r.abits < 16 and not r.act_dynamic:
+        if r.static_act_steps:
             # static steps start from the range observed on the block's input
             with observing([m.act_quant for m in quant_layers([self.blocks[j]])]):
                 self.run_all(j, j, x_in)
@@ -357,8 +357,7 @@ class WindowEngine:
                 trim_heap()
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
             self.advance(w, chains, target if r.target == "propagated" else None, q_next)
-            del q_next
-            del target, q  # the chains have moved on: free what they were
+            del target, q, q_next  # the chains have moved on: free what they were
             trim_heap()
             for j in range(w.start, w.target + 1):
                 self.blocks[j].to(self.home[j])

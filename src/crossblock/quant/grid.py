@@ -34,9 +34,9 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def ungroup(t: torch.Tensor, in_features: int) -> torch.Tensor:
     """(out, groups, g) -> (out, in), dropping a ragged group's padding. Per-group arithmetic
-    broadcasts (out, groups, 1) over this view instead of expanding scales to (out, in): that
-    halves the cost of a fake-quantized weight's forward and backward (repeat_interleave's
-    backward is a scatter)."""
+    broadcasts (out, groups, 1) over group_view instead of expanding scales to (out, in) first
+    (one weight-sized copy per scale and zero point saved: a SmolLM2 layer's fake-quant forward
+    6.0 -> 3.9 ms)."""
     t = t.reshape(t.shape[0], -1)
     return t if t.shape[1] == in_features else t[:, :in_features]
 
@@ -85,8 +85,8 @@ class _RoundedWeight(torch.autograd.Function):
     """s * (clamp(round(W/s + offset) + z, 0, qmax) - z) on grouped views (out, groups, g),
     with the straight-through gradients autograd would give for offset, scale and zero (W
     itself gets none), but computed in place from one saved tensor (W/s + offset): autograd's
-    graph of the same expression keeps about ten weight-sized tensors per layer and spends
-    most of a small-batch training step allocating them."""
+    graph of the same expression keeps about five weight-sized tensors per layer, and at batch 2
+    it cost as much as the layers' matmuls."""
 
     @staticmethod
     def forward(ctx, wg, scale, zero, offset, qmax):

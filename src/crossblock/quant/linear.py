@@ -147,10 +147,10 @@ class QuantLinear(nn.Module):
 
     def integers(self, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, scale, zero) for the current parameters; q is float, differentiable unless hard."""
-        scale, zero = self.grid()
         if self.rounding in ("rtn", "signround"):
-            offset = self.offset if self.rounding == "signround" else None
+            scale, zero, offset = self.direct_rounding()
             return quantize_to_int(self._base(), scale, zero, self.bits, self.group_size, offset), scale, zero
+        scale, zero = self.grid()
         x = self.scaled(scale)
         h = self.soft_offset(x)
         if hard:
@@ -161,12 +161,16 @@ class QuantLinear(nn.Module):
         q = ungroup(q.clamp(0, 2 ** self.bits - 1), self.in_features)
         return q, scale, zero
 
+    def direct_rounding(self):
+        """(scale, zero, offset) of the roundings with no soft relaxation: RTN (offset None) and
+        SignRound (its learned offset)."""
+        return (*self.grid(), self.offset if self.rounding == "signround" else None)
+
     def quantized_weight(self, hard: bool = False) -> torch.Tensor:
         if self.frozen_weight is not None:
             return self.frozen_weight
         if self.rounding in ("rtn", "signround"):  # hard rounding is all they have
-            scale, zero = self.grid()
-            offset = self.offset if self.rounding == "signround" else None
+            scale, zero, offset = self.direct_rounding()
             return fake_quantize_weight(self._base(), scale, zero, self.bits, self.group_size, offset)
         q, scale, zero = self.integers(hard=hard)
         return dequantize(q, scale, zero, self.group_size)
