@@ -82,9 +82,9 @@ def test_w4a4_is_worse_than_w4a8_which_is_close_to_w4():
 
 def test_recipe_refuses_activation_bits_outside_4_to_8():
     for abits in (3, 9, 12):
-        with pytest.raises(CrossblockError, match="abits must be an integer in 4..8, or 16"):
+        with pytest.raises(CrossblockError, match="bits must be in 4..8, or 16"):
             cb.Recipe.preset("rtn", abits=abits)
-    assert cb.Recipe.preset("rtn").abits == 16
+    assert cb.Recipe.preset("rtn").activations.bits == 16
 
 
 def test_compressed_tensors_records_dynamic_activations(tmp_path):
@@ -109,7 +109,7 @@ def test_compressed_tensors_records_dynamic_activations(tmp_path):
 def test_exports_that_cannot_record_the_activations_refuse_before_quantizing(fmt, kw, message):
     model, _ = load_stories()
     with pytest.raises(CrossblockError, match=message):
-        cb.api.check_format(fmt, model, cb.Recipe.preset("rtn", wbits=8, **FAST, **kw))
+        cb.api.for_format(cb.Recipe.preset("rtn", wbits=8, **FAST, **kw), model, fmt)
 
 
 def test_static_steps_survive_an_interrupted_run(tmp_path, monkeypatch):

@@ -5,6 +5,8 @@ from torch import nn
 
 from crossblock.errors import CrossblockError
 from crossblock.model.adapter import block_linears, capture, find_blocks
+from crossblock.grids import UniformGrid
+from crossblock.roundings import Nearest
 from crossblock.quant.linear import QuantLinear, weight_of
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -59,7 +61,7 @@ def test_conv1d_is_wrapped_in_out_in_layout():
     _, blocks = find_blocks(model)
     conv = dict(block_linears(blocks[0]))["attn.c_attn"]
     assert type(conv).__name__ == "Conv1D"
-    ql = QuantLinear(conv, bits=8, group_size=-1, sym=False, rounding="rtn")
+    ql = QuantLinear(conv, UniformGrid(8, -1, False), Nearest())
     x = torch.randn(2, 5, 32)
     ql.mode = "fp"
     torch.testing.assert_close(ql(x), conv(x))

@@ -8,6 +8,7 @@ import transformers as T
 
 import crossblock as cb
 from crossblock.api import calibration_ids
+from crossblock.recipe import Data
 from crossblock.cli import main
 from crossblock.errors import CrossblockError
 from crossblock.model.adapter import find_blocks
@@ -17,7 +18,8 @@ from crossblock.preprocess.outliers import find_outliers
 from conftest import CALIB_FILE, STORIES, load_stories
 from test_adapter import FAMILIES, tiny
 
-SCALE_ONLY = cb.Recipe(nsamples=16, seqlen=64, batch_size=4, cfp_weights=False)
+DATA = Data(nsamples=16, seqlen=64, batch_size=4)
+SCALE_ONLY = dict(batch_size=4)  # channel scaling only (weights=False)
 
 
 def gaussian(seed, n=10_000):
@@ -71,7 +73,7 @@ def plant_outlier_channels(model):
 def assert_same_logits_after_scaling(model, ids):
     with torch.no_grad():
         ref = model(ids).logits
-        found = cfp(model, ids, SCALE_ONLY, progress=False)
+        found = cfp(model, ids, **SCALE_ONLY, progress=False)
         out = model(ids).logits
     assert sum(sum(b["outlier_channels"].values()) for b in found) > 0  # something was folded
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
@@ -88,7 +90,7 @@ def test_scaling_is_exact_on_tiny_models(family):
 
 def test_scaling_is_exact_on_stories260k():
     model, tok = load_stories()
-    ids = calibration_ids(tok, CALIB_FILE.read_text(), SCALE_ONLY)
+    ids = calibration_ids(tok, CALIB_FILE.read_text(), DATA)
     found = assert_same_logits_after_scaling(model, ids)
     assert all(sum(b["outlier_weights"].values()) == 0 for b in found)
 
@@ -106,13 +108,13 @@ def test_unknown_architectures_are_refused():
     model = tiny("llama")
     model.config.model_type = "falcon"
     with pytest.raises(CrossblockError, match="CFP does not know.*'falcon'"):
-        cfp(model, torch.ones(1, 8, dtype=torch.long), SCALE_ONLY)
+        cfp(model, torch.ones(1, 8, dtype=torch.long), **SCALE_ONLY)
     post_ln = T.OPTForCausalLM(T.OPTConfig(**dict(FAMILIES["opt"][2], do_layer_norm_before=False)))
     with pytest.raises(CrossblockError, match="do_layer_norm_before=False"):
-        cfp(post_ln, torch.ones(1, 8, dtype=torch.long), SCALE_ONLY)
+        cfp(post_ln, torch.ones(1, 8, dtype=torch.long), **SCALE_ONLY)
     gelu = T.OPTForCausalLM(T.OPTConfig(**dict(FAMILIES["opt"][2], activation_function="gelu")))
     with pytest.raises(CrossblockError, match="fc1 -> fc2 only through relu"):
-        cfp(gelu, torch.ones(1, 8, dtype=torch.long), SCALE_ONLY)
+        cfp(gelu, torch.ones(1, 8, dtype=torch.long), **SCALE_ONLY)
 
 
 def test_outlier_weights_are_truncated_to_the_threshold():
@@ -122,7 +124,7 @@ def test_outlier_weights_are_truncated_to_the_threshold():
         w[0, 0], w[1, 1] = 5.0, -6.0
         before = w.clone()
     ids = torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(1))
-    found = cfp(model, ids, cb.Recipe(nsamples=4, batch_size=4, cfp_weights=True), progress=False)
+    found = cfp(model, ids, weights=True, batch_size=4, progress=False)
     assert found[0]["outlier_weights"]["mlp.down_proj"] == 2
     rest = before.abs().flatten().sort().values[-3].item()  # the largest weight left
     assert (w[0, 0], w[1, 1]) == (rest, -rest) and (w != before).sum() == 2

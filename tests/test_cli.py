@@ -22,7 +22,8 @@ def test_quantize_eval_plan_report_end_to_end(tmp_path, capsys):
     out = tmp_path / "q"
     assert main(quantize_args(out, "--recipe", "la", "--wbits", "3", "--group-size", "-1", "--iters", "3")) == 0
     info = json.loads((out / "crossblock.json").read_text())
-    assert info["recipe"]["name"] == "la" and info["recipe"]["lookahead"] == 1 and info["recipe"]["iters"] == 3
+    windows = info["recipe"]["stages"][0]["windows"]
+    assert info["recipe"]["name"] == "la" and windows["lookahead"] == 1 and windows["train"]["iters"] == 3
     assert len(info["blocks"]) == 5 and len(info["windows"]) == 5
     assert info["calibration"]["files"] == [str(CALIB_FILE)]
     assert (out / "tokenizer.json").is_file() and (out / "model.safetensors").is_file()
@@ -65,8 +66,8 @@ BAD_INPUTS = {
     "missing model": (lambda t: quantize_args(t / "out", model=t / "nope"), "model not found"),
     "corrupt model": (lambda t: quantize_args(t / "out", model=corrupt_copy(
         t, lambda d: (d / "model.safetensors").write_bytes(b"garbage"))), "cannot load model"),
-    "bits too high": (lambda t: quantize_args(t / "out", "--wbits", "9"), "wbits must be an integer in 2..8"),
-    "bits too low": (lambda t: quantize_args(t / "out", "--wbits", "1"), "wbits must be an integer in 2..8"),
+    "bits too high": (lambda t: quantize_args(t / "out", "--wbits", "9"), "uniform grid: bits must be in 2..8"),
+    "bits too low": (lambda t: quantize_args(t / "out", "--wbits", "1"), "uniform grid: bits must be in 2..8"),
     "group size zero": (lambda t: quantize_args(t / "out", "--group-size", "0"), "group_size must be -1"),
     "group wider than layer": (lambda t: quantize_args(t / "out", "--group-size", "128"), "larger than the input width"),
     "empty calibration": (lambda t: quantize_args(t / "out", calib=write(t, "e.txt", "  \n")), "text is empty"),

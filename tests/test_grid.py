@@ -3,7 +3,9 @@ import torch
 
 from crossblock.quant.grid import (CLIP_RATIOS, dequantize, fake_quantize, fake_quantize_weight, group_view,
                                   minmax_grid, num_groups, quantize_to_int, search_clip)
+from crossblock.grids import UniformGrid
 from crossblock.quant.linear import QuantLinear
+from crossblock.roundings import LoraRound, Nearest, SignRound
 
 
 def rand_weight(out=12, cin=40, seed=0):
@@ -79,7 +81,7 @@ def test_lora_parameter_count_and_hard_rounding_near_rtn():
     with torch.no_grad():
         lin.weight.copy_(rand_weight())
     rank = 3
-    ql = QuantLinear(lin, bits=3, group_size=8, sym=False, rounding="lora", lwc=False, lora_rank=rank)
+    ql = QuantLinear(lin, UniformGrid(3, 8, False), LoraRound(rank=rank), lwc=False)
     assert sum(p.numel() for p in ql.parameters()) == (12 + 40) * rank
     # push the low-rank offset far so that many weights flip, then hard-round
     with torch.no_grad():
@@ -116,8 +118,8 @@ def test_clip_search_sets_the_starting_clip_learned_or_fixed():
     layer = torch.nn.Linear(40, 12, bias=False)
     layer.weight.data = rand_weight()
     ratio = search_clip(layer.weight, 3, 8, False)
-    learned = QuantLinear(layer, 3, 8, False, rounding="signround", lwc=True, clip_search=True)
-    fixed = QuantLinear(layer, 3, 8, False, rounding="rtn", lwc=False, clip_search=True)
+    learned = QuantLinear(layer, UniformGrid(3, 8, False), SignRound(), lwc=True, clip_search=True)
+    fixed = QuantLinear(layer, UniformGrid(3, 8, False), Nearest(), lwc=False, clip_search=True)
     assert torch.equal(learned.max_mult.detach(), ratio) and learned.max_mult.requires_grad
     assert torch.equal(fixed.min_mult, ratio) and not any(p.numel() for p in fixed.parameters())
     scale, zero = minmax_grid(layer.weight, 3, 8, False, ratio, ratio)

@@ -79,6 +79,7 @@ def test_every_schedule_beats_rtn(preset, bits):
 def test_token_mse_is_not_dominated_by_a_massive_token():
     """An attention-sink token (hidden state 10^3x the others) takes over plain MSE, not token-mse."""
     from crossblock.engine.reconstruct import window_loss
+    from crossblock.stages import Train
     gen = torch.Generator().manual_seed(0)
     target = torch.randn(2, 16, 8, generator=gen)
     out = target + 0.1 * torch.randn(2, 16, 8, generator=gen)
@@ -86,7 +87,7 @@ def test_token_mse_is_not_dominated_by_a_massive_token():
     sink_target[:, 0] *= 1000
     sink_out[:, 0] *= 1000
     for loss, dominated in [("mse", True), ("token-mse", False)]:
-        recipe = cb.Recipe(loss=loss)
+        recipe = Train(loss=loss)
         ratio = window_loss(sink_out, sink_target, recipe) / window_loss(out, target, recipe)
         assert (ratio > 1000) if dominated else (abs(ratio - 1) < 1e-4)
 
@@ -218,7 +219,8 @@ def test_plan_counts_the_block_passes_the_engine_runs(preset, monkeypatch):
     _, report = cb.quantize(model, tok, recipe, calib=_calib_text(), progress=False)
     monkeypatch.setattr(plan, "BACKWARD_COST", 0)
     # what no plan can know: a reverted block/mb window advances its chain once more
-    schedule = make_schedule(len(model.model.layers), recipe.window, recipe.stride, recipe.lookahead)
-    reverted = sum(recipe.nsamples * len(w.finished) for w, entry in zip(schedule, report["windows"])
+    w = recipe.windows
+    schedule = make_schedule(len(model.model.layers), w.window, w.stride, w.lookahead)
+    reverted = sum(recipe.data.nsamples * len(w.finished) for w, entry in zip(schedule, report["windows"])
                    if entry.get("reverted") and w.finishes_through_target)
     assert sum(passes) == plan.schedule_cost(recipe, len(model.model.layers)) + reverted

@@ -1,5 +1,5 @@
 """crossblock: post-training quantization of LLMs by cross-block reconstruction."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .api import evaluate, load, load_model, quantize, save  # noqa: E402
 from .errors import CrossblockError  # noqa: E402

@@ -3,33 +3,35 @@
     import crossblock as cb
     model, tok = cb.load_model("path/or/hub-id")
     recipe = cb.Recipe.preset("cbq", wbits=2, group_size=64)
-    model, report = cb.quantize(model, tok, recipe, calib=texts)   # same object, quantized in place
-    cb.save(model, tok, "out/", report=report)
+    model, report = cb.quantize(model, tok, recipe, calib=texts, format="gptq")  # in place
+    cb.save(model, tok, "out/", format="gptq", report=report)
+
+`quantize_folder` is the whole command-line job (model path in, finished folder out, resumable,
+torchrun-aware); the CLI only parses its flags and calls it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from .data.text import calibration_windows, digest, tokenize
-from .engine.chains import ChainStore
+from .distributed import barrier, is_main, rank_and_size
 from .engine.checkpoint import read_checkpoint, write_checkpoint
-from .engine.distributed import is_main, rank_and_size, shard
-from .engine.reconstruct import WindowEngine
 from .errors import CrossblockError
 from .eval.perplexity import perplexity
-from .model.adapter import block_linears, capture, find_blocks
-from .output import staged_dir
-from .preprocess import cfp
+from .model.adapter import block_linears, find_blocks
+from .output import partial_dir, staged_dir
 from .quant import act as act_quant
-from .quant.act import act_scheme
-from .quant.linear import is_conv1d, weight_of
+from .quant.linear import is_conv1d, restore_quantized, weight_of
 from .recipe import Recipe
+from .stages import Job
 
 REPORT_FILE = "crossblock.json"
 
@@ -71,20 +73,22 @@ def check_weights_finite(model):
             raise CrossblockError(f"model weight {name} contains NaN or Inf values")
 
 
-def quantized_layers(model, recipe: Recipe) -> dict[str, torch.nn.Module]:
+def quantized_layers(model, skip=()) -> dict[str, torch.nn.Module]:
+    """The linear layers of every block that a recipe with `skip` quantizes, by full name."""
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks)
-            for n, m in block_linears(b) if not any(s in n for s in recipe.skip)}
+            for n, m in block_linears(b) if not any(s in n for s in skip)}
 
 
-def calibration_ids(tokenizer, calib, recipe: Recipe) -> torch.Tensor:
-    """Texts (a string or a list of strings) or ready token windows (nsamples, seqlen)."""
+def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
+    """Texts (a string or a list of strings) or ready token windows (nsamples, seqlen); `data` is
+    a recipe's data section (nsamples, seqlen, seed)."""
     if torch.is_tensor(calib):
         if calib.dim() != 2 or calib.shape[1] < 2:
             raise CrossblockError(f"calibration ids must be (nsamples, seqlen), got {tuple(calib.shape)}")
         return calib.long()
     text = calib if isinstance(calib, str) else "\n\n".join(calib)
-    return calibration_windows(tokenize(tokenizer, text), recipe.nsamples, recipe.seqlen, recipe.seed)
+    return calibration_windows(tokenize(tokenizer, text), data.nsamples, data.seqlen, data.seed)
 
 
 def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
@@ -98,14 +102,36 @@ def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
-             checkpoint_dir: str | Path | None = None, offload: str = "ram"):
-    """Quantize `model` in place with `recipe`; returns (model, report).
+def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dtype | None = None) -> Recipe:
+    """The recipe as it must run to be written in `format`: refused if the format cannot store it
+    (before any work), and with scales rounded to the dtype the format stores them in (fp16 for
+    gptq, the saved weights' dtype for compressed-tensors), so that the packed integers dequantize
+    to exactly the fake-quantized weights. A grid with its own scale_dtype keeps it."""
+    from . import export
+    form = export.require_known_format(format)
+    layers = list(quantized_layers(model, recipe.skip).values())
+    grid = recipe.grid
+    export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
+                        out_features_list=[weight_of(m).shape[0] for m in layers],
+                        has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
+    stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
+    if grid.scale_dtype is not None or stored in (None, torch.float32):
+        return recipe
+    return dataclasses.replace(recipe, grid=dataclasses.replace(grid, scale_dtype=str(stored).removeprefix("torch.")))
 
-    With `checkpoint_dir`, the engine state is saved there after every window, and a run that
-    finds a checkpoint of the same model, recipe and calibration data continues from it,
-    producing exactly what an uninterrupted run would. `offload="disk"` keeps the activation
-    chains in memory-mapped files (in `checkpoint_dir`, or the system temp folder).
+
+def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
+             checkpoint_dir: str | Path | None = None, offload: str = "ram", format: str = "fake",
+             save_dtype: torch.dtype | None = None):
+    """Quantize `model` in place with `recipe`'s stages, in order; returns (model, report).
+
+    `format` is the checkpoint format the model will be saved in: settings it cannot store are
+    refused before any work, and scales are rounded to what it stores (see `for_format`), so
+    `save(..., format=...)` writes exactly the model quantized here. With `checkpoint_dir`, the
+    engine state is saved there after every window, and a run that finds a checkpoint of the same
+    model, recipe and calibration data continues from it, producing exactly what an uninterrupted
+    run would. `offload="disk"` keeps the activation chains in memory-mapped files (in
+    `checkpoint_dir`, or the system temp folder).
 
     The model stays a plain transformers model: each quantized Linear holds fake-quantized
     weights in its dtype and carries `crossblock_qweight` (integers, scales, zero points) for
@@ -113,55 +139,104 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     (default: CUDA when present) one window at a time.
     """
     t0 = time.time()
-    recipe = recipe.validated()
-    recipe.check_model({n: weight_of(m).shape[1] for n, m in quantized_layers(model, recipe).items()})
+    recipe = for_format(recipe.validated(), model, format, save_dtype)
+    recipe.grid.check_widths({n: weight_of(m).shape[1] for n, m in quantized_layers(model, recipe.skip).items()})
     check_weights_finite(model)
-    ids = calibration_ids(tokenizer, calib, recipe)
+    ids = calibration_ids(tokenizer, calib, recipe.data)
     device = device or default_device()
     model.eval().requires_grad_(False)
-    resume, on_window = None, None
+    job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
+              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         key = fingerprint(model, recipe, ids)
-        resume = read_checkpoint(Path(checkpoint_dir), key)
+        job.resume = read_checkpoint(Path(checkpoint_dir), key)
         on_disk: set[int] = set()
-        on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)  # noqa: E731
-    outliers = cfp(model, ids, recipe, device, progress) if recipe.cfp else None
-    # data parallel (torchrun): each rank captures and carries only its shard of the sequences
-    store = ChainStore(offload, checkpoint_dir)
-    x0, calls = capture(model, shard(ids), batch_size=recipe.batch_size, empty=store.empty)
-    store.release(x0)
-    _, blocks = find_blocks(model)
-    engine = WindowEngine(blocks, calls, recipe, device=device, progress=progress and is_main(),
-                          num_sequences=ids.shape[0], store=store)
-    inputs = [x0]
-    del x0  # the engine frees the block-0 inputs once every chain has moved past block 0
-    try:
-        report = engine.quantize(inputs, resume=resume, on_window=on_window)
-    except FloatingPointError as e:
-        raise CrossblockError(str(e)) from None
-    engine.restore()
-    report.update({
-        "recipe": recipe.to_dict(),
-        "versions": versions(),
-        "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
-        "device": str(device),
-        "ranks": rank_and_size()[1],
-        "offload": offload,
-        "resumed_at_window": resume.next_window if resume else None,
-        "wall_seconds": round(time.time() - t0, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    })
-    if outliers is not None:
-        report["cfp"] = outliers
+        job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)
+    for stage in recipe.stages:
+        stage.run(model, job)
+    restore_quantized(model)
+    report = {**job.report,
+              "recipe": recipe.to_dict(),
+              "versions": versions(),
+              "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
+              "device": str(device),
+              "ranks": rank_and_size()[1],
+              "offload": offload,
+              "resumed_at_window": job.resume.next_window if job.resume else None,
+              "wall_seconds": round(time.time() - t0, 2),
+              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         report["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return model, report
 
 
+def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: str = "fake",
+                    dtype: str = "float32", save_dtype: str = "auto", device: str | None = None,
+                    overwrite: bool = False, resume: bool = False, offload: str = "ram",
+                    progress: bool = True) -> dict:
+    """The whole `crossblock quantize` job: load, quantize with a checkpoint after every window,
+    write `out` (complete or absent), return the report. Under torchrun every rank computes and
+    checkpoints its shard; rank 0 writes `out`."""
+    from .data.text import read_texts
+
+    # every check that can fail runs before the long part
+    recipe = recipe.validated()
+    out = Path(out)
+    check_output(out, overwrite)
+    work = partial_dir(out)
+    if is_main() and work.exists() and not resume:
+        if not overwrite:
+            raise CrossblockError(f"{work} holds an interrupted run: pass --resume to continue it, "
+                                  "or --overwrite to start over")
+        shutil.rmtree(work)
+    barrier()  # data parallel: no rank creates the staging folder before rank 0 has checked it
+    calib = read_texts(calib_files)
+    model, tokenizer = load_model(model_path, dtype=dtype)
+    stored = checkpoint_dtype(model) if save_dtype == "auto" else getattr(torch, save_dtype)
+    run = dict(device=device, offload=offload, format=format, save_dtype=stored)
+    if not is_main():
+        work.mkdir(parents=True, exist_ok=True)
+        quantize(model, tokenizer, recipe, calib, progress=False, checkpoint_dir=work, **run)
+        barrier()
+        return {}
+    with staged_dir(out, keep_checkpoint=True) as work:
+        model, report = quantize(model, tokenizer, recipe, calib, progress=progress, checkpoint_dir=work, **run)
+        barrier()  # every rank has written its last checkpoint before the folder is renamed
+        report["model"] = str(model_path)
+        report["calibration"]["files"] = [str(c) for c in calib_files]
+        write_folder(model, tokenizer, work, format, report, stored)
+    return report
+
+
+def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, weights: bool = False, data=None,
+                      skip=(), device: str | None = None, dtype: str = "float32", overwrite: bool = False,
+                      progress: bool = True) -> list[dict]:
+    """`crossblock preprocess`: write the CFP-preprocessed FP model (and cfp.json) to `out`."""
+    from .data.text import read_texts
+    from .export.common import save_folder
+    from .preprocess import cfp
+    from .recipe import Data
+
+    data = (data or Data()).validated()
+    check_output(out, overwrite)
+    calib = read_texts(calib_files)
+    model, tokenizer = load_model(model_path, dtype=dtype)
+    check_weights_finite(model)
+    ids = calibration_ids(tokenizer, calib, data)
+    found = cfp(model, ids, alpha, weights, data.batch_size, list(skip), device or default_device(), progress)
+    with staged_dir(out) as tmp:
+        save_folder(model, tokenizer, tmp)
+        info = {"model": str(model_path), "cfp_alpha": alpha, "cfp_weights": weights, "skip": list(skip),
+                "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
+                "cfp": found}
+        (tmp / "cfp.json").write_text(json.dumps(info, indent=1) + "\n")
+    return found
+
+
 def versions() -> dict:
     import transformers
-    from . import __version__
+    from .version import __version__
     return {"crossblock": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -169,18 +244,6 @@ def check_output(out: Path, overwrite: bool = False):
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CrossblockError(f"output folder {out} exists and is not empty (pass overwrite / --overwrite)")
-
-
-def check_format(format: str, model, recipe: Recipe):
-    """Refuse, before quantizing, a setting the chosen checkpoint format cannot represent."""
-    if format != "fake":
-        from . import export
-        layers = list(quantized_layers(model, recipe).values())
-        export.check_format(format, recipe.wbits, recipe.group_size, recipe.sym,
-                            [weight_of(m).shape[1] for m in layers],
-                            out_features_list=[weight_of(m).shape[0] for m in layers],
-                            has_conv1d=any(is_conv1d(m) for m in layers),
-                            act_scheme=act_scheme(recipe.abits, recipe.act_dynamic, recipe.act_sym))
 
 
 def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: dict | None = None,

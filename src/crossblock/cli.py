@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import typing
 from pathlib import Path
 
 from .errors import CrossblockError
-from .recipe import FORMATS, PRESETS, Recipe
+from .recipe import PRESETS, Flat, Recipe
+
+FORMAT_NAMES = ("fake", "compressed-tensors", "gptq")  # export.FORMATS, without importing the exports
 
 
 def add_recipe_options(p: argparse.ArgumentParser):
-    """One option per Recipe field (e.g. --wbits, --group-size, --lookahead); unset ones keep
-    the preset's value."""
+    """One option per flat recipe setting (e.g. --wbits, --group-size, --lookahead); unset ones
+    keep the recipe's value."""
     p.add_argument("--recipe", default="rtn", help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
-    hints = typing.get_type_hints(Recipe)
-    for f in dataclasses.fields(Recipe):
+    hints = typing.get_type_hints(Flat)
+    for f in dataclasses.fields(Flat):
         if f.name == "name":
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -33,67 +34,34 @@ def add_recipe_options(p: argparse.ArgumentParser):
 
 
 def recipe_from_args(args, name: str | None = None) -> Recipe:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Flat)
                  if f.name != "name" and getattr(args, f.name, None) is not None}
     return Recipe.load(name or args.recipe, **overrides)
 
 
 def cmd_quantize(args):
     from . import api
-    from .data.text import read_texts
-    from .engine.distributed import barrier, is_main
-    from .output import partial_dir, staged_dir
-
-    # every check that can fail runs before the long part
-    recipe = recipe_from_args(args)
-    out = Path(args.out)
-    api.check_output(out, args.overwrite)
-    work = partial_dir(out)
-    if is_main() and work.exists() and not args.resume:
-        if not args.overwrite:
-            raise CrossblockError(f"{work} holds an interrupted run: pass --resume to continue it, "
-                                  "or --overwrite to start over")
-        shutil.rmtree(work)
-    barrier()  # data parallel: no rank creates the staging folder before rank 0 has checked it
-    calib = read_texts(args.calib)
-    model, tokenizer = api.load_model(args.model, dtype=args.dtype)
-    api.check_format(args.format, model, recipe)
-    save_dtype = api.checkpoint_dtype(model) if args.save_dtype == "auto" else _dtype(args.save_dtype)
-    if recipe.scale_dtype is None and args.format != "fake":
-        # scales as the checkpoint stores them, so its integers dequantize to our weights exactly
-        stored = "float16" if args.format == "gptq" else str(save_dtype).removeprefix("torch.")
-        recipe = dataclasses.replace(recipe, scale_dtype=None if stored == "float32" else stored)
-    if not is_main():  # data parallel: the other ranks compute and checkpoint; rank 0 writes
-        work.mkdir(parents=True, exist_ok=True)
-        api.quantize(model, tokenizer, recipe, calib=calib, device=args.device, progress=False,
-                     checkpoint_dir=work, offload=args.offload)
-        barrier()
+    report = api.quantize_folder(args.model, args.calib, args.out, recipe_from_args(args), format=args.format,
+                                 dtype=args.dtype, save_dtype=args.save_dtype, device=args.device,
+                                 overwrite=args.overwrite, resume=args.resume, offload=args.offload,
+                                 progress=not args.quiet)
+    if not report:  # a data-parallel rank other than 0: rank 0 writes and reports
         return
-    with staged_dir(out, keep_checkpoint=True) as work:
-        model, report = api.quantize(model, tokenizer, recipe, calib=calib, device=args.device,
-                                     progress=not args.quiet, checkpoint_dir=work, offload=args.offload)
-        barrier()  # every rank has written its last checkpoint before the folder is renamed
-        report["model"] = args.model
-        report["calibration"]["files"] = [str(c) for c in args.calib]
-        api.write_folder(model, tokenizer, work, args.format, report, save_dtype)
     last = report["blocks"][-1]
-    print(f"wrote {out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
+    print(f"wrote {args.out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
           + (f" (RTN {last['rtn']['rel_mse']:.4g})" if "rtn" in last else "")
           + f"; {report['wall_seconds']:.1f} s, peak RSS {report['peak_rss_mib']:.0f} MiB")
 
 
-def _dtype(d):
-    import torch
-    return getattr(torch, d) if isinstance(d, str) else d
-
-
 def cmd_preprocess(args):
-    from .preprocess import preprocess_folder
+    from .api import preprocess_folder
+    from .recipe import Data
+    from .stages import Cfp
 
-    recipe = Recipe(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=min(8, args.nsamples),
-                    cfp_alpha=args.cfp_alpha, cfp_weights=args.cfp_weights, skip=args.skip or []).validated()
-    found = preprocess_folder(args.model, args.calib, Path(args.out), recipe, device=args.device, dtype=args.dtype,
-                              overwrite=args.overwrite, progress=not args.quiet)
+    data = Data(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=min(8, args.nsamples))
+    cfp = Cfp(args.cfp_alpha, args.cfp_weights).validated()
+    found = preprocess_folder(args.model, args.calib, Path(args.out), cfp.alpha, cfp.weights, data, args.skip or [],
+                              device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
     channels = sum(sum(b["outlier_channels"].values()) for b in found)
     weights = sum(sum(b["outlier_weights"].values()) for b in found)
     print(f"wrote {args.out}: {channels} outlier channels scaled, {weights} outlier weights truncated "
@@ -156,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="a local HF folder or a hub id")
     q.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
     q.add_argument("--out", required=True)
-    q.add_argument("--format", choices=FORMATS, default="fake")
+    q.add_argument("--format", choices=FORMAT_NAMES, default="fake")
     q.add_argument("--dtype", default="float32", help="dtype to load and compute in (default float32)")
     q.add_argument("--save-dtype", default="auto", help="dtype of the saved weights (default: the model's)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -175,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--nsamples", type=int, default=128)
     pp.add_argument("--seqlen", type=int, default=512)
     pp.add_argument("--seed", type=int, default=0)
-    pp.add_argument("--cfp-alpha", type=float, default=Recipe.cfp_alpha)
-    pp.add_argument("--cfp-weights", action=argparse.BooleanOptionalAction, default=Recipe.cfp_weights,
+    pp.add_argument("--cfp-alpha", type=float, default=Flat.cfp_alpha)
+    pp.add_argument("--cfp-weights", action=argparse.BooleanOptionalAction, default=Flat.cfp_weights,
                     help="also truncate outlier weights (CBQ; default off: only scale channels, the function is kept)")
     pp.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=None,
                     help="comma-separated name substrings of layers whose weights are not truncated")
@@ -229,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .engine.distributed import init_from_env
+    from .distributed import init_from_env
     rank_device = init_from_env()  # under torchrun: join the process group
     if rank_device and getattr(args, "device", None) is None:
         args.device = rank_device

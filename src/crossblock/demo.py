@@ -105,7 +105,8 @@ def run_demo(args):
     rows.append((f"rtn W{args.wbits} g{args.group_size}", ppl(rtn)))
     del rtn
     model, report = api.quantize(model, tokenizer, recipe, calib=calib, progress=not args.quiet)
-    rows.append((f"{recipe.name} W{args.wbits} g{args.group_size} ({recipe.iters} steps/window)", ppl(model)))
+    steps = recipe.windows.train.iters if recipe.windows.train else 0
+    rows.append((f"{recipe.name} W{args.wbits} g{args.group_size} ({steps} steps/window)", ppl(model)))
     print(f"\nSmolLM2-135M-Instruct, perplexity on self-generated text ({seqlen}-token windows):")
     for name, value in rows:
         print(f"  {name:<40} {value:8.3f}")

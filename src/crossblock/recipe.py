@@ -1,9 +1,21 @@
-"""Recipe: every setting of a quantization run, as one plain dataclass.
+"""Recipe: what to quantize and how, as data + grid + activations + an ordered list of stages.
 
-Every method is a preset of this one dataclass, run by the one window engine:
-RTN and GPTQ are windows with no training, `block` is single-block reconstruction (AutoRound
-style), `mb`, `la` and `cbq` change the window shape, target and loss. Recipes round-trip through
-YAML (`recipes/*.yaml` mirror the presets) and are validated before any work starts.
+    name: block-60x2-token
+    data: {nsamples: 128, seqlen: 512, seed: 0, batch_size: 2}
+    grid: {type: uniform, bits: 3, group_size: 64, sym: false}
+    activations: {bits: 16}
+    stages:
+      - cfp: {alpha: 0.7}
+      - windows: {window: 1, stride: 1, lookahead: 0, init: rtn,
+                  train: {iters: 60, loss: token-mse, rounding: signround, lwc: true}}
+
+Every method is a preset: RTN and GPTQ are a `windows` stage with no training, `block`, `mb`,
+`la` and `cbq` change its window shape, target, loss and rounding. The same settings also have a
+flat spelling (`Flat`: one name per setting, e.g. `wbits`, `lora_rank`): command-line flags,
+`Recipe.preset(name, **flat)` overrides and the recipe files of earlier versions use it, and it
+converts both ways for recipes of the shape [cfp], windows. Everything is validated before any
+work starts, strictly: wrong types, out-of-range values and settings that would have no effect
+are refused with one line.
 """
 from __future__ import annotations
 
@@ -11,77 +23,125 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import Config
 from .errors import CrossblockError
+from .grids import GRIDS, UniformGrid
+from .roundings import ROUNDINGS, AdaRound, LoraRound
+from .stages import STAGES, Cfp, Stage, Train, Windows
 
-TARGETS = ("propagated", "homologous")
-LOSSES = ("mse", "mse+kl", "token-mse", "token-mse+kl")
-INITS = ("rtn", "gptq")
-ROUNDINGS = ("rtn", "signround", "adaround", "lora")
-FORMATS = ("fake", "compressed-tensors", "gptq")
+SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "stages")
 
 
 @dataclass
-class Recipe:
-    name: str = "custom"
-    # weight grid
-    wbits: int = 4
-    group_size: int = 128          # -1: per output channel
-    sym: bool = False
-    scale_dtype: str | None = None  # round scales to what the checkpoint stores ("float16" for gptq)
-    # activations (inputs of every quantized linear) and CBQ's coarse-to-fine preprocessing
-    abits: int = 16                # 16: activations stay in full precision; else 4..8
-    act_dynamic: bool = True       # per-token ranges at run time; False: one learned step per tensor
-    act_sym: bool = False
-    cfp: bool = False              # scale outlier channels into the norms, truncate outlier weights
-    cfp_alpha: float = 0.7         # outlier channel c is divided by (max_c / max_non_outlier) ** alpha
-    cfp_weights: bool = False      # True: CFP also truncates outlier weights (CBQ; hurt SmolLM2, see README)
-    # schedule: windows of `window` blocks every `stride` blocks, loss after `lookahead` FP blocks
-    window: int = 1
-    stride: int = 1
-    lookahead: int = 0
-    target: str = "propagated"     # propagated: FP model on FP input; homologous: FP blocks on quantized input
-    loss: str = "mse"              # token-mse: each token's squared error relative to its target's
-                                   # squared norm (attention sinks do not dominate); +kl: CBQ's KL term
-    kl_weight: float = 1.0
-    # learnable quantization parameters
-    init: str = "rtn"
-    rounding: str = "signround"
-    lwc: bool = True               # learnable clipping multipliers
-    clip_search: bool = False      # start clipping at each group's least-weight-error ratio (1 .. 0.7)
-    lora_rank: int = 4
-    round_reg: float = 0.01        # AdaRound/LoRA regularizer weight (annealed beta 20 -> 2)
-    ste: bool = True               # AdaRound/LoRA: train the hard rounding through a straight-through
-                                   # estimator; False: the soft relaxation (needs many more steps)
-    iters: int = 0                 # optimizer steps per window; 0: no training (RTN, GPTQ)
-    batch_size: int = 8
-    lr: float | None = None        # None: 1/iters for signround (offsets: at most 1/15), 1.5/iters for Adam
-    # GPTQ
-    damp: float = 0.01
-    act_order: bool = False
-    # calibration
+class Data(Config):
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
-    # layers left in full precision besides embeddings and lm_head (name substrings)
-    skip: list[str] = field(default_factory=list)
+    batch_size: int = 8   # sequences per forward pass and per optimizer step
 
-    # -- presets -----------------------------------------------------------------------------
+    def check(self):
+        self.refuse(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
+        self.refuse(1 <= self.batch_size <= self.nsamples,
+                    f"batch_size must be in 1..nsamples ({self.nsamples}), got {self.batch_size}")
+
+
+@dataclass
+class Activations(Config):
+    """Inputs of every quantized linear layer: full precision (bits 16) or fake-quantized."""
+    bits: int = 16
+    dynamic: bool = True   # per-token ranges at run time; False: one learned step per tensor
+    sym: bool = False
+
+    def check(self):
+        self.refuse(4 <= self.bits <= 8 or self.bits == 16,
+                    f"bits must be in 4..8, or 16 (no activation quantization), got {self.bits}")
+        self.refuse(self.bits < 16 or (self.dynamic and not self.sym),
+                    "dynamic and sym have no effect on full-precision activations (bits 16)")
+
+    @property
+    def static(self) -> bool:
+        """One learned step per tensor (calibrated, then trained with the weights)."""
+        return self.bits < 16 and not self.dynamic
+
+    def scheme(self) -> dict | None:
+        """The export's description of the activation quantizer, or None (see export/formats.py)."""
+        from .quant.act import act_scheme
+        return act_scheme(self.bits, self.dynamic, self.sym)
+
+
+@dataclass
+class Recipe(Config):
+    name: str = "custom"
+    data: Data = field(default_factory=Data)
+    grid: Config = field(default_factory=UniformGrid)
+    activations: Activations = field(default_factory=Activations)
+    skip: list[str] = field(default_factory=list)  # name substrings of layers left in full precision
+    stages: list[Stage] = field(default_factory=lambda: [Windows()])
+
+    def check(self):
+        names = [s.kind_name for s in self.stages]
+        self.refuse(sum(s.quantizes for s in self.stages) == 1,
+                    f"needs exactly one stage that quantizes (windows), got stages {names}")
+        self.refuse(len(set(names)) == len(names), f"a stage may appear once, got {names}")
+        self.refuse("cfp" not in names or names.index("cfp") < names.index("windows"),
+                    "cfp preprocesses the FP model: it must come before windows")
+        w = self.windows
+        if w.train is not None:
+            self.refuse(w.trains(self.activations.static),
+                        "windows.train has nothing to learn: rounding rtn without lwc or static activation steps "
+                        "(drop train, or pick a rounding / lwc)")
+
+    @property
+    def windows(self) -> Windows:
+        return next(s for s in self.stages if isinstance(s, Windows))
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.kind_name == name), None)
+
+    def summary(self) -> str:
+        g, w, a = self.grid, self.windows, self.activations
+        text = (f"W{g.bits}{f'A{a.bits}' if a.bits < 16 else ''} g{g.group_size} {'sym' if g.sym else 'asym'}, "
+                f"stages {' -> '.join(s.kind_name for s in self.stages)}, window {w.window} stride {w.stride} "
+                f"lookahead {w.lookahead}, init {w.init}")
+        if w.train is not None:
+            t = w.train
+            text += (f", {t.iters} steps x batch {self.data.batch_size}, {t.rounding.kind_name}, target {t.target}, "
+                     f"loss {t.loss}")
+        return text
+
+    # -- presets and files ------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "Recipe":
-        if name not in PRESETS:
+        """A preset, with flat overrides (`wbits=2, iters=60, ...`)."""
+        if not isinstance(name, str) or name not in PRESETS:
             raise CrossblockError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)} (or a .yaml file)")
-        return cls(**{**PRESETS[name], "name": name, **overrides}).validated()
+        return Flat.from_dict({**PRESETS[name], "name": name, **overrides}, "recipe").validated().recipe()
+
+    @classmethod
+    def flat(cls, **settings) -> "Recipe":
+        """A recipe from flat settings alone (defaults: RTN, W4 g128)."""
+        return Flat.from_dict(settings, "recipe").validated().recipe()
 
     @classmethod
     def load(cls, name_or_path: str, **overrides) -> "Recipe":
-        """A preset name or a YAML file."""
+        """A preset name or a YAML file, with flat overrides."""
         if str(name_or_path).endswith((".yaml", ".yml")):
             return cls.from_yaml(name_or_path, **overrides)
         return cls.preset(name_or_path, **overrides)
 
+    def with_flat(self, **overrides) -> "Recipe":
+        if not overrides:
+            return self.validated()
+        return Flat.from_dict({**self.to_flat(), **overrides}, "recipe").validated().recipe()
+
+    def to_flat(self) -> dict:
+        return Flat.of(self).to_dict()
+
     # -- YAML --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"name": self.name, "data": self.data.to_dict(), "grid": GRIDS.spec(self.grid),
+                "activations": self.activations.to_dict(), "skip": list(self.skip),
+                "stages": [{s.kind_name: s.to_dict()} for s in self.stages]}
 
     def to_yaml(self, path=None) -> str:
         import yaml
@@ -92,16 +152,41 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict, **overrides) -> "Recipe":
-        known = {f.name for f in dataclasses.fields(cls)} | {"preset"}
-        unknown = set(data) - known
-        if unknown:
-            raise CrossblockError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
+        """Sections (data, grid, activations, stages), or the flat form of earlier versions; either
+        may start from a preset (`preset: cbq`): flat fields override the preset's, sections merge
+        into its sections and `stages` replaces its stages."""
+        if not isinstance(data, dict):
+            raise CrossblockError(f"a recipe must be a mapping, got {data!r}")
         base = data.get("preset")
-        if base is not None and base not in PRESETS:
+        if base is not None and (not isinstance(base, str) or base not in PRESETS):
             raise CrossblockError(f"unknown preset {base!r} in recipe; presets: {', '.join(PRESETS)}")
-        data = {k: v for k, v in data.items() if k != "preset"}
-        start = {**PRESETS[base], "name": base} if base else {}
-        return cls(**{**start, **data, **overrides}).validated()
+        if not any(k in data for k in ("data", "grid", "activations", "stages")):
+            flat = {k: v for k, v in data.items() if k != "preset"}
+            start = {**PRESETS[base], "name": base} if base else {}
+            return Flat.from_dict({**start, **flat, **overrides}, "recipe").validated().recipe()
+        unknown = sorted(set(map(str, data)) - set(SECTIONS))
+        if unknown:
+            raise CrossblockError(f"unknown recipe section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)}; "
+                                  "flat settings such as wbits go inside a section, or use the flat form alone)")
+        start = cls.preset(base).to_dict() if base else cls().to_dict()
+        merged = {k: ({**start[k], **data[k]} if isinstance(start.get(k), dict) and isinstance(data.get(k), dict)
+                      else data.get(k, start[k]))
+                  for k in start}
+        merged["name"] = data.get("name", base or "custom")
+        return cls.from_sections(merged).with_flat(**overrides)
+
+    @classmethod
+    def from_sections(cls, d: dict) -> "Recipe":
+        grid = d.get("grid")
+        if isinstance(grid, dict) and "type" not in grid:
+            grid = {"type": "uniform", **grid}
+        stages = d.get("stages")
+        if not isinstance(stages, list):
+            raise CrossblockError(f"stages must be a list (e.g. [cfp, windows]), got {stages!r}")
+        return cls(name=d["name"], data=Data.from_dict(d.get("data"), "data"), grid=GRIDS.build(grid, "grid"),
+                   activations=Activations.from_dict(d.get("activations"), "activations"),
+                   skip=[] if d.get("skip") is None else d["skip"],
+                   stages=[parse_stage(s) for s in stages])
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "Recipe":
@@ -111,81 +196,134 @@ class Recipe:
             raise CrossblockError(f"recipe file not found: {p}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CrossblockError(f"recipe file {p} is not valid YAML: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise CrossblockError(f"recipe file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise CrossblockError(f"recipe file {p} must hold a mapping of recipe fields")
+            raise CrossblockError(f"recipe file {p} must hold a mapping of recipe sections or fields")
         return cls.from_dict(data, **overrides)
 
-    # -- validation --------------------------------------------------------------------------
-    def validated(self) -> "Recipe":
-        def need(ok, msg):
-            if not ok:
-                raise CrossblockError(f"invalid recipe {self.name!r}: {msg}")
-        need(isinstance(self.wbits, int) and 2 <= self.wbits <= 8, f"wbits must be an integer in 2..8, got {self.wbits}")
-        need(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size > 0),
-             f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
-        need(isinstance(self.abits, int) and (4 <= self.abits <= 8 or self.abits == 16),
-             f"abits must be an integer in 4..8, or 16 (no activation quantization), got {self.abits}")
-        need(0 < self.cfp_alpha <= 1, f"cfp_alpha must be in (0, 1], got {self.cfp_alpha}")
-        need(self.window >= 1, f"window must be >= 1, got {self.window}")
-        need(1 <= self.stride <= self.window, f"stride must be in 1..window ({self.window}), got {self.stride}")
-        need(self.lookahead >= 0, f"lookahead must be >= 0, got {self.lookahead}")
-        need(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
-        need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
-        need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        need(self.rounding in ROUNDINGS, f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        need(self.iters >= 0, f"iters must be >= 0, got {self.iters}")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
-        need(self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank}")
-        need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
-        need(0 < self.damp < 1, f"damp must be in (0, 1), got {self.damp}")
-        need(self.scale_dtype in (None, "float32", "float16", "bfloat16"),
-             f"scale_dtype must be float32, float16 or bfloat16, got {self.scale_dtype!r}")
-        need(self.batch_size <= self.nsamples, f"batch_size ({self.batch_size}) exceeds nsamples ({self.nsamples})")
-        return self
 
-    def check_model(self, in_features: dict[str, int]):
-        """Checks that need the model: every quantized layer's width against the group size."""
-        # Ragged last groups are supported by fake-quant (see quant/grid.py); the packed formats
-        # refuse them in export.check_format.
-        if self.group_size != -1:
-            too_narrow = [n for n, k in in_features.items() if k < self.group_size]
-            if too_narrow:
-                raise CrossblockError(
-                    f"group_size {self.group_size} is larger than the input width of {too_narrow[0]} "
-                    f"({in_features[too_narrow[0]]}); use a smaller group size or -1 (per channel)")
+def parse_stage(spec) -> Stage:
+    """`cfp`, `{cfp: {alpha: 0.5}}` or `{windows: {...}}`."""
+    if isinstance(spec, str):
+        return STAGES[spec]()
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise CrossblockError(f"each stage must be a stage name or a mapping {{name: settings}}, got {spec!r}")
+    (name, settings), = spec.items()
+    return STAGES[name].from_dict(settings, f"{name} stage")
 
-    @property
-    def scale_torch_dtype(self):
-        import torch
-        return None if self.scale_dtype is None else getattr(torch, self.scale_dtype)
+
+@dataclass
+class Flat(Config):
+    """The flat spelling of a recipe of shape [cfp], windows: one name per setting (the CLI's
+    flags). Settings that would have no effect in the combination given are refused."""
+    name: str = "custom"
+    # grid
+    wbits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    scale_dtype: str | None = None
+    # activations, CFP
+    abits: int = 16
+    act_dynamic: bool = True
+    act_sym: bool = False
+    cfp: bool = False
+    cfp_alpha: float = 0.7
+    cfp_weights: bool = False
+    # windows
+    window: int = 1
+    stride: int = 1
+    lookahead: int = 0
+    target: str = "propagated"
+    loss: str = "mse"
+    kl_weight: float = 1.0
+    init: str = "rtn"
+    rounding: str = "signround"
+    lwc: bool = True
+    clip_search: bool = False
+    lora_rank: int = 4
+    round_reg: float = 0.01
+    ste: bool = True
+    iters: int = 0                 # 0: no training (RTN, GPTQ)
+    batch_size: int = 8
+    lr: float | None = None
+    damp: float = 0.01
+    act_order: bool = False
+    # data
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    skip: list[str] = field(default_factory=list)
+
+    @classmethod
+    def section(cls) -> str:
+        return "recipe"
+
+    def check(self):
+        default = Flat()
+        changed = lambda *names: [n for n in names if getattr(self, n) != getattr(default, n)]  # noqa: E731
+        self.refuse(self.iters >= 0, f"iters must be >= 0, got {self.iters}")
+        self.refuse(self.rounding in ROUNDINGS, f"rounding must be one of {', '.join(ROUNDINGS.names())}, "
+                                                f"got {self.rounding!r}")
+        rules = [
+            (self.abits == 16, changed("act_dynamic", "act_sym"), "without abits < 16"),
+            (not self.cfp, changed("cfp_alpha", "cfp_weights"), "without cfp"),
+            (self.init != "gptq", changed("damp", "act_order"), "without init gptq"),
+            (self.rounding not in ("adaround", "lora"), changed("round_reg", "ste"), f"with rounding {self.rounding}"),
+            (self.rounding != "lora", changed("lora_rank"), f"with rounding {self.rounding}"),
+        ]
+        for applies, names, why in rules:
+            self.refuse(not (applies and names), f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} "
+                                                 f"no effect {why}")
 
     @property
     def trains(self) -> bool:
-        """Whether windows optimize anything: steps, and a parameter to learn."""
-        learnable = self.rounding != "rtn" or self.lwc or self.static_act_steps
-        return self.iters > 0 and learnable
+        """Steps, and something to learn. Recipes that do not train (rtn, gptq) ignore the training
+        settings, so that `compare` can apply one set of flags to every recipe it ranks."""
+        static_acts = self.abits < 16 and not self.act_dynamic
+        return self.iters > 0 and (self.rounding != "rtn" or self.lwc or static_acts)
 
-    @property
-    def needs_block_input(self) -> bool:
-        """Whether wrapping a block needs its calibration input: GPTQ, static activation steps."""
-        return self.init == "gptq" or self.static_act_steps
+    def recipe(self) -> Recipe:
+        r = self
+        rounding = {"lora": lambda: LoraRound(r.lora_rank, r.round_reg, r.ste),
+                    "adaround": lambda: AdaRound(r.round_reg, r.ste)}.get(r.rounding, ROUNDINGS[r.rounding])()
+        train = Train(r.iters, r.target, r.loss, r.kl_weight, rounding, r.lwc, r.lr) if r.trains else None
+        stages = [Cfp(r.cfp_alpha, r.cfp_weights)] if r.cfp else []
+        stages.append(Windows(r.window, r.stride, r.lookahead, r.init, r.damp, r.act_order, r.clip_search, train))
+        return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
+                      UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
+                      Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages).validated()
 
-    @property
-    def static_act_steps(self) -> bool:
-        """Activations quantized with one learned step per tensor (calibrated, then trained)."""
-        return self.abits < 16 and not self.act_dynamic
+    @classmethod
+    def of(cls, recipe: Recipe) -> "Flat":
+        kinds = [s.kind_name for s in recipe.stages]
+        if kinds not in (["windows"], ["cfp", "windows"]) or not isinstance(recipe.grid, UniformGrid):
+            raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds}, grid {recipe.grid.kind_name}) has no flat "
+                                  "form: flat settings apply to a uniform grid and stages [cfp], windows")
+        g, a, d, w = recipe.grid, recipe.activations, recipe.data, recipe.windows
+        cfp = recipe.stage("cfp")
+        flat = dict(name=recipe.name, wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype,
+                    abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
+                    window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
+                    act_order=w.act_order, clip_search=w.clip_search, batch_size=d.batch_size,
+                    nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, skip=list(recipe.skip))
+        if cfp is not None:
+            flat.update(cfp_alpha=cfp.alpha, cfp_weights=cfp.weights)
+        t = w.train
+        if t is None:
+            flat.update(iters=0, rounding="rtn", lwc=False)
+        else:
+            flat.update(iters=t.iters, target=t.target, loss=t.loss, kl_weight=t.kl_weight, lwc=t.lwc, lr=t.lr,
+                        rounding=t.rounding.kind_name)
+            if isinstance(t.rounding, (AdaRound, LoraRound)):
+                flat.update(round_reg=t.rounding.reg, ste=t.rounding.ste)
+            if isinstance(t.rounding, LoraRound):
+                flat.update(lora_rank=t.rounding.rank)
+        return cls(**flat)
 
-    @property
-    def rtn_reference(self) -> bool:
-        """Whether the engine carries an RTN chain (its report compares with RTN): not for RTN itself."""
-        return self.trains or self.init != "rtn"
 
-
-# The methods, as data. Training presets share AutoRound's defaults (SignRound + clipping,
-# 200 steps, batch 8), so that schedules compare at the same budget per window.
+# The methods, in the flat spelling. Training presets share AutoRound's defaults (SignRound +
+# clipping, 200 steps, batch 8), so that schedules compare at the same budget per window.
 _TRAIN = dict(rounding="signround", lwc=True, iters=200, batch_size=8)
 PRESETS: dict[str, dict] = {
     "rtn": dict(init="rtn", rounding="rtn", lwc=False, iters=0),

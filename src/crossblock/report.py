@@ -46,8 +46,8 @@ def write_report(out: Path, plot: bool = True) -> str:
         ax.set_xlabel("block")
         ax.set_ylabel("output rel. MSE vs FP")
         ax.set_yscale("log")
-        r = report["recipe"]
-        ax.set_title(f"W{r['wbits']} g{r['group_size']}: error along depth")
+        grid = report["recipe"]["grid"]
+        ax.set_title(f"W{grid['bits']} g{grid['group_size']}: error along depth")
         ax.legend()
         fig.tight_layout()
         fig.savefig(Path(out) / PLOT_FILE, dpi=100)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CrossblockError
-from .distributed import rank_and_size
+from ..distributed import rank_and_size
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.grid import minmax_grid, num_groups, search_clip
-from .distributed import all_reduce_
+from ..distributed import all_reduce_
 
 
 class HessianAccumulator:

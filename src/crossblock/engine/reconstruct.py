@@ -21,32 +21,12 @@ from tqdm.auto import tqdm
 from ..model.adapter import BlockCall, block_linears, set_submodule
 from ..quant.act import act_quantizer, observing
 from ..quant.linear import QuantLinear
-from ..recipe import Recipe
+from ..roundings import Nearest
 from .chains import ChainStore, trim_heap
 from .checkpoint import EngineState, block_of
-from .distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
+from ..distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
 from .gptq import HessianAccumulator, gptq_quantize
-from .schedule import Window, make_schedule
-
-
-LOSS_SAMPLES = 32
-
-
-MAX_OFFSET_STEP = 1 / 15  # see WindowEngine.optimizer
-
-
-class SignSGD(torch.optim.Optimizer):
-    """p <- p - lr * sign(grad): SignRound's optimizer (Cheng et al., AutoRound)."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+from .schedule import LOSS_SAMPLES, Window, make_schedule
 
 
 def quant_layers(blocks) -> list[QuantLinear]:
@@ -74,34 +54,41 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
             yield order[i:i + batch_size]
 
 
-def window_loss(out: torch.Tensor, target: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    if recipe.loss.startswith("token-mse"):
+def window_loss(out: torch.Tensor, target: torch.Tensor, train) -> torch.Tensor:
+    """The loss `train` (a windows stage's Train) names, between a window's output and its target."""
+    if train.loss.startswith("token-mse"):
         # A model's first token often becomes an attention sink whose hidden state is 10^3-10^4x
         # the median token's (SmolLM2 at block 20: 96% of the squared norm, and 86% of RTN's
         # squared error, at 1 of 512 positions): plain MSE would spend the window on it.
         loss = ((out.float() - target.float()) ** 2).sum(-1).div(target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
     else:
         loss = F.mse_loss(out.float(), target.float())
-    if recipe.loss.endswith("+kl"):
+    if train.loss.endswith("+kl"):
         # CBQ's L2 + KL: KL(softmax(target) || softmax(out)) over the hidden dimension, per token.
         kl = F.kl_div(F.log_softmax(out.float(), -1), F.log_softmax(target.float(), -1),
                       log_target=True, reduction="none").sum(-1).mean()
-        loss = loss + recipe.kl_weight * kl
+        loss = loss + train.kl_weight * kl
     return loss
 
 
 class WindowEngine:
-    def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], recipe: Recipe,
-                 device: torch.device | str = "cpu", progress: bool = True, num_sequences: int | None = None,
-                 store: ChainStore | None = None):
-        self.blocks, self.calls, self.recipe = blocks, calls, recipe
+    def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], stage, grid, activations, data,
+                 skip: list[str] = (), device: torch.device | str = "cpu", progress: bool = True,
+                 num_sequences: int | None = None, store: ChainStore | None = None):
+        """`stage`: the windows stage's settings (schedule, init, train); `grid`, `activations`,
+        `data`: the recipe's sections; `skip`: name substrings of layers left in full precision."""
+        self.blocks, self.calls = blocks, calls
+        self.stage, self.train_cfg, self.grid, self.acts, self.skip = stage, stage.train, grid, activations, skip
+        self.batch_size, self.seed = data.batch_size, data.seed
+        self.static_acts = activations.static
+        self.trains = stage.trains(self.static_acts)
         self.store = store or ChainStore("ram")
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
         # where each block lives between its windows (the user's placement, usually the CPU)
         self.home = [next(b.parameters()).device for b in blocks]
         self.progress = progress
-        self.schedule = make_schedule(len(blocks), recipe.window, recipe.stride, recipe.lookahead)
+        self.schedule = make_schedule(len(blocks), stage.window, stage.stride, stage.lookahead)
         self.report: dict = {"windows": [], "blocks": []}
 
     # -- running blocks ------------------------------------------------------------------------
@@ -121,8 +108,8 @@ class WindowEngine:
     def run_all(self, lo: int, hi: int, x: torch.Tensor) -> torch.Tensor:
         """Blocks lo..hi on every sequence, batch by batch; result float32 on CPU, in the store."""
         out = None
-        for i in range(0, len(x), self.recipe.batch_size):
-            h = self.run(lo, hi, x[i:i + self.recipe.batch_size].to(self.device)).float().cpu()
+        for i in range(0, len(x), self.batch_size):
+            h = self.run(lo, hi, x[i:i + self.batch_size].to(self.device)).float().cpu()
             out = self.store.empty((len(x), *h.shape[1:])) if out is None else out
             out[i:i + len(h)] = h
             for chain in (x, out):  # with --offload disk, only the batch in flight stays resident
@@ -131,26 +118,25 @@ class WindowEngine:
 
     # -- wrapping and initialization -------------------------------------------------------------
     def new_layer(self, module: nn.Module, generator: torch.Generator | None) -> QuantLinear:
-        r = self.recipe
-        ql = QuantLinear(module, r.wbits, r.group_size, r.sym, r.rounding, r.lwc, r.lora_rank, generator, r.ste,
-                         r.scale_torch_dtype, r.clip_search)
-        if r.abits < 16:
-            ql.act_quant = act_quantizer(r.abits, r.act_dynamic, r.act_sym).to(ql.weight.device)
+        t = self.train_cfg if self.trains else None
+        ql = QuantLinear(module, self.grid, t.rounding if t else Nearest(), t.lwc if t else False, generator,
+                         self.stage.clip_search)
+        if self.acts.bits < 16:
+            ql.act_quant = act_quantizer(self.acts.bits, self.acts.dynamic, self.acts.sym).to(ql.weight.device)
         return ql
 
     def wrap(self, j: int, block_input, generator: torch.Generator):
         """Wrap block j's linears; `block_input()` gives its calibration input, computed only if
         the initialization needs it (GPTQ, static activation steps)."""
-        r = self.recipe
         for name, module in block_linears(self.blocks[j]):
-            if not any(s in name for s in r.skip):
+            if not any(s in name for s in self.skip):
                 set_submodule(self.blocks[j], name, self.new_layer(module, generator))
-        if not r.needs_block_input:
+        if not self.stage.needs_block_input(self.static_acts):
             return
         x_in = block_input()
-        if r.init == "gptq":
+        if self.stage.init == "gptq":
             self.init_gptq(j, x_in)
-        if r.static_act_steps:
+        if self.static_acts:
             # static steps start from the range observed on the block's input
             with observing([m.act_quant for m in quant_layers([self.blocks[j]])]):
                 self.run_all(j, j, x_in)
@@ -166,33 +152,15 @@ class WindowEngine:
         finally:
             for h in hooks:
                 h.remove()
-        r = self.recipe
+        g, st = self.grid, self.stage
         for m in layers:
             acc[m].all_reduce()
-            unrounded, scale, zero = gptq_quantize(m.weight, acc[m].h, r.wbits, r.group_size, r.sym, r.damp,
-                                                   act_order=r.act_order, scale_dtype=r.scale_torch_dtype,
-                                                   clip_search=r.clip_search)
+            unrounded, scale, zero = gptq_quantize(m.weight, acc[m].h, g.bits, g.group_size, g.sym, st.damp,
+                                                   act_order=st.act_order, scale_dtype=g.scale_torch_dtype,
+                                                   clip_search=st.clip_search)
             m.set_init(unrounded, scale, zero)
 
     # -- one window ----------------------------------------------------------------------------
-    def optimizer(self, layers, params):
-        r = self.recipe
-        if r.rounding == "signround":
-            # AutoRound's lr 1/iters, but the rounding offsets (in [-0.5, 0.5]) move at most 1/15
-            # per step: at 5 steps a 0.2 step flips whole layers' rounding at once (stories260k
-            # W2 per-channel, 5 steps: 127 -> 33 ppl; 10 steps: 27.3 -> 24.3; 15+ unchanged).
-            offsets = {id(m.offset) for m in layers if getattr(m, "offset", None) is not None}
-            lr = r.lr or 1.0 / r.iters
-            groups = [{"params": [p for p in params if id(p) in offsets], "lr": r.lr or min(lr, MAX_OFFSET_STEP)},
-                      {"params": [p for p in params if id(p) not in offsets], "lr": lr}]
-            opt = SignSGD([g for g in groups if g["params"]], lr=lr)
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / r.iters)
-        # Adam moves each parameter by about lr per step: scaling lr with 1/iters keeps the total
-        # movement equal at any step budget (1.5/iters was best at 15 and 60 steps on stories260k
-        # W2; a fixed 1e-3 left LoRA-Rounding at RTN's perplexity after 15 steps).
-        opt = torch.optim.Adam(params, lr=r.lr or 1.5 / r.iters)
-        return opt, None
-
     @torch.no_grad()
     def full_loss(self, w: Window, x_in: torch.Tensor, target: torch.Tensor) -> float:
         """Window loss with hard rounding (as the blocks will be frozen) over the first
@@ -204,8 +172,8 @@ class WindowEngine:
     def subset_loss(self, outputs, target: torch.Tensor) -> float:
         """Window loss of `outputs(rows)` over the first LOSS_SAMPLES sequences, batch by batch."""
         total = torch.zeros(2, dtype=torch.float64)
-        for idx in self.loss_rows(target).split(self.recipe.batch_size):
-            loss = window_loss(outputs(idx), target[idx].to(self.device), self.recipe)
+        for idx in self.loss_rows(target).split(self.batch_size):
+            loss = window_loss(outputs(idx), target[idx].to(self.device), self.train_cfg)
             total += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
         total = all_reduce_(total)
         return (total[0] / total[1]).item()
@@ -235,7 +203,7 @@ class WindowEngine:
         is reverted (as AutoRound keeps its best iterate), so a window never hurts.
         `loss_after()` measures the result (default: `full_loss`)."""
         layers = quant_layers([self.blocks[j] for j in w.trained])
-        params = [p for m in layers for p in m.parameters()]
+        params = [p for m in layers for p in m.parameters() if p.requires_grad]
         before = self.full_loss(w, x_in, target)
         info = {"loss_before": before, "steps": 0}
         if not params:
@@ -250,7 +218,7 @@ class WindowEngine:
         for lr_scale in (1.0, 0.5):
             trace = self.optimize(w, layers, params, x_in, target, generator, lr_scale)
             if trace is not None:
-                info["steps"], info["loss_trace"] = self.recipe.iters, [round(v, 6) for v in trace]
+                info["steps"], info["loss_trace"] = self.train_cfg.iters, [round(v, 6) for v in trace]
                 break
             reset()
             info["nonfinite_retries"] = info.get("nonfinite_retries", 0) + 1
@@ -263,13 +231,13 @@ class WindowEngine:
 
     def optimize(self, w, layers, params, x_in, target, generator, lr_scale: float) -> list[float] | None:
         """The optimizer loop; returns the loss of every step, or None if it became non-finite."""
-        r = self.recipe
-        opt, sched = self.optimizer(layers, params)
+        t = self.train_cfg
+        rounding = t.rounding
+        opt, sched = rounding.optimizer(params, layers, t.iters, t.lr)
         for g in opt.param_groups:
             g["lr"] *= lr_scale
-        soft = r.rounding in ("adaround", "lora")
-        batches = shuffled_batches(self.global_len(x_in), r.batch_size, generator)
-        bar = tqdm(range(r.iters), desc=f"  window {w.start}-{w.end - 1}", leave=False, disable=not self.progress)
+        batches = shuffled_batches(self.global_len(x_in), self.batch_size, generator)
+        bar = tqdm(range(t.iters), desc=f"  window {w.start}-{w.end - 1}", leave=False, disable=not self.progress)
         world = rank_and_size()[1]
         trace = []
         for step in bar:
@@ -279,9 +247,10 @@ class WindowEngine:
             loss = torch.zeros((), device=self.device)
             if len(idx):
                 out = self.run(w.start, w.target, x_in[idx].to(self.device))
-                loss = window_loss(out, target[idx].to(self.device), r) * (len(idx) / len(batch))
-            if soft:
-                loss = loss + r.round_reg * self.rounding_penalty(layers, step) / world
+                loss = window_loss(out, target[idx].to(self.device), t) * (len(idx) / len(batch))
+            penalty = rounding.penalty(layers, step, t.iters)
+            if penalty is not None:
+                loss = loss + penalty / world
             global_loss = all_reduce_(loss.detach().clone())
             if not torch.isfinite(global_loss):  # every rank sees the same value and stops together
                 bar.close()
@@ -300,25 +269,16 @@ class WindowEngine:
         bar.close()
         return trace
 
-    def rounding_penalty(self, layers, step: int) -> torch.Tensor:
-        # AdaRound schedule: no regularizer for the first 20% of steps, then beta 20 -> 2.
-        warm = 0.2 * self.recipe.iters
-        if step < warm:
-            return torch.zeros((), device=self.device)
-        beta = 20 + (2 - 20) * (step - warm) / max(1.0, self.recipe.iters - warm)
-        return sum(m.rounding_penalty(beta) for m in layers) / len(layers)
-
     # -- the whole schedule --------------------------------------------------------------------
     def quantize(self, inputs: list[torch.Tensor], resume: EngineState | None = None, on_window=None):
         """Run the schedule on `inputs` = [block-0 inputs], a list the engine empties so that it
         holds the only reference. `resume` continues a checkpointed run; `on_window(state)` is
         called after every window with what a checkpoint needs."""
-        r = self.recipe
         x0 = inputs.pop()
         # chains: FP model, quantized model, and (for the report) the RTN-quantized model on the
         # first LOSS_SAMPLES sequences: a third full chain would cost 12% of a 128 x 512 `block` run
         chains = {"fp": x0, "q": x0}  # never modified in place
-        if r.rtn_reference:
+        if self.stage.rtn_reference(self.static_acts):
             chains["rtn"] = x0[:len(self.loss_rows(x0))]
         wrapped: set[int] = set()
         first = 0
@@ -330,8 +290,8 @@ class WindowEngine:
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
         for wi, w in enumerate(self.schedule[first:], start=first):
             t0 = time.time()
-            generator = torch.Generator().manual_seed(r.seed * 1_000_003 + wi)
-            torch.manual_seed(r.seed * 1_000_003 + wi)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + wi)
+            torch.manual_seed(self.seed * 1_000_003 + wi)
             for j in range(w.start, w.target + 1):
                 self.blocks[j].to(self.device)
             q = chains["q"]
@@ -341,9 +301,10 @@ class WindowEngine:
                     wrapped.add(j)
             entry = {"window": [w.start, w.end, w.target]}
             target, q_next = None, None
-            if r.trains:
+            if self.trains:
+                homologous = self.train_cfg.target == "homologous"
                 with layer_mode([self.blocks[j] for j in w.trained], "fp"):
-                    target = self.run_all(w.start, w.target, q if r.target == "homologous" else chains["fp"])
+                    target = self.run_all(w.start, w.target, q if homologous else chains["fp"])
                 loss_after = None
                 if w.finishes_through_target:
                     def loss_after():
@@ -356,7 +317,7 @@ class WindowEngine:
                 self.store.release(q)
                 trim_heap()
                 bar.set_postfix(loss=f"{entry['loss_after']:.4g}")
-            self.advance(w, chains, target if r.target == "propagated" else None, q_next)
+            self.advance(w, chains, None if not self.trains or homologous else target, q_next)
             del target, q, q_next  # the chains have moved on: free what they were
             trim_heap()
             for j in range(w.start, w.target + 1):
@@ -432,18 +393,11 @@ class WindowEngine:
         """mse; rel_mse = squared error / squared norm of FP, summed over all tokens (a sink
         token can own most of both); token_rel_mse = the mean over tokens of that ratio."""
         sums = torch.zeros(5, dtype=torch.float64)
-        for i in range(0, len(x), self.recipe.batch_size):  # per batch: no chain-sized temporaries
-            a, b = x[i:i + self.recipe.batch_size].double(), ref[i:i + self.recipe.batch_size].double()
+        for i in range(0, len(x), self.batch_size):  # per batch: no chain-sized temporaries
+            a, b = x[i:i + self.batch_size].double(), ref[i:i + self.batch_size].double()
             err, norm = (a - b).pow(2).sum(-1), b.pow(2).sum(-1)
             sums += torch.stack([err.sum(), norm.sum(), torch.tensor(float(b.numel())),
                                  (err / norm.clamp_min(1e-30)).sum(), torch.tensor(float(err.numel()))])
         sums = all_reduce_(sums)
         return {"mse": (sums[0] / sums[2]).item(), "rel_mse": (sums[0] / sums[1]).item(),
                 "token_rel_mse": (sums[3] / sums[4]).item()}
-
-    def restore(self):
-        """Put the original modules back, now holding fake-quantized weights."""
-        for block in self.blocks:
-            for name, m in list(block.named_modules()):
-                if isinstance(m, QuantLinear):
-                    set_submodule(block, name, m.restore())

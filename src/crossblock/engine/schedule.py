@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Window losses before/after training, and the RTN reference chain, use the first LOSS_SAMPLES
+# calibration sequences: a fixed subset keeps them cheap.
+LOSS_SAMPLES = 32
+
 
 @dataclass(frozen=True)
 class Window:

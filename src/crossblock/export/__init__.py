@@ -7,13 +7,13 @@ import os
 
 from torch import nn
 
-from .common import save_folder
+from . import fake  # noqa: F401  (registers the format)
 from .compressed_tensors import save_compressed_tensors
-from .formats import FORMATS, check_format, refuse_act_scheme, require_known_format
+from .formats import FORMATS, Format, check_format, require_known_format
 from .gptq import save_gptq
 from .loader import load
 
-__all__ = ["FORMATS", "check_format", "load", "save", "save_compressed_tensors", "save_gptq"]
+__all__ = ["FORMATS", "Format", "check_format", "load", "save", "save_compressed_tensors", "save_gptq"]
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, fmt: str, act_scheme: dict | None = None):
@@ -21,11 +21,4 @@ def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, fmt: str, act_
 
     fmt "fake" writes the dense fake-quantized weights (any setting; act_scheme is not
     recorded); "compressed-tensors" and "gptq" write packed integers (limits: check_format)."""
-    require_known_format(fmt)
-    if fmt == "fake":
-        save_folder(model, tokenizer, out_dir)
-    elif fmt == "compressed-tensors":
-        save_compressed_tensors(model, tokenizer, out_dir, act_scheme)
-    else:
-        refuse_act_scheme(fmt, act_scheme)
-        save_gptq(model, tokenizer, out_dir)
+    require_known_format(fmt).write(model, tokenizer, out_dir, act_scheme)

@@ -26,9 +26,27 @@ from ..errors import CrossblockError
 from ..quant.grid import QuantizedWeight, dequantize
 from .common import (check_layers, model_dtype, replace_layer_entries, require_quantized_layers,
                      save_folder, unquantized_linears, warn_if_scales_round)
-from .formats import act_args
+from .formats import FORMATS, Format, act_args, check_act_scheme, check_groups
 
 FMT = "compressed-tensors"
+
+
+@FORMATS.register(FMT)
+class CompressedTensors(Format):
+    bits = (2, 4, 8)
+
+    def stored_scale_dtype(self, save_dtype):
+        return save_dtype
+
+    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme):
+        check_groups(FMT, group_size, in_features)
+        if has_conv1d:
+            raise CrossblockError("compressed-tensors export cannot store Conv1D layers (GPT-2 style): "
+                                  "its transformers loader only handles nn.Linear; use gptq or fake")
+        check_act_scheme(act_scheme)
+
+    def write(self, model, tokenizer, out_dir, act_scheme):
+        save_compressed_tensors(model, tokenizer, out_dir, act_scheme)
 
 
 def layer_scheme_key(qweight: QuantizedWeight) -> tuple[int, int, bool]:

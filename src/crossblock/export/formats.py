@@ -1,12 +1,12 @@
 """What each export format can represent, checked before quantization starts.
 
 - fake: dense fake-quantized weights; anything goes.
-- compressed-tensors: 2, 4 or 8 bits. compressed-tensors 0.20 packs any width 1..8 densely
+- compressed-tensors (compressed_tensors.py): 2, 4 or 8 bits. compressed-tensors 0.20 packs any width 1..8 densely
   into int32, but for widths that do not divide 32 (3, 5, 6, 7) that dense layout differs
   from the `32 // bits` values per word of earlier releases, vLLM and llama.cpp's converter,
   so only the widths every reader agrees on are written. Groups must divide in_features.
   The transformers loader only handles nn.Linear, so GPT-2 style Conv1D models are refused.
-- gptq: 2, 3, 4 or 8 bits (what transformers' GPTQConfig and vLLM's gptq accept). qweight
+- gptq (gptq.py): 2, 3, 4 or 8 bits (what transformers' GPTQConfig and vLLM's gptq accept). qweight
   packs along in_features and qzeros along out_features with no padding, so both must hold
   whole int32 words. Asymmetric GPTQ v1 cannot store a zero point of 0 (it stores zero - 1);
   that depends on the data and is checked at save time.
@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from ..errors import CrossblockError
+import torch
+from torch import nn
 
-FORMATS = ("fake", "compressed-tensors", "gptq")
-BITS = {"compressed-tensors": (2, 4, 8), "gptq": (2, 3, 4, 8)}
+from ..config import Registry
+from ..errors import CrossblockError
 
 
 def values_per_word_run(bits: int) -> int:
@@ -27,32 +28,43 @@ def values_per_word_run(bits: int) -> int:
     return 32 // math.gcd(32, bits)
 
 
-def require_known_format(fmt: str):
+class Format:
+    """A checkpoint format: what it can store (`accepts`, checked before quantization starts and
+    again on the finished layers), the scale dtype its readers hold, and how it is written. A new
+    format is one file in export/ and one `@FORMATS.register` line."""
+    bits: tuple[int, ...] = ()
+
+    def stored_scale_dtype(self, save_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype its scales are stored in (None: no packed scales)."""
+        return None
+
+    def accepts(self, bits: int, group_size: int, sym: bool, in_features: set[int], out_features: set[int],
+                has_conv1d: bool, act_scheme: dict | None):
+        """Raise CrossblockError, naming the format and the setting, if it cannot store this."""
+
+    def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None):
+        raise NotImplementedError
+
+
+FORMATS = Registry("export format")
+
+
+def require_known_format(fmt: str) -> Format:
     if fmt not in FORMATS:
-        raise CrossblockError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise CrossblockError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS.names())}")
+    return FORMATS[fmt]()
 
 
 def check_format(fmt: str, bits: int, group_size: int, sym: bool, in_features_list: Iterable[int], *,
                  out_features_list: Iterable[int] = (), has_conv1d: bool = False,
                  act_scheme: dict | None = None):
     """Raise CrossblockError, naming the format and the setting, if `fmt` cannot store
-    weights quantized this way. `sym` is accepted by every format (kept for the record)."""
-    require_known_format(fmt)
-    if fmt == "fake":
-        return
-    if bits not in BITS[fmt]:
+    weights quantized this way."""
+    form = require_known_format(fmt)
+    if form.bits and bits not in form.bits:
         raise CrossblockError(f"{fmt} export cannot store {bits}-bit weights "
-                              f"(bits must be one of {', '.join(map(str, BITS[fmt]))})")
-    check_groups(fmt, group_size, set(in_features_list))
-    if fmt == "compressed-tensors":
-        if has_conv1d:
-            raise CrossblockError("compressed-tensors export cannot store Conv1D layers (GPT-2 style): "
-                                  "its transformers loader only handles nn.Linear; use gptq or fake")
-        check_act_scheme(act_scheme)
-    else:
-        refuse_act_scheme(fmt, act_scheme)
-        check_whole_words(bits, "in_features", set(in_features_list))
-        check_whole_words(bits, "out_features", set(out_features_list))
+                              f"(bits must be one of {', '.join(map(str, form.bits))})")
+    form.accepts(bits, group_size, sym, set(in_features_list), set(out_features_list), has_conv1d, act_scheme)
 
 
 def check_groups(fmt: str, group_size: int, in_features: set[int]):

@@ -26,9 +26,27 @@ from ..errors import CrossblockError
 from ..quant.grid import QuantizedWeight
 from .common import (check_layers, replace_layer_entries, require_quantized_layers, save_folder,
                      warn_if_scales_round, write_quantization_config)
-from .formats import values_per_word_run
+from .formats import FORMATS, Format, check_groups, check_whole_words, refuse_act_scheme, values_per_word_run
 
 FMT = "gptq"
+
+
+@FORMATS.register(FMT)
+class Gptq(Format):
+    bits = (2, 3, 4, 8)
+
+    def stored_scale_dtype(self, save_dtype):
+        return torch.float16  # what transformers' GPTQConfig and vLLM read
+
+    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme):
+        check_groups(FMT, group_size, in_features)
+        refuse_act_scheme(FMT, act_scheme)
+        check_whole_words(bits, "in_features", in_features)
+        check_whole_words(bits, "out_features", out_features)
+
+    def write(self, model, tokenizer, out_dir, act_scheme):
+        refuse_act_scheme(FMT, act_scheme)
+        save_gptq(model, tokenizer, out_dir)
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:

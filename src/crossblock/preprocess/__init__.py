@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from ..model.adapter import block_linears, capture, find_blocks, is_linear
 from ..quant.linear import weight_of
-from ..recipe import Recipe
 from .fold import NORM_OFFSET, consumer_channels, fold_pairs, fold_scale
 from .outliers import find_outliers
 
@@ -49,28 +48,30 @@ def source_peaks(model, block, source: str, peak: torch.Tensor):
 
 
 @torch.no_grad()
-def cfp(model, ids: torch.Tensor, recipe: Recipe, device="cpu", progress: bool = True) -> list[dict]:
+def cfp(model, ids: torch.Tensor, alpha: float = 0.7, weights: bool = False, batch_size: int = 8,
+        skip: list[str] = (), device="cpu", progress: bool = True) -> list[dict]:
     """Preprocess `model` in place; returns, per block, the outlier channels found behind each
-    norm and the outlier weights truncated in each layer (none with recipe.cfp_weights off)."""
+    norm and the outlier weights truncated in each layer (none with `weights` off). Layers whose
+    name contains a `skip` substring keep their weights."""
     _, blocks = find_blocks(model)
     pairs = fold_pairs(model, blocks[0])  # refuses unknown architectures before any work
     offset = NORM_OFFSET.get(getattr(model.config, "model_type", None), 0.0)
-    x, calls = capture(model, ids, batch_size=recipe.batch_size)
+    x, calls = capture(model, ids, batch_size=batch_size)
     found = []
     for i in tqdm(range(len(blocks)), desc="cfp", disable=not progress):
         block = blocks[i].to(device)
-        weights = {}
-        for name, m in block_linears(block) if recipe.cfp_weights else ():
-            if not any(s in name for s in recipe.skip):
+        truncated = {}
+        for name, m in block_linears(block) if weights else ():
+            if not any(s in name for s in skip):
                 out = find_outliers(m.weight.abs())
                 if out.count:
                     m.weight.clamp_(-out.threshold, out.threshold)
-                weights[name] = out.count
+                truncated[name] = out.count
         peak: dict[str, torch.Tensor] = {}
         hooks = [block.get_submodule(consumers[0]).register_forward_pre_hook(_record_peak(peak, n))
                  for n, consumers in pairs]
         try:
-            x = torch.cat([calls[i](block, b.to(device)).float().cpu() for b in x.split(recipe.batch_size)])
+            x = torch.cat([calls[i](block, b.to(device)).float().cpu() for b in x.split(batch_size)])
         finally:
             for h in hooks:
                 h.remove()
@@ -80,33 +81,9 @@ def cfp(model, ids: torch.Tensor, recipe: Recipe, device="cpu", progress: bool =
             out = find_outliers(source_peak)
             channels[source] = out.count
             if out.count and out.threshold > 0:
-                s = (source_peak / out.threshold).clamp(min=1) ** recipe.cfp_alpha
+                s = (source_peak / out.threshold).clamp(min=1) ** alpha
                 fold_scale(block, source, linears, s, offset, index)
         if torch.device(device).type != "cpu":
             block.to("cpu")
-        found.append({"block": i, "outlier_channels": channels, "outlier_weights": weights})
-    return found
-
-
-def preprocess_folder(model_path: str, calib_files, out, recipe: Recipe, device: str | None = None,
-                      dtype: str = "float32", overwrite: bool = False, progress: bool = True):
-    """`crossblock preprocess`: write the CFP-preprocessed FP model (and cfp.json) to `out`."""
-    from .. import api
-    from ..data.text import digest, read_texts
-    from ..export.common import save_folder
-    from ..output import staged_dir
-
-    api.check_output(out, overwrite)
-    calib = read_texts(calib_files)
-    model, tokenizer = api.load_model(model_path, dtype=dtype)
-    api.check_weights_finite(model)
-    ids = api.calibration_ids(tokenizer, calib, recipe)
-    found = cfp(model, ids, recipe, device or api.default_device(), progress)
-    with staged_dir(out) as tmp:
-        save_folder(model, tokenizer, tmp)
-        info = {"model": str(model_path), "cfp_alpha": recipe.cfp_alpha, "cfp_weights": recipe.cfp_weights,
-                "skip": recipe.skip,
-                "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
-                "cfp": found}
-        (tmp / "cfp.json").write_text(json.dumps(info, indent=1) + "\n")
+        found.append({"block": i, "outlier_channels": channels, "outlier_weights": truncated})
     return found

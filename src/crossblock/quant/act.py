@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..engine.distributed import all_reduce_
+from ..distributed import all_reduce_
 from .grid import dequantize, minmax_grid, quantize_to_int, round_ste
 
 

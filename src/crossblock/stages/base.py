@@ -1,0 +1,36 @@
+"""The stage registry, base class and the Job every stage gets (stages/__init__.py says more)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import Config, Registry
+
+STAGES = Registry("stage")
+
+
+class Stage(Config):
+    quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
+
+    def run(self, model, job: "Job"):
+        raise NotImplementedError
+
+
+@dataclass
+class Job:
+    """What a running pipeline gives every stage besides its own settings."""
+    ids: torch.Tensor                  # calibration token windows (nsamples, seqlen), all of them
+    data: Any                          # recipe.data: nsamples, seqlen, seed, batch_size
+    grid: Any                          # recipe.grid
+    activations: Any                   # recipe.activations
+    skip: list[str]
+    device: torch.device | str = "cpu"
+    progress: bool = True
+    offload: str = "ram"
+    checkpoint_dir: Path | None = None
+    resume: Any = None                 # the window engine's checkpoint to continue from
+    on_window: Callable | None = None  # called with the engine state after every window
+    report: dict = field(default_factory=dict)
