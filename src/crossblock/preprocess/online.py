@@ -52,13 +52,14 @@ class OnlineRotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = _matrices(self.factors, self.seed, str(x.device))
-        y = x.float()
-        if self.factors.base == 1:
-            y = y @ b
-        elif self.factors.power == 1:
-            y = y @ a
-        else:
-            y = (a.T @ y.unflatten(-1, (self.factors.base, self.factors.power)) @ b).flatten(-2)
+        with torch.autocast(x.device.type, enabled=False):  # the engine's bf16 autocast would round H
+            y = x.float()
+            if self.factors.base == 1:
+                y = y @ b
+            elif self.factors.power == 1:
+                y = y @ a
+            else:
+                y = (a.T @ y.unflatten(-1, (self.factors.base, self.factors.power)) @ b).flatten(-2)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
