@@ -2,8 +2,9 @@
 
 WikiText-2 test perplexity (`wiki.test.raw`, first 40 windows of 512 tokens), calibration 32 x 512
 tokens from `wiki.valid.tokens` (seed 0), batch 8, one torch thread. Rows, one after another:
-fp-rotate (the rotated FP model: must match FP 28.74), rtn, rtn-rotate; each also records the
-mean and worst max/RMS per token of the inputs of every block linear on one calibration window.
+fp-rotate (the rotated FP model: must match FP 28.74), rtn, rtn-rotate (gptq, gptq-rotate on
+request); each also records the mean and worst max/RMS per token of the inputs of every block
+linear on one calibration window. Everything stays float32 in memory (no save and reload).
 
     python bench/rotate_smollm2.py --model $SMOLLM2 [--rows fp-rotate rtn rtn-rotate]
 """
@@ -48,18 +49,20 @@ def main():
     torch.set_num_threads(1)
     calib = read_texts(SHARED / "data" / "wikitext2" / "wiki.valid.tokens")
     test = read_texts(SHARED / "data" / "wikitext2" / "wiki.test.raw")
-    recipe = cb.Recipe.preset("rtn", wbits=4, abits=4, group_size=64, nsamples=32, seqlen=512, seed=0, batch_size=8)
+    recipes = {m: cb.Recipe.preset(m, wbits=4, abits=4, group_size=64, nsamples=32, seqlen=512, seed=0, batch_size=8)
+               for m in ("rtn", "gptq")}
     for row in args.rows:
         t0 = time.time()
         model, tokenizer = cb.load_model(args.model)
-        probe = calibration_ids(tokenizer, calib, recipe)[:1]
+        probe = calibration_ids(tokenizer, calib, recipes["rtn"])[:1]
         entry = {"row": row, "outliers_before": outliers(model, probe)}
         if row.endswith("-rotate"):
             entry["rotate"] = rotate_model(model)
             entry["rotate"]["online"]["layers"] = len(entry["rotate"]["online"]["layers"])
             entry["outliers_after"] = outliers(model, probe)
-        if row.startswith("rtn"):
-            cb.quantize(model, tokenizer, recipe, calib=calib, progress=False)
+        method = row.split("-")[0]
+        if method in recipes:
+            cb.quantize(model, tokenizer, recipes[method], calib=calib, progress=False)
         entry["ppl"] = round(cb.evaluate(model, tokenizer, test, seqlen=512, max_windows=40, progress=False), 2)
         entry["wall_s"] = round(time.time() - t0, 1)
         print(json.dumps(entry), flush=True)
