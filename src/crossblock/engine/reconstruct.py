@@ -145,7 +145,7 @@ class WindowEngine:
     def init_gptq(self, j: int, x_in: torch.Tensor):
         layers = quant_layers([self.blocks[j]])
         acc = {m: HessianAccumulator(m.in_features, self.device) for m in layers}
-        hooks = [m.register_forward_pre_hook(lambda m, args: acc[m].add(args[0])) for m in layers]
+        hooks = [m.register_forward_pre_hook(lambda m, args: acc[m].add(m.transformed_input(args[0]))) for m in layers]
         try:
             with layer_mode([self.blocks[j]], "fp"):
                 self.run_all(j, j, x_in)

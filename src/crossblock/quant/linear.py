@@ -108,7 +108,13 @@ class QuantLinear(nn.Module):
             return self.frozen_weight
         return self.rounding.quantized_weight(self, hard)
 
+    def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the wrapped layer reads it: after its run-time rotation (preprocess/online.py), if any."""
+        t = getattr(self.original, "crossblock_input_transform", None)
+        return x if t is None else t(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transformed_input(x)  # the original's pre-hooks do not run inside the wrapper
         if self.mode == "fp":
             return F.linear(x, self.weight, self.bias)
         if self.act_quant is not None:
