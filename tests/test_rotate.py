@@ -10,7 +10,9 @@ from conftest import load_stories
 from torch import nn
 
 import crossblock as cb
+from crossblock.grids import UniformGrid
 from crossblock.model.adapter import block_linears, find_blocks
+from crossblock.roundings import Nearest
 from crossblock.preprocess.hadamard import hadamard, randomized_hadamard
 from crossblock.preprocess.rotate import (OnlineRotation, attach_input_transform, rebuild_transforms,
                                           record_transforms, rotate_model)
@@ -253,7 +255,7 @@ def test_quant_linear_applies_the_rotation_like_the_restored_layer():
     x = torch.randn(4, 48)
     x[:, 3] = 30
     fp = layer(x)
-    ql = QuantLinear(layer, 4, 16, False)
+    ql = QuantLinear(layer, UniformGrid(4, 16, False), Nearest())
     ql.act_quant = DynamicActQuant(4, False)
     ql.mode = "fp"
     assert torch.allclose(ql(x), fp, atol=1e-5)

@@ -114,6 +114,10 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
                         out_features_list=[weight_of(m).shape[0] for m in layers],
                         has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
+    rotate = recipe.stage("rotate")
+    if rotate is not None and rotate.online and not form.online_transforms:
+        raise CrossblockError(f"{format} export cannot store rotate's run-time Hadamard before down_proj: "
+                              "use --no-rotate-online (rotations folded into weights only) or format fake")
     stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
     if grid.scale_dtype is not None or stored in (None, torch.float32):
         return recipe
@@ -252,10 +256,14 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     from . import export
     if dtype is not None:
         model.to(dtype)
+    from .preprocess.online import record_transforms
     activations = act_quant.record(model)  # the scheme the exports record, and per-layer steps
     scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
+    transforms = record_transforms(model)
+    if transforms and not export.require_known_format(format).online_transforms:
+        raise CrossblockError(f"{format} export cannot store the model's run-time input rotations")
     export.save(model, tokenizer, folder, format, act_scheme=scheme)
-    info = dict(report or {}, format=format, activations=activations)
+    info = dict(report or {}, format=format, activations=activations, transforms=transforms)
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 
@@ -277,7 +285,16 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None):
     from . import export
     model = export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     report = Path(path) / REPORT_FILE
-    recorded = json.loads(report.read_text()).get("activations") if report.is_file() else None
+    info = json.loads(report.read_text()) if report.is_file() else {}
+    recorded = info.get("activations")
+    if info.get("transforms") and recorded:  # activation quantizers read the rotated input x H
+        from .preprocess.online import rebuild_transforms
+        rebuild_transforms(model, info["transforms"])
+        with torch.no_grad():  # the fake folder holds W H^T (export/fake.py): back to W
+            for m in model.modules():
+                t = getattr(m, "crossblock_input_transform", None)
+                if t is not None:
+                    m.weight.copy_((m.weight.double() @ t.matrix().to(m.weight.device)).to(m.weight.dtype))
     if recorded:
         act_quant.rebuild(model, recorded)
     return model

@@ -13,7 +13,7 @@ Every method is a preset: RTN and GPTQ are a `windows` stage with no training, `
 `la` and `cbq` change its window shape, target, loss and rounding. The same settings also have a
 flat spelling (`Flat`: one name per setting, e.g. `wbits`, `lora_rank`): command-line flags,
 `Recipe.preset(name, **flat)` overrides and the recipe files of earlier versions use it, and it
-converts both ways for recipes of the shape [cfp], windows. Everything is validated before any
+converts both ways for recipes of the shape [rotate], [cfp], windows. Everything is validated before any
 work starts, strictly: wrong types, out-of-range values and settings that would have no effect
 are refused with one line.
 """
@@ -27,7 +27,7 @@ from .config import Config
 from .errors import CrossblockError
 from .grids import GRIDS, UniformGrid
 from .roundings import ROUNDINGS, AdaRound, LoraRound
-from .stages import STAGES, Cfp, Stage, Train, Windows
+from .stages import STAGES, Cfp, Rotate, Stage, Train, Windows
 
 SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "stages")
 
@@ -83,8 +83,9 @@ class Recipe(Config):
         self.refuse(sum(s.quantizes for s in self.stages) == 1,
                     f"needs exactly one stage that quantizes (windows), got stages {names}")
         self.refuse(len(set(names)) == len(names), f"a stage may appear once, got {names}")
-        self.refuse("cfp" not in names or names.index("cfp") < names.index("windows"),
-                    "cfp preprocesses the FP model: it must come before windows")
+        order = [n for n in ("rotate", "cfp", "windows") if n in names]
+        self.refuse([n for n in names if n in order] == order,
+                    f"stages preprocessing the FP model come first, in the order rotate, cfp, windows; got {names}")
         w = self.windows
         if w.train is not None:
             self.refuse(w.trains(self.activations.static),
@@ -215,7 +216,7 @@ def parse_stage(spec) -> Stage:
 
 @dataclass
 class Flat(Config):
-    """The flat spelling of a recipe of shape [cfp], windows: one name per setting (the CLI's
+    """The flat spelling of a recipe of shape [rotate], [cfp], windows: one name per setting (the CLI's
     flags). Settings that would have no effect in the combination given are refused."""
     name: str = "custom"
     # grid
@@ -223,10 +224,13 @@ class Flat(Config):
     group_size: int = 128
     sym: bool = False
     scale_dtype: str | None = None
-    # activations, CFP
+    # activations, rotation, CFP
     abits: int = 16
     act_dynamic: bool = True
     act_sym: bool = False
+    rotate: bool = False
+    rotate_kind: str = "hadamard"
+    rotate_online: bool = True
     cfp: bool = False
     cfp_alpha: float = 0.7
     cfp_weights: bool = False
@@ -268,6 +272,7 @@ class Flat(Config):
         rules = [
             (self.abits == 16, changed("act_dynamic", "act_sym"), "without abits < 16"),
             (not self.cfp, changed("cfp_alpha", "cfp_weights"), "without cfp"),
+            (not self.rotate, changed("rotate_kind", "rotate_online"), "without rotate"),
             (self.init != "gptq", changed("damp", "act_order"), "without init gptq"),
             (self.rounding not in ("adaround", "lora"), changed("round_reg", "ste"), f"with rounding {self.rounding}"),
             (self.rounding != "lora", changed("lora_rank"), f"with rounding {self.rounding}"),
@@ -288,7 +293,8 @@ class Flat(Config):
         rounding = {"lora": lambda: LoraRound(r.lora_rank, r.round_reg, r.ste),
                     "adaround": lambda: AdaRound(r.round_reg, r.ste)}.get(r.rounding, ROUNDINGS[r.rounding])()
         train = Train(r.iters, r.target, r.loss, r.kl_weight, rounding, r.lwc, r.lr) if r.trains else None
-        stages = [Cfp(r.cfp_alpha, r.cfp_weights)] if r.cfp else []
+        stages = [Rotate(r.rotate_kind, r.seed, r.rotate_online)] if r.rotate else []
+        stages += [Cfp(r.cfp_alpha, r.cfp_weights)] if r.cfp else []
         stages.append(Windows(r.window, r.stride, r.lookahead, r.init, r.damp, r.act_order, r.clip_search, train))
         return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
                       UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
@@ -297,11 +303,11 @@ class Flat(Config):
     @classmethod
     def of(cls, recipe: Recipe) -> "Flat":
         kinds = [s.kind_name for s in recipe.stages]
-        if kinds not in (["windows"], ["cfp", "windows"]) or not isinstance(recipe.grid, UniformGrid):
+        if [k for k in kinds if k not in ("rotate", "cfp")] != ["windows"] or not isinstance(recipe.grid, UniformGrid):
             raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds}, grid {recipe.grid.kind_name}) has no flat "
-                                  "form: flat settings apply to a uniform grid and stages [cfp], windows")
+                                  "form: flat settings apply to a uniform grid and stages [rotate], [cfp], windows")
         g, a, d, w = recipe.grid, recipe.activations, recipe.data, recipe.windows
-        cfp = recipe.stage("cfp")
+        cfp, rotate = recipe.stage("cfp"), recipe.stage("rotate")
         flat = dict(name=recipe.name, wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype,
                     abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
                     window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
@@ -309,6 +315,10 @@ class Flat(Config):
                     nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, skip=list(recipe.skip))
         if cfp is not None:
             flat.update(cfp_alpha=cfp.alpha, cfp_weights=cfp.weights)
+        if rotate is not None:
+            if rotate.seed != d.seed:
+                raise CrossblockError(f"recipe {recipe.name!r} has no flat form: its rotate seed differs from data.seed")
+            flat.update(rotate=True, rotate_kind=rotate.kind, rotate_online=rotate.online)
         t = w.train
         if t is None:
             flat.update(iters=0, rounding="rtn", lwc=False)

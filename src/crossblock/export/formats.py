@@ -33,6 +33,7 @@ class Format:
     again on the finished layers), the scale dtype its readers hold, and how it is written. A new
     format is one file in export/ and one `@FORMATS.register` line."""
     bits: tuple[int, ...] = ()
+    online_transforms = False  # whether it can keep a run-time input rotation (rotate's down_proj Hadamard)
 
     def stored_scale_dtype(self, save_dtype: torch.dtype) -> torch.dtype | None:
         """The dtype its scales are stored in (None: no packed scales)."""

@@ -61,7 +61,10 @@ def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str
                                       "but it is missing; run without --cfp") from None
         if getattr(block.get_submodule(norm), "weight", None) is None:
             raise CrossblockError(f"CFP cannot fold into {norm}: it has no weight to scale; run without --cfp")
-    return pairs
+    # a run-time rotation between source and consumers (rotate's down_proj Hadamard) mixes channels,
+    # so a per-channel scale would no longer cancel across it
+    return tuple((source, linears) for source, linears in pairs
+                 if not any(hasattr(block.get_submodule(c), "crossblock_input_transform") for c in linears))
 
 
 def consumer_channels(model: nn.Module, source_width: int, consumer_width: int) -> torch.Tensor | None:

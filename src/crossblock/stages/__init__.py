@@ -9,6 +9,7 @@ is one file here and one `@STAGES.register` line.
 """
 from .base import STAGES, Job, Stage
 from .cfp import Cfp
+from .rotate import Rotate
 from .windows import Train, Windows
 
-__all__ = ["STAGES", "Stage", "Job", "Cfp", "Windows", "Train"]
+__all__ = ["STAGES", "Stage", "Job", "Rotate", "Cfp", "Windows", "Train"]

@@ -1,0 +1,71 @@
+"""The rotate stage in the pipeline: flags and recipe files, W4A4 gains, and what each format
+keeps of the run-time rotation (fake folds it into the weights, packed formats refuse it)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import crossblock as cb
+from crossblock.errors import CrossblockError
+from conftest import CALIB_FILE, EVAL_FILE, load_stories
+
+SMALL = dict(nsamples=16, seqlen=128, batch_size=4)
+
+
+def quantized(**kw):
+    model, tok = load_stories()
+    fmt = kw.pop("format", "fake")
+    model, report = cb.quantize(model, tok, cb.Recipe.preset("rtn", **SMALL, **kw), calib=CALIB_FILE.read_text(),
+                                format=fmt, progress=False)
+    return model, tok, report
+
+
+def ppl(model, tok):
+    return cb.evaluate(model, tok, EVAL_FILE.read_text(), seqlen=256, progress=False)
+
+
+def logits(model, tok):
+    ids = tok(EVAL_FILE.read_text()[:3000], return_tensors="pt").input_ids[:, :128]
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_rotate_stage_runs_first_and_helps_w4a4():
+    plain, tok, _ = quantized(wbits=4, abits=4, group_size=32)
+    rotated, _, report = quantized(wbits=4, abits=4, group_size=32, rotate=True)
+    assert report["rotate"]["family"] == "llama" and report["recipe"]["stages"][0] == {
+        "rotate": {"kind": "hadamard", "seed": 0, "online": True}}
+    assert ppl(rotated, tok) < ppl(plain, tok)
+
+
+def test_fake_folder_folds_the_rotation_so_plain_transformers_loads_it(tmp_path):
+    model, tok, report = quantized(wbits=4, group_size=32, rotate=True)
+    cb.save(model, tok, tmp_path / "q", report=report)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    torch.testing.assert_close(logits(theirs, tok), logits(model, tok), rtol=0, atol=2e-4)
+
+
+def test_fake_folder_with_activations_reloads_with_its_rotation(tmp_path):
+    model, tok, report = quantized(wbits=4, abits=8, group_size=32, rotate=True)
+    cb.save(model, tok, tmp_path / "q", report=report)
+    loaded = cb.load(tmp_path / "q")
+    assert sum(hasattr(m, "crossblock_input_transform") for m in loaded.modules()) == 5
+    torch.testing.assert_close(logits(loaded, tok), logits(model, tok), rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("fmt,kw", [("compressed-tensors", dict(wbits=4, group_size=-1)),
+                                    ("gptq", dict(wbits=8, group_size=-1, sym=True))])
+def test_packed_formats_refuse_the_online_rotation_before_quantizing(fmt, kw, tmp_path):
+    with pytest.raises(CrossblockError, match="cannot store rotate's run-time Hadamard"):
+        quantized(rotate=True, format=fmt, **kw)
+    model, tok, report = quantized(rotate=True, rotate_online=False, format=fmt, **kw)
+    assert not any(hasattr(m, "crossblock_input_transform") for m in model.modules())
+    cb.save(model, tok, tmp_path / "q", format=fmt, report=report)
+    torch.testing.assert_close(logits(cb.load(tmp_path / "q"), tok), logits(model, tok), rtol=0, atol=1e-5)
+
+
+def test_rotate_comes_before_cfp_and_windows(tmp_path):
+    (tmp_path / "r.yaml").write_text("stages: [cfp, rotate, windows]\n")
+    with pytest.raises(CrossblockError, match="order rotate, cfp, windows"):
+        cb.Recipe.from_yaml(tmp_path / "r.yaml")
+    with pytest.raises(CrossblockError, match="rotate_kind has no effect without rotate"):
+        cb.Recipe.preset("rtn", rotate_kind="random-orthogonal")
