@@ -153,7 +153,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
               progress=progress, offload=offload, checkpoint_dir=checkpoint_dir)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        key = fingerprint(model, recipe, ids)
+        key = job.fingerprint = fingerprint(model, recipe, ids)
         job.resume = read_checkpoint(Path(checkpoint_dir), key)
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)

@@ -13,7 +13,7 @@ Every method is a preset: RTN and GPTQ are a `windows` stage with no training, `
 `la` and `cbq` change its window shape, target, loss and rounding. The same settings also have a
 flat spelling (`Flat`: one name per setting, e.g. `wbits`, `lora_rank`): command-line flags,
 `Recipe.preset(name, **flat)` overrides and the recipe files of earlier versions use it, and it
-converts both ways for recipes of the shape [rotate], [cfp], windows. Everything is validated before any
+converts both ways for recipes of the shape [rotate], [cfp], windows, [finetune]. Everything is validated before any
 work starts, strictly: wrong types, out-of-range values and settings that would have no effect
 are refused with one line.
 """
@@ -27,7 +27,7 @@ from .config import Config
 from .errors import CrossblockError
 from .grids import GRIDS, UniformGrid
 from .roundings import ROUNDINGS, AdaRound, LoraRound
-from .stages import STAGES, Cfp, Rotate, Stage, Train, Windows
+from .stages import STAGES, Cfp, Finetune, Rotate, Stage, Train, Windows
 
 SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "stages")
 
@@ -83,9 +83,9 @@ class Recipe(Config):
         self.refuse(sum(s.quantizes for s in self.stages) == 1,
                     f"needs exactly one stage that quantizes (windows), got stages {names}")
         self.refuse(len(set(names)) == len(names), f"a stage may appear once, got {names}")
-        order = [n for n in ("rotate", "cfp", "windows") if n in names]
+        order = [n for n in ("rotate", "cfp", "windows", "finetune") if n in names]
         self.refuse([n for n in names if n in order] == order,
-                    f"stages preprocessing the FP model come first, in the order rotate, cfp, windows; got {names}")
+                    f"stages run in the order rotate, cfp (the FP model), windows, finetune; got {names}")
         w = self.windows
         if w.train is not None:
             self.refuse(w.trains(self.activations.static),
@@ -216,7 +216,7 @@ def parse_stage(spec) -> Stage:
 
 @dataclass
 class Flat(Config):
-    """The flat spelling of a recipe of shape [rotate], [cfp], windows: one name per setting (the CLI's
+    """The flat spelling of a recipe of shape [rotate], [cfp], windows, [finetune]: one name per setting (the CLI's
     flags). Settings that would have no effect in the combination given are refused."""
     name: str = "custom"
     # grid
@@ -253,6 +253,14 @@ class Flat(Config):
     lr: float | None = None
     damp: float = 0.01
     act_order: bool = False
+    # finetune (end to end, after the windows): 0 steps = no finetune stage
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 2
+    finetune_loss: str = "kl"
+    finetune_zeros: bool = False
+    finetune_norms: bool = False
+    finetune_holdout: float = 0.125
     # data
     nsamples: int = 128
     seqlen: int = 512
@@ -273,6 +281,7 @@ class Flat(Config):
             (self.abits == 16, changed("act_dynamic", "act_sym"), "without abits < 16"),
             (not self.cfp, changed("cfp_alpha", "cfp_weights"), "without cfp"),
             (not self.rotate, changed("rotate_kind", "rotate_online"), "without rotate"),
+            (self.finetune_steps == 0, changed(*FINETUNE_FLAT), "without finetune_steps > 0"),
             (self.init != "gptq", changed("damp", "act_order"), "without init gptq"),
             (self.rounding not in ("adaround", "lora"), changed("round_reg", "ste"), f"with rounding {self.rounding}"),
             (self.rounding != "lora", changed("lora_rank"), f"with rounding {self.rounding}"),
@@ -296,6 +305,8 @@ class Flat(Config):
         stages = [Rotate(r.rotate_kind, r.seed, r.rotate_online)] if r.rotate else []
         stages += [Cfp(r.cfp_alpha, r.cfp_weights)] if r.cfp else []
         stages.append(Windows(r.window, r.stride, r.lookahead, r.init, r.damp, r.act_order, r.clip_search, train))
+        if r.finetune_steps:
+            stages.append(Finetune(r.finetune_steps, **{f.removeprefix("finetune_"): getattr(r, f) for f in FINETUNE_FLAT}))
         return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
                       UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
                       Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages).validated()
@@ -303,11 +314,11 @@ class Flat(Config):
     @classmethod
     def of(cls, recipe: Recipe) -> "Flat":
         kinds = [s.kind_name for s in recipe.stages]
-        if [k for k in kinds if k not in ("rotate", "cfp")] != ["windows"] or not isinstance(recipe.grid, UniformGrid):
+        if [k for k in kinds if k not in ("rotate", "cfp", "finetune")] != ["windows"] or not isinstance(recipe.grid, UniformGrid):
             raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds}, grid {recipe.grid.kind_name}) has no flat "
-                                  "form: flat settings apply to a uniform grid and stages [rotate], [cfp], windows")
+                                  "form: flat settings apply to a uniform grid and stages [rotate], [cfp], windows, [finetune]")
         g, a, d, w = recipe.grid, recipe.activations, recipe.data, recipe.windows
-        cfp, rotate = recipe.stage("cfp"), recipe.stage("rotate")
+        cfp, rotate, finetune = recipe.stage("cfp"), recipe.stage("rotate"), recipe.stage("finetune")
         flat = dict(name=recipe.name, wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype,
                     abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
                     window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
@@ -319,6 +330,11 @@ class Flat(Config):
             if rotate.seed != d.seed:
                 raise CrossblockError(f"recipe {recipe.name!r} has no flat form: its rotate seed differs from data.seed")
             flat.update(rotate=True, rotate_kind=rotate.kind, rotate_online=rotate.online)
+        if finetune is not None:
+            if finetune.eval_every != Finetune.eval_every:
+                raise CrossblockError(f"recipe {recipe.name!r} has no flat form: finetune eval_every is not a flag")
+            flat.update(finetune_steps=finetune.steps, **{f: getattr(finetune, f.removeprefix("finetune_"))
+                                                          for f in FINETUNE_FLAT})
         t = w.train
         if t is None:
             flat.update(iters=0, rounding="rtn", lwc=False)
@@ -331,6 +347,9 @@ class Flat(Config):
                 flat.update(lora_rank=t.rounding.rank)
         return cls(**flat)
 
+
+FINETUNE_FLAT = ("finetune_lr", "finetune_batch_size", "finetune_loss", "finetune_zeros", "finetune_norms",
+                 "finetune_holdout")
 
 # The methods, in the flat spelling. Training presets share AutoRound's defaults (SignRound +
 # clipping, 200 steps, batch 8), so that schedules compare at the same budget per window.

@@ -27,7 +27,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if len({type(m) for m in module}) != 1:
             continue
-        if not any(is_linear(m) for m in module[0].modules()):
+        if not any(is_linear(m) or getattr(m, "wraps_linear", False) for m in module[0].modules()):
             continue
         size = sum(p.numel() for p in module.parameters())
         if size > best_size:

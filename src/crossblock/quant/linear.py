@@ -29,6 +29,8 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
+    wraps_linear = True  # model/adapter.py still finds the blocks of a model whose layers are wrapped
+
     def __init__(self, module: nn.Module, grid, rounding, lwc: bool = False,
                  generator: torch.Generator | None = None, clip_search: bool = False):
         super().__init__()

@@ -11,5 +11,6 @@ from .base import ROUNDINGS, Rounding
 from .lora import LoraRound
 from .nearest import Nearest
 from .signround import SignRound
+from .weights import TrainedWeights
 
-__all__ = ["ROUNDINGS", "Rounding", "Nearest", "SignRound", "AdaRound", "LoraRound"]
+__all__ = ["ROUNDINGS", "Rounding", "Nearest", "SignRound", "AdaRound", "LoraRound", "TrainedWeights"]

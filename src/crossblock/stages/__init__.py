@@ -9,7 +9,8 @@ is one file here and one `@STAGES.register` line.
 """
 from .base import STAGES, Job, Stage
 from .cfp import Cfp
+from .finetune import Finetune
 from .rotate import Rotate
 from .windows import Train, Windows
 
-__all__ = ["STAGES", "Stage", "Job", "Rotate", "Cfp", "Windows", "Train"]
+__all__ = ["STAGES", "Stage", "Job", "Rotate", "Cfp", "Windows", "Train", "Finetune"]

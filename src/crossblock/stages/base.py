@@ -31,6 +31,7 @@ class Job:
     progress: bool = True
     offload: str = "ram"
     checkpoint_dir: Path | None = None
+    fingerprint: str | None = None     # identity of the run (model, recipe, calibration): checkpoints carry it
     resume: Any = None                 # the window engine's checkpoint to continue from
     on_window: Callable | None = None  # called with the engine state after every window
     report: dict = field(default_factory=dict)

@@ -1,0 +1,300 @@
+"""`finetune` stage: after the windows, the whole model as one last window.
+
+The integers stay frozen; each quantized layer's scales (and, optionally, its zero points and the
+blocks' norm weights) are trained end to end so that the quantized model's next-token
+distribution matches the FP model's: KL(FP || quantized) on the calibration tokens (or plain
+next-token cross-entropy). EfficientQAT's end-to-end step (Llama-2-7B W2 g64: 8.53 -> 7.68 avg.
+ppl after block-wise training) is this stage.
+
+- The FP teacher costs no memory: until the pipeline ends every quantized layer still wraps its
+  FP weight, so the teacher is the same model with its layers in "fp" mode, run per batch
+  (no-grad). Its logits are never stored: a 49k-152k vocabulary x 65k calibration tokens would
+  be 13-40 GB in float32.
+- Scales train as s0 * exp(p) (p from 0): the learning rate is relative to each group's step,
+  whatever the weights' magnitude, and a scale never changes sign. Zero points train through a
+  straight-through round, so they stay integers. Scales are rounded (straight-through) to the
+  dtype the format stores, so the exported checkpoint is what was trained.
+- The last `holdout` of the calibration sequences is never trained on: the stage measures the
+  KL there before training and every `eval_every` steps, and keeps the best step (the start, if
+  no step beat it), so it never makes the model worse on tokens it did not fit.
+- Blocks run under activation checkpointing (memory: one block's activations for backward).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..distributed import all_reduce_, all_reduce_grads_, local_part, shard
+from ..errors import CrossblockError
+from ..engine.checkpoint import checkpoint_path, read_layers, write_atomic
+from ..engine.reconstruct import shuffled_batches
+from ..model.adapter import find_blocks
+from ..quant.grid import round_ste
+from ..quant.linear import QuantLinear
+from .base import STAGES, Stage
+
+LOSSES = ("kl", "ce")
+
+
+@STAGES.register("finetune")
+@dataclass
+class Finetune(Stage):
+    steps: int = 100
+    lr: float = 1e-3              # Adam, on log-scales (relative): 1e-3 moves a scale ~0.1% per step
+    batch_size: int = 2           # sequences per step
+    loss: str = "kl"              # kl: KL(FP || quantized) per token; ce: next-token cross-entropy
+    zeros: bool = False           # also train zero points (rounded straight-through: they stay integers)
+    norms: bool = False           # also train the blocks' norm weights
+    holdout: float = 0.125        # fraction of the calibration sequences kept to pick the best step
+    eval_every: int = 10
+
+    def check(self):
+        self.refuse(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        self.refuse(self.lr > 0, f"lr must be positive, got {self.lr}")
+        self.refuse(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        self.refuse(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        self.refuse(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
+        self.refuse(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+
+    def run(self, model, job):
+        t0 = time.time()
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.q is not None]
+        if not layers:
+            raise RuntimeError("finetune runs after a stage that quantizes (windows)")
+        if self.zeros and job.grid.sym:
+            raise CrossblockError("finetune zeros has no effect on a symmetric grid (its zero point is fixed)")
+        n = job.ids.shape[0]
+        held = max(1, round(self.holdout * n))
+        if n - held < 1:
+            raise CrossblockError(f"finetune needs at least 2 calibration sequences (holdout {held} of {n})")
+        train_ids, held_ids = job.ids[:n - held], job.ids[n - held:]
+        device = torch.device(job.device)
+        home = next(model.parameters()).device
+        model.to(device)
+        params = trainable(model, layers, self, job.grid.scale_torch_dtype)
+        teacher_norms = {k: p.detach().clone() for k, p in params.items() if k.startswith("norm.")}
+        # zero points move in integer units: about 1.5 units over the stage, like Adam's roundings
+        zero_shifts = [p for k, p in params.items() if k.endswith("zero_shift")]
+        groups = [{"params": [p for k, p in params.items() if not k.endswith("zero_shift")], "lr": self.lr},
+                  {"params": zero_shifts, "lr": 1.5 / self.steps}]
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=self.lr)
+        generator = torch.Generator().manual_seed(job.data.seed * 1_000_003 + 999_983)
+        batches = shuffled_batches(len(train_ids), min(self.batch_size, len(train_ids)), generator)
+        local_train, local_held = shard(train_ids), shard(held_ids)
+
+        held_out = lambda: self.held_out_loss(model, layers, params, teacher_norms, local_held, device)  # noqa: E731
+        ckpt = None if job.checkpoint_dir is None else checkpoint_file(job.checkpoint_dir)
+        saved = read_state(ckpt, job.fingerprint, params) if ckpt is not None and ckpt.is_file() else None
+        if saved is None:
+            best = held_out()
+            state = {"step": 0, "start": best, "best": best, "best_step": 0, "evals": [(0, round(best, 6))],
+                     "trace": []}
+            best_state = snapshot(params)
+        else:  # resume: parameters, optimizer moments and the batch order as they were
+            state, best_state, moments = saved
+            for name, p in params.items():
+                opt.state[p] = {k: moments[f"{k}/{name}"] for k in ("step", "exp_avg", "exp_avg_sq")}
+            for _ in range(state["step"]):
+                next(batches)
+        bar = tqdm(range(state["step"] + 1, self.steps + 1), desc="finetune", disable=not job.progress, leave=False)
+        with checkpointing(model):
+            for step in bar:
+                batch = next(batches)
+                idx = local_part(batch)
+                opt.zero_grad(set_to_none=True)
+                loss = torch.zeros((), device=device)
+                if len(idx):
+                    ids = local_train[idx].to(device)
+                    loss = self.batch_loss(model, layers, params, teacher_norms, ids) * (len(idx) / len(batch))
+                global_loss = all_reduce_(loss.detach().clone())
+                if not torch.isfinite(global_loss):
+                    state["stopped"] = f"non-finite loss at step {step}"
+                    break
+                if loss.requires_grad:
+                    loss.backward()
+                all_reduce_grads_(list(params.values()))
+                opt.step()
+                state["trace"].append(round(global_loss.item(), 6))
+                state["step"] = step
+                if step % self.eval_every == 0 or step == self.steps:
+                    held_loss = held_out()
+                    state["evals"].append((step, round(held_loss, 6)))
+                    if held_loss < state["best"]:
+                        state["best"], state["best_step"], best_state = held_loss, step, snapshot(params)
+                    bar.set_postfix(held_out=f"{held_loss:.4g}")
+                    if ckpt is not None:
+                        write_state(ckpt, job.fingerprint, state, params, best_state, opt)
+        bar.close()
+        restore(params, best_state)
+        for m in layers:
+            bake(m, self.zeros, job.grid.scale_torch_dtype)
+        model.to(home)
+        job.report["finetune"] = {"held_out_sequences": len(held_ids), "held_out_loss_before": state["start"],
+                                  "held_out_loss_after": state["best"], "best_step": state["best_step"],
+                                  "evals": state["evals"], "loss_trace": state["trace"],
+                                  **({"stopped": state["stopped"]} if "stopped" in state else {}),
+                                  "resumed_at_step": saved[0]["step"] if saved else None,
+                                  "seconds": round(time.time() - t0, 2)}
+
+    def batch_loss(self, model, layers, params, teacher_norms, ids: torch.Tensor) -> torch.Tensor:
+        """Mean per-token loss of the quantized model on `ids` (teacher: the same model in fp mode,
+        with its original norm weights)."""
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        if self.loss == "ce":
+            return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        with torch.no_grad(), teacher_mode(layers, params, teacher_norms):
+            teacher = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
+                        reduction="none").sum(-1).mean()
+
+    @torch.no_grad()
+    def held_out_loss(self, model, layers, params, teacher_norms, local_held: torch.Tensor, device) -> float:
+        sums = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(local_held), self.batch_size):
+            ids = local_held[i:i + self.batch_size].to(device)
+            loss = self.batch_loss(model, layers, params, teacher_norms, ids).item()
+            sums += torch.tensor([loss * len(ids), len(ids)], dtype=torch.float64)
+        sums = all_reduce_(sums)
+        return (sums[0] / sums[1]).item() if sums[1] else math.nan
+
+
+@contextlib.contextmanager
+def teacher_mode(layers, params, teacher_norms):
+    """The FP model: quantized layers run their FP weights, trained norms their original weights."""
+    trained = {k: params[k].detach().clone() for k in teacher_norms}
+    for m in layers:
+        m.mode = "fp"
+    for k, w in teacher_norms.items():
+        params[k].data.copy_(w)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.mode = "quant"
+        for k, w in trained.items():
+            params[k].data.copy_(w)
+
+
+@contextlib.contextmanager
+def checkpointing(model):
+    """Every block's activations are recomputed in backward instead of kept (memory: one block)."""
+    _, blocks = find_blocks(model)
+    originals = [b.forward for b in blocks]
+
+    def checkpointed(forward):
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    for b, f in zip(blocks, originals):
+        b.forward = checkpointed(f)
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.forward
+
+
+class TrainedGrid(nn.Module):
+    """A frozen layer's grid made trainable: scale = s0 * exp(log_scale) (rounded straight-through to
+    the stored dtype), zero = round_ste(zero0 + zero_shift)."""
+
+    def __init__(self, layer: QuantLinear, zeros: bool, scale_dtype):
+        super().__init__()
+        self.scale_dtype = scale_dtype
+        self.register_buffer("s0", layer.scale.detach().clone())
+        self.register_buffer("z0", layer.zero.detach().clone())
+        self.log_scale = nn.Parameter(torch.zeros_like(self.s0))
+        self.zero_shift = nn.Parameter(torch.zeros_like(self.z0)) if zeros else None
+
+    def grid(self):
+        scale = self.s0 * self.log_scale.exp()
+        if self.scale_dtype is not None:
+            scale = scale + (scale.to(self.scale_dtype).float() - scale).detach()
+        zero = self.z0 if self.zero_shift is None else round_ste(self.z0 + self.zero_shift)
+        return scale, zero
+
+
+def trainable(model, layers, cfg: Finetune, scale_dtype) -> dict[str, nn.Parameter]:
+    """Attach a TrainedGrid to every frozen layer (its weight is decoded live from then on) and
+    return every trained parameter by name; norm weights too with cfg.norms."""
+    params = {}
+    for i, m in enumerate(layers):
+        m.trained_grid = TrainedGrid(m, cfg.zeros, scale_dtype)
+        params[f"{i}.log_scale"] = m.trained_grid.log_scale
+        if cfg.zeros:
+            params[f"{i}.zero_shift"] = m.trained_grid.zero_shift
+    if cfg.norms:
+        _, blocks = find_blocks(model)
+        for j, block in enumerate(blocks):
+            for name, module in block.named_modules():
+                if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                    module.weight.requires_grad_(True)
+                    params[f"norm.{j}.{name}"] = module.weight
+    return params
+
+
+def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in params.items()}
+
+
+@torch.no_grad()
+def restore(params, state):
+    for k, p in params.items():
+        p.copy_(state[k])
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def bake(layer: QuantLinear, zeros: bool, scale_dtype):
+    """Write the trained grid into the layer's scale / zero point and drop the trainable form."""
+    scale, zero = layer.trained_grid.grid()
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
+    layer.scale.copy_(scale)
+    layer.zero.copy_(zero.round().clamp(0, layer.grid.qmax))
+    layer.trained_grid = None
+    layer.refresh()
+
+
+# -- checkpoints: every eval_every steps, so that --resume continues the stage bit-identically ------
+def checkpoint_file(folder) -> Path:
+    path = checkpoint_path(folder)
+    return path.with_name(f"{path.stem}.finetune.safetensors")
+
+
+def write_state(path: Path, fingerprint: str, state: dict, params, best_state, opt):
+    tensors = {f"param/{k}": p.detach().cpu() for k, p in params.items()}
+    tensors.update({f"best/{k}": v.cpu() for k, v in best_state.items()})
+    for name, p in params.items():
+        for key, value in opt.state[p].items():
+            tensors[f"{key}/{name}"] = value.detach().cpu().reshape(value.shape)
+    write_atomic(path, {"finetune": tensors}, {"fingerprint": fingerprint, "state": json.dumps(state)})
+
+
+def read_state(path: Path, fingerprint: str, params):
+    """(state, best parameters, optimizer moments) of a checkpoint of this run, parameters loaded."""
+    meta, layers = read_layers(path, fingerprint)
+    tensors = layers.get("finetune", {})
+    missing = [k for k in params if f"param/{k}" not in tensors or f"best/{k}" not in tensors]
+    if missing:
+        raise CrossblockError(f"cannot resume from {path}: it lacks {missing[0]} (start over with --overwrite)")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[f"param/{k}"])
+    device = next(iter(params.values())).device
+    moments = {k: v.to(device) if not k.startswith("step/") else v for k, v in tensors.items()
+               if k.split("/", 1)[0] in ("step", "exp_avg", "exp_avg_sq")}
+    best = {k: tensors[f"best/{k}"].to(device) for k in params}
+    return json.loads(meta["state"]), best, moments
