@@ -24,6 +24,7 @@ from .engine.reconstruct import WindowEngine
 from .errors import CrossblockError
 from .eval.perplexity import perplexity
 from .model.adapter import block_linears, capture, find_blocks
+from . import output
 from .output import staged_dir
 from .preprocess import cfp
 from .quant import act as act_quant
@@ -165,10 +166,10 @@ def versions() -> dict:
     return {"crossblock": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def check_output(out: Path, overwrite: bool = False):
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CrossblockError(f"output folder {out} exists and is not empty (pass overwrite / --overwrite)")
+def check_output(out: Path, overwrite: bool = False, needed=()):
+    """Refuse an `out` that holds the working directory or a path in `needed`, or that is a
+    non-empty folder which only `overwrite` may replace, and only if crossblock wrote it."""
+    output.check_output(out, overwrite, needed)
 
 
 def check_format(format: str, model, recipe: Recipe):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import typing
 from pathlib import Path
@@ -42,19 +41,12 @@ def cmd_quantize(args):
     from . import api
     from .data.text import read_texts
     from .engine.distributed import barrier, is_main
-    from .output import partial_dir, staged_dir
+    from .output import check_output, partial_dir, prepare_staging, staged_dir
 
     # every check that can fail runs before the long part
     recipe = recipe_from_args(args)
     out = Path(args.out)
-    api.check_output(out, args.overwrite)
-    work = partial_dir(out)
-    if is_main() and work.exists() and not args.resume:
-        if not args.overwrite:
-            raise CrossblockError(f"{work} holds an interrupted run: pass --resume to continue it, "
-                                  "or --overwrite to start over")
-        shutil.rmtree(work)
-    barrier()  # data parallel: no rank creates the staging folder before rank 0 has checked it
+    check_output(out, args.overwrite, needed=[args.model, *args.calib], resume=args.resume)
     calib = read_texts(args.calib)
     model, tokenizer = api.load_model(args.model, dtype=args.dtype)
     api.check_format(args.format, model, recipe)
@@ -63,6 +55,13 @@ def cmd_quantize(args):
         # scales as the checkpoint stores them, so its integers dequantize to our weights exactly
         stored = "float16" if args.format == "gptq" else str(save_dtype).removeprefix("torch.")
         recipe = dataclasses.replace(recipe, scale_dtype=None if stored == "float32" else stored)
+    if is_main():  # locks the staging folder (a second run refuses) and clears it unless --resume
+        prepare_staging(out, args.resume, args.overwrite, needed=[args.model, *args.calib])
+    barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
+    work = partial_dir(out)
+    if not work.exists():  # --resume of a run killed after its final rename
+        print(f"{out} is already complete: nothing to resume") if is_main() else None
+        return
     if not is_main():  # data parallel: the other ranks compute and checkpoint; rank 0 writes
         work.mkdir(parents=True, exist_ok=True)
         api.quantize(model, tokenizer, recipe, calib=calib, device=args.device, progress=False,

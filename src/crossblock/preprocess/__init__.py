@@ -96,7 +96,7 @@ def preprocess_folder(model_path: str, calib_files, out, recipe: Recipe, device:
     from ..export.common import save_folder
     from ..output import staged_dir
 
-    api.check_output(out, overwrite)
+    api.check_output(out, overwrite, needed=[model_path, calib_files])
     calib = read_texts(calib_files)
     model, tokenizer = api.load_model(model_path, dtype=dtype)
     api.check_weights_finite(model)
