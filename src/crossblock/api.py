@@ -39,8 +39,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
-    """A transformers causal LM and its tokenizer, from a local folder or a hub id."""
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+    """A transformers causal LM and its tokenizer, from a local folder or a hub id. A model
+    whose config names custom code (`auto_map`) runs it only with `trust_remote_code`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path).expanduser()
@@ -50,14 +51,21 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
     source = str(path) if looks_local else name_or_path
     dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
-        stored = AutoConfig.from_pretrained(source).dtype
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
         model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None  # see checkpoint_dtype
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CrossblockError(f"cannot load model {name_or_path}: {first}") from None
+        raise CrossblockError(f"cannot load model {name_or_path}: {first_line(e)}") from None
     return model.eval(), tokenizer
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line; for transformers' refusal of custom code, how to allow it."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "custom code" in text and "trust_remote_code" not in text:
+        text += " (crossblock runs it only with --trust-remote-code / trust_remote_code=True)"
+    return text
 
 
 def checkpoint_dtype(model) -> torch.dtype:
@@ -208,12 +216,17 @@ def save(model, tokenizer, out, format: str = "fake", report: dict | None = None
     return out
 
 
-def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None):
+def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
     """Any folder crossblock writes (fake, compressed-tensors, gptq) as a transformers model,
     in `dtype` (default: the checkpoint's), its layers quantizing their inputs as they did
     when it was written (crossblock.json records the activation quantizers)."""
     from . import export
-    model = export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    try:
+        model = export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype, trust_remote_code)
+    except CrossblockError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a folder transformers cannot read: say why in one line
+        raise CrossblockError(f"cannot load {path}: {first_line(e)}") from None
     report = Path(path) / REPORT_FILE
     recorded = json.loads(report.read_text()).get("activations") if report.is_file() else None
     if recorded:

@@ -31,6 +31,11 @@ def add_recipe_options(p: argparse.ArgumentParser):
             p.add_argument(flag, type=base, default=None)
 
 
+def add_trust_remote_code(p: argparse.ArgumentParser):
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a model folder names in its config (auto_map); off: refuse such folders")
+
+
 def recipe_from_args(args, name: str | None = None) -> Recipe:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                  if f.name != "name" and getattr(args, f.name, None) is not None}
@@ -48,7 +53,7 @@ def cmd_quantize(args):
     out = Path(args.out)
     check_output(out, args.overwrite, needed=[args.model, *args.calib], resume=args.resume)
     calib = read_texts(args.calib)
-    model, tokenizer = api.load_model(args.model, dtype=args.dtype)
+    model, tokenizer = api.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     api.check_format(args.format, model, recipe)
     save_dtype = api.checkpoint_dtype(model) if args.save_dtype == "auto" else _dtype(args.save_dtype)
     if recipe.scale_dtype is None and args.format != "fake":
@@ -92,7 +97,8 @@ def cmd_preprocess(args):
     recipe = Recipe(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=min(8, args.nsamples),
                     cfp_alpha=args.cfp_alpha, cfp_weights=args.cfp_weights, skip=args.skip or []).validated()
     found = preprocess_folder(args.model, args.calib, Path(args.out), recipe, device=args.device, dtype=args.dtype,
-                              overwrite=args.overwrite, progress=not args.quiet)
+                              overwrite=args.overwrite, progress=not args.quiet,
+                              trust_remote_code=args.trust_remote_code)
     channels = sum(sum(b["outlier_channels"].values()) for b in found)
     weights = sum(sum(b["outlier_weights"].values()) for b in found)
     print(f"wrote {args.out}: {channels} outlier channels scaled, {weights} outlier weights truncated "
@@ -104,9 +110,10 @@ def cmd_eval(args):
     from .data.text import read_texts
 
     text = read_texts(args.ppl)
-    model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype)
+    model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code)
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet)
     print(f"perplexity {ppl:.4f}")
 
@@ -117,9 +124,10 @@ def cmd_plan(args):
 
     recipe = recipe_from_args(args)
     try:
-        config = AutoConfig.from_pretrained(args.model)
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CrossblockError(f"cannot read the config of {args.model}: {str(e).splitlines()[0]}") from None
+        from .api import first_line
+        raise CrossblockError(f"cannot read the config of {args.model}: {first_line(e)}") from None
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if not layers:
         raise CrossblockError(f"cannot tell the number of blocks of {args.model} from its config")
@@ -133,7 +141,8 @@ def cmd_compare(args):
     recipes = [recipe_from_args(args, name) for name in args.recipe.split(",") if name]
     if not recipes:
         raise CrossblockError("--recipe needs at least one preset or YAML file (comma-separated)")
-    rows = compare(args.model, recipes, read_texts(args.calib), args.blocks, args.device, progress=not args.quiet)
+    rows = compare(args.model, recipes, read_texts(args.calib), args.blocks, args.device, progress=not args.quiet,
+                   trust_remote_code=args.trust_remote_code)
     print(compare_table(rows))
 
 
@@ -164,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--offload", choices=("ram", "disk"), default="ram",
                    help="keep activation chains in RAM or in memory-mapped files beside OUT")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_trust_remote_code(q)
     add_recipe_options(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -183,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--device", default=None)
     pp.add_argument("--overwrite", action="store_true")
     pp.add_argument("--quiet", action="store_true")
+    add_trust_remote_code(pp)
     pp.set_defaults(func=cmd_preprocess)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol)")
@@ -194,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="dtype to evaluate in (default float32: bf16 matmuls are slow on most CPUs)")
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
+    add_trust_remote_code(e)
     e.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plan", help="print the windows of a recipe and the work they cost")
     pl.add_argument("--model", required=True)
+    add_trust_remote_code(pl)
     add_recipe_options(pl)
     pl.set_defaults(func=cmd_plan)
 
@@ -207,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks", type=int, default=None, help="quantize only the first N blocks (default: all)")
     c.add_argument("--device", default=None)
     c.add_argument("--quiet", action="store_true")
+    add_trust_remote_code(c)
     add_recipe_options(c)
     c.set_defaults(func=cmd_compare, recipe="rtn,block,la,mb,cbq")
 

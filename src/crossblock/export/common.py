@@ -109,11 +109,11 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def skeleton(config) -> nn.Module:
+def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     """The model's module tree on the meta device: names and layer types, no memory."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def dense_weight(qweight: QuantizedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -122,13 +122,14 @@ def dense_weight(qweight: QuantizedWeight, module: nn.Module, dtype: torch.dtype
     return w.t().contiguous() if is_conv1d(module) else w
 
 
-def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], device: str):
+def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], device: str,
+                trust_remote_code: bool = False):
     """A plain transformers model with dense weights, `crossblock_qweight` re-attached.
 
     `state_dict` holds the unquantized tensors; each quantized layer's dense weight is
     computed here from its integers, so that the model equals the fake-quant one."""
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-    layout = skeleton(config)
+    layout = skeleton(config, trust_remote_code)
     for name, qweight in qweights.items():
         state_dict[f"{name}.weight"] = dense_weight(qweight, layout.get_submodule(name), dtype)
     model = type(layout).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)

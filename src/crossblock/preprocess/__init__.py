@@ -89,7 +89,8 @@ def cfp(model, ids: torch.Tensor, recipe: Recipe, device="cpu", progress: bool =
 
 
 def preprocess_folder(model_path: str, calib_files, out, recipe: Recipe, device: str | None = None,
-                      dtype: str = "float32", overwrite: bool = False, progress: bool = True):
+                      dtype: str = "float32", overwrite: bool = False, progress: bool = True,
+                      trust_remote_code: bool = False):
     """`crossblock preprocess`: write the CFP-preprocessed FP model (and cfp.json) to `out`."""
     from .. import api
     from ..data.text import digest, read_texts
@@ -98,7 +99,7 @@ def preprocess_folder(model_path: str, calib_files, out, recipe: Recipe, device:
 
     api.check_output(out, overwrite, needed=[model_path, calib_files])
     calib = read_texts(calib_files)
-    model, tokenizer = api.load_model(model_path, dtype=dtype)
+    model, tokenizer = api.load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     api.check_weights_finite(model)
     ids = api.calibration_ids(tokenizer, calib, recipe)
     found = cfp(model, ids, recipe, device or api.default_device(), progress)
