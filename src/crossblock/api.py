@@ -22,6 +22,7 @@ from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .engine.distributed import is_main, rank_and_size, shard
 from .engine.reconstruct import WindowEngine
 from .errors import CrossblockError
+from .export import schema
 from .eval.perplexity import perplexity
 from .model.adapter import block_linears, capture, find_blocks
 from . import output
@@ -228,9 +229,11 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
     except Exception as e:  # noqa: BLE001 - a folder transformers cannot read: say why in one line
         raise CrossblockError(f"cannot load {path}: {first_line(e)}") from None
     report = Path(path) / REPORT_FILE
-    recorded = json.loads(report.read_text()).get("activations") if report.is_file() else None
+    recorded = schema.read_json(report).get("activations") if report.is_file() else None
     if recorded:
-        act_quant.rebuild(model, recorded)
+        prefix, blocks = find_blocks(model)
+        quantizable = {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, _ in block_linears(b)}
+        act_quant.rebuild(model, schema.check_activations(recorded, report, quantizable))
     return model
 
 

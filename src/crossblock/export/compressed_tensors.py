@@ -27,6 +27,7 @@ from ..quant.grid import QuantizedWeight, dequantize
 from .common import (check_layers, model_dtype, replace_layer_entries, require_quantized_layers,
                      save_folder, unquantized_linears, warn_if_scales_round)
 from .formats import act_args
+from .schema import check_packed, need
 
 FMT = "compressed-tensors"
 
@@ -121,11 +122,14 @@ def read_layer(tensors: dict, name: str, args) -> QuantizedWeight:
     zero_point = tensors.pop(f"{name}.weight_zero_point", None)
     if f"{name}.weight_packed" in tensors:  # pack-quantized
         shape = tuple(tensors.pop(f"{name}.weight_shape").tolist())
+        check_packed(name, tensors[f"{name}.weight_packed"], shape, bits)
         q_ct = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), bits, shape)
         if zero_point is not None:
             zero_point = unpack_from_int32(zero_point, bits, (shape[0], scale.shape[1]), packed_dim=0)
     else:  # int-quantized: one int8 per weight
         q_ct = tensors.pop(f"{name}.weight")
+        need(not q_ct.is_floating_point() and q_ct.numel() and -offset <= int(q_ct.min()) and int(q_ct.max()) < offset,
+             f"compressed-tensors layer {name}", f"integers outside the {bits}-bit range")
     zero = torch.full_like(scale, offset) if zero_point is None else zero_point.float() + offset
     group_size = -1 if args.strategy == "channel" else args.group_size
     return QuantizedWeight((q_ct.to(torch.int16) + offset).to(torch.uint8), scale, zero,
