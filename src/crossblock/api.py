@@ -21,6 +21,7 @@ from .engine.chains import ChainStore
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .engine.distributed import is_main, rank_and_size, shard
 from .engine.reconstruct import WindowEngine
+from . import validate
 from .errors import CrossblockError
 from .export import schema
 from .eval.perplexity import perplexity
@@ -50,7 +51,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_re
     if looks_local and not (path / "config.json").is_file():
         raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
     source = str(path) if looks_local else name_or_path
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    dtype = validate.parse_dtype(dtype, auto=True)
     try:
         stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -123,6 +124,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     (default: CUDA when present) one window at a time.
     """
     t0 = time.time()
+    validate.check_quantize_args(model, calib, device)
     recipe = recipe.validated()
     recipe.check_model({n: weight_of(m).shape[1] for n, m in quantized_layers(model, recipe).items()})
     check_weights_finite(model)
@@ -222,8 +224,10 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
     in `dtype` (default: the checkpoint's), its layers quantizing their inputs as they did
     when it was written (crossblock.json records the activation quantizers)."""
     from . import export
+    validate.check_device(device)
+    dtype = validate.parse_dtype(dtype)
     try:
-        model = export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype, trust_remote_code)
+        model = export.load(path, device, dtype, trust_remote_code)
     except CrossblockError:
         raise
     except Exception as e:  # noqa: BLE001 - a folder transformers cannot read: say why in one line
@@ -237,6 +241,15 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
     return model
 
 
+def load_tokenizer(path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a folder without a (readable) tokenizer
+        raise CrossblockError(f"cannot load a tokenizer from {path}: {first_line(e)} (pass --tokenizer)") from None
+
+
 def evaluate(model, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,
              progress: bool = True) -> float:
+    validate.check_windows(seqlen, max_windows)
     return perplexity(model, tokenize(tokenizer, text), seqlen, max_windows, progress=progress)

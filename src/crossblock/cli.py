@@ -87,8 +87,8 @@ def cmd_quantize(args):
 
 
 def _dtype(d):
-    import torch
-    return getattr(torch, d) if isinstance(d, str) else d
+    from .validate import parse_dtype
+    return parse_dtype(d, "save dtype")
 
 
 def cmd_preprocess(args):
@@ -112,8 +112,7 @@ def cmd_eval(args):
     text = read_texts(args.ppl)
     model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype,
                      trust_remote_code=args.trust_remote_code)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = api.load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet)
     print(f"perplexity {ppl:.4f}")
 

@@ -177,6 +177,9 @@ def staged_dir(out: Path, keep_checkpoint: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise _os_error(out, e) from None
+        if type(e).__name__ == "SafetensorError":  # safetensors' own I/O error (e.g. a full disk)
+            why = "disk full" if "No space" in str(e) else str(e).strip().splitlines()[0]
+            raise CrossblockError(f"cannot write output folder {out}: {why}") from None
         raise
     finally:
         release(tmp)
