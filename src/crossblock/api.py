@@ -95,7 +95,9 @@ def calibration_ids(tokenizer, calib, recipe: Recipe) -> torch.Tensor:
             raise CrossblockError(f"calibration ids must be (nsamples, seqlen), got {tuple(calib.shape)}")
         return calib.long()
     text = calib if isinstance(calib, str) else "\n\n".join(calib)
-    return calibration_windows(tokenize(tokenizer, text), recipe.nsamples, recipe.seqlen, recipe.seed)
+    # windows are drawn from (at least) 16 times the tokens they hold: a huge file is not tokenized whole
+    ids = tokenize(tokenizer, text, enough=16 * recipe.nsamples * recipe.seqlen)
+    return calibration_windows(ids, recipe.nsamples, recipe.seqlen, recipe.seed)
 
 
 def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
@@ -252,4 +254,5 @@ def load_tokenizer(path, trust_remote_code: bool = False):
 def evaluate(model, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,
              progress: bool = True) -> float:
     validate.check_windows(seqlen, max_windows)
-    return perplexity(model, tokenize(tokenizer, text), seqlen, max_windows, progress=progress)
+    ids = tokenize(tokenizer, text, enough=None if max_windows is None else max_windows * seqlen)
+    return perplexity(model, ids, seqlen, max_windows, progress=progress)
