@@ -17,6 +17,7 @@ Conventions, theirs against ours (quant/grid.py):
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -30,6 +31,7 @@ from .formats import act_args
 from .schema import check_packed, need
 
 FMT = "compressed-tensors"
+log = logging.getLogger(__name__)
 
 
 def layer_scheme_key(qweight: QuantizedWeight) -> tuple[int, int, bool]:
@@ -81,6 +83,17 @@ def compress_layer(qweight: QuantizedWeight, scheme, dtype: torch.dtype) -> dict
     return packed
 
 
+def warn_if_asymmetric(layers: dict):
+    """Plain transformers (5.24, compressed-tensors 0.20) cannot load packed zero points
+    (llm-compressor #1618, compressed-tensors #458): say so while the user can still choose."""
+    asym = [name for name, (_, qw) in layers.items() if not qw.sym]
+    if asym:
+        log.warning("compressed-tensors with zero points (asymmetric grid, %d layers): plain transformers "
+                    "`AutoModelForCausalLM.from_pretrained` fails on it (upstream llm-compressor #1618); load it "
+                    "with quantization_config=CompressedTensorsConfig(dequantize=True), or quantize with --sym "
+                    "(sym: true) for a folder that loads plainly", len(asym))
+
+
 def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathLike, act_scheme: dict | None = None):
     """Write `model` as a compressed-tensors checkpoint.
 
@@ -95,6 +108,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathL
     check_layers(FMT, layers, act_scheme=act_scheme)
     dtype = model_dtype(model)
     warn_if_scales_round(FMT, layers, dtype)
+    warn_if_asymmetric(layers)
 
     schemes, ignore, scheme_of = build_schemes(model, layers, act_scheme)
     state_dict = model.state_dict()
