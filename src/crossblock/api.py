@@ -16,17 +16,16 @@ from pathlib import Path
 
 import torch
 
+from . import output, validate
 from .data.text import calibration_windows, digest, tokenize
 from .engine.chains import ChainStore
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .engine.distributed import is_main, rank_and_size, shard
 from .engine.reconstruct import WindowEngine
-from . import validate
 from .errors import CrossblockError
 from .export import schema
 from .eval.perplexity import perplexity
 from .model.adapter import block_linears, capture, find_blocks
-from . import output
 from .output import staged_dir
 from .preprocess import cfp
 from .quant import act as act_quant

@@ -33,7 +33,7 @@ def add_recipe_options(p: argparse.ArgumentParser):
 
 def add_trust_remote_code(p: argparse.ArgumentParser):
     p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the Python code a model folder names in its config (auto_map); off: refuse such folders")
+                   help="run Python code a model folder names in its config (auto_map); without it, that code never runs")
 
 
 def recipe_from_args(args, name: str | None = None) -> Recipe:
