@@ -58,7 +58,7 @@ CASES = {
     "eval --dtype float99": (lambda t: eval_args("--dtype", "float99"), "unsupported dtype"),
     "eval --device tpu": (lambda t: eval_args("--device", "tpu"), "device 'tpu'"),
     "eval of a folder without tokenizer": (no_tokenizer, "cannot load a tokenizer"),
-    "eval of a pickled .bin": (pickle_bin, "cannot load"),
+    "eval of a pickled .bin": (pickle_bin, "model.safetensors"),
 }
 
 

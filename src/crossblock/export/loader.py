@@ -37,7 +37,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     from transformers import AutoModelForCausalLM
     quantization = read_config(path).get("quantization_config")
     if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+        # safetensors only: a pickled .bin is never unpickled (crossblock writes safetensors)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
         model = model.to(device).eval()
         return model if dtype is None else model.to(dtype)
     method = quantization.get("quant_method")
