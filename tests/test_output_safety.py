@@ -76,8 +76,7 @@ def test_overwrite_replaces_a_crossblock_output(tmp_path, capsys):
     assert not partial_dir(out).exists() and not list(out.glob("checkpoint*")) and not (out / "crossblock.lock").exists()
 
 
-@pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]])
-def test_second_run_on_the_same_out_refuses_while_the_first_runs(flag, tmp_path, capsys):
+def test_second_run_on_the_same_out_refuses_while_the_first_runs(tmp_path, capsys):
     out = tmp_path / "out"
     first = cli(out)
     try:
@@ -85,9 +84,11 @@ def test_second_run_on_the_same_out_refuses_while_the_first_runs(flag, tmp_path,
         while windows_done(out) < 1:
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.02)
-        assert main(quantize_args(out, *flag)) == 2
-        err = one_line_error(capsys, "another crossblock run")
-        assert f"pid {first.pid}" in err
+        for flag in ([], ["--overwrite"], ["--resume"]):
+            assert main(quantize_args(out, *flag)) == 2
+            err = one_line_error(capsys, "another crossblock run")
+            assert f"pid {first.pid}" in err
+            assert first.poll() is None  # still running: nothing of its was deleted
     finally:
         rc = first.wait()
     assert rc == 0, first.stderr.read()  # the first run was not disturbed
