@@ -24,6 +24,9 @@ from pathlib import Path
 from common import ROOT, SHARED
 CALIB = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
 TEST = SHARED / "data" / "wikitext2" / "wiki.test.raw"
+# a second text from another domain: an end-to-end step can learn the calibration domain (WikiText)
+# rather than the model, which WikiText-2 test perplexity alone would flatter
+SECOND = SHARED / "data" / "tinystories" / "valid.txt"
 BIN = Path(sys.executable).parent
 AUTOROUND = ROOT / "bench" / "autoround"
 
@@ -44,8 +47,8 @@ def prepare_model():
     return out.stdout.strip().splitlines()[-1]
 
 
-def evaluate(model_dir, args, log) -> float:
-    cmd = [BIN / "crossblock", "eval", "--model", model_dir, "--ppl", TEST, "--seqlen", args.seqlen,
+def evaluate(model_dir, args, log, text=TEST) -> float:
+    cmd = [BIN / "crossblock", "eval", "--model", model_dir, "--ppl", text, "--seqlen", args.seqlen,
            "--max-windows", args.eval_windows, "--quiet", "--tokenizer", args.model]
     sh(cmd, log)
     last = Path(log).read_text().strip().splitlines()[-1]
@@ -73,7 +76,8 @@ def run_row(row, args, work, log):
     if getattr(args, "abits", 16) < 16:
         common += ["--abits", args.abits]
     if preset == "fp":
-        return {"row": name, "ppl": evaluate(args.model, args, log), "command": "(full precision)"}
+        return {"row": name, "ppl": evaluate(args.model, args, log), "command": "(full precision)",
+                **({"ppl_tinystories": evaluate(args.model, args, log, SECOND)} if args.second_text else {})}
     if preset == "autoround":
         if getattr(args, "abits", 16) < 16:
             raise SystemExit("the autoround row quantizes weights only; drop it or --abits")
@@ -94,7 +98,8 @@ def run_row(row, args, work, log):
         sh(cmd, log)
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
-    return {"row": name, "ppl": evaluate(out, args, log), "wall_s": wall, "peak_rss_mib": rss,
+    second = {"ppl_tinystories": evaluate(out, args, log, SECOND)} if args.second_text else {}
+    return {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss,
             "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")}
 
 
@@ -114,10 +119,12 @@ def write_table(jsonl: Path, args):
              f"(`wiki.test.raw`, first {args.eval_windows} windows of {args.seqlen} tokens), calibration "
              f"{args.nsamples} x {args.seqlen} tokens from `wiki.valid.tokens` (seed {args.seed}), "
              f"{args.iters} steps per window, batch {args.batch_size}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}.",
-             "", "| row | ppl | gap to FP | wall s | peak RSS MiB |", "|---|---|---|---|---|"]
+             "", "| row | ppl | gap to FP | TinyStories ppl | wall s | peak RSS MiB |", "|---|---|---|---|---|---|"]
     for r in rows:
         gap = f"{r['ppl'] - fp:.2f}" if fp is not None else "-"
-        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {gap} | {r.get('wall_s', '-')} | {r.get('peak_rss_mib', '-')} |")
+        second = f"{r['ppl_tinystories']:.2f}" if "ppl_tinystories" in r else "-"
+        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {gap} | {second} | {r.get('wall_s', '-')} | "
+                     f"{r.get('peak_rss_mib', '-')} |")
     lines += ["", "Commands, from the repository root (`$SMOLLM2` = the folder prepare.py prints, "
               "`$CROSSBLOCK_SHARED` = ../shared):", ""]
     lines += [f"- {r['row']}: `{portable(r['command'])}`" for r in rows]
@@ -135,6 +142,7 @@ def main():
     for flag, default in [("wbits", 2), ("group-size", 64), ("iters", 20), ("nsamples", 128), ("seqlen", 512),
                           ("batch-size", 8), ("seed", 0), ("eval-windows", 40), ("abits", 16)]:
         p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--second-text", action="store_true", help=f"also evaluate on {SECOND.name} (TinyStories)")
     args = p.parse_args()
     args.model = args.model or prepare_model()
     work = ROOT / "bench" / "work" / args.name

@@ -65,7 +65,7 @@ def test_packed_formats_refuse_the_online_rotation_before_quantizing(fmt, kw, tm
 
 def test_rotate_comes_before_cfp_and_windows(tmp_path):
     (tmp_path / "r.yaml").write_text("stages: [cfp, rotate, windows]\n")
-    with pytest.raises(CrossblockError, match="order rotate, cfp, windows"):
+    with pytest.raises(CrossblockError, match="order rotate, cfp \\(the FP model\\), windows, finetune"):
         cb.Recipe.from_yaml(tmp_path / "r.yaml")
     with pytest.raises(CrossblockError, match="rotate_kind has no effect without rotate"):
         cb.Recipe.preset("rtn", rotate_kind="random-orthogonal")

@@ -15,16 +15,17 @@ import dataclasses
 import hashlib
 import json
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from . import output, validate
 from .data.text import calibration_windows, digest, tokenize
 from .distributed import barrier, is_main, rank_and_size
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
+from .export import schema
 from .eval.perplexity import perplexity
 from .model.adapter import block_linears, find_blocks
 from .output import partial_dir, staged_dir
@@ -40,8 +41,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
-    """A transformers causal LM and its tokenizer, from a local folder or a hub id."""
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+    """A transformers causal LM and its tokenizer, from a local folder or a hub id. A model
+    whose config names custom code (`auto_map`) runs it only with `trust_remote_code`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path).expanduser()
@@ -49,16 +51,23 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32"):
     if looks_local and not (path / "config.json").is_file():
         raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
     source = str(path) if looks_local else name_or_path
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    dtype = validate.parse_dtype(dtype, auto=True)
     try:
-        stored = AutoConfig.from_pretrained(source).dtype
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
         model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None  # see checkpoint_dtype
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CrossblockError(f"cannot load model {name_or_path}: {first}") from None
+        raise CrossblockError(f"cannot load model {name_or_path}: {first_line(e)}") from None
     return model.eval(), tokenizer
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line; for transformers' refusal of custom code, how to allow it."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "custom code" in text and "trust_remote_code" not in text:
+        text += " (crossblock runs it only with --trust-remote-code / trust_remote_code=True)"
+    return text
 
 
 def checkpoint_dtype(model) -> torch.dtype:
@@ -88,7 +97,9 @@ def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
             raise CrossblockError(f"calibration ids must be (nsamples, seqlen), got {tuple(calib.shape)}")
         return calib.long()
     text = calib if isinstance(calib, str) else "\n\n".join(calib)
-    return calibration_windows(tokenize(tokenizer, text), data.nsamples, data.seqlen, data.seed)
+    # windows are drawn from (at least) 16 times the tokens they hold: a huge file is not tokenized whole
+    ids = tokenize(tokenizer, text, enough=16 * data.nsamples * data.seqlen)
+    return calibration_windows(ids, data.nsamples, data.seqlen, data.seed)
 
 
 def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
@@ -143,6 +154,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     (default: CUDA when present) one window at a time.
     """
     t0 = time.time()
+    validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
     recipe.grid.check_widths({n: weight_of(m).shape[1] for n, m in quantized_layers(model, recipe.skip).items()})
     check_weights_finite(model)
@@ -178,29 +190,33 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
 def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: str = "fake",
                     dtype: str = "float32", save_dtype: str = "auto", device: str | None = None,
                     overwrite: bool = False, resume: bool = False, offload: str = "ram",
-                    progress: bool = True) -> dict:
+                    progress: bool = True, trust_remote_code: bool = False) -> dict:
     """The whole `crossblock quantize` job: load, quantize with a checkpoint after every window,
-    write `out` (complete or absent), return the report. Under torchrun every rank computes and
+    write `out` (complete or absent), return the report ({} on data-parallel ranks other than 0,
+    and for a `resume` that finds `out` already complete). Under torchrun every rank computes and
     checkpoints its shard; rank 0 writes `out`."""
     from .data.text import read_texts
 
     # every check that can fail runs before the long part
     recipe = recipe.validated()
     out = Path(out)
-    check_output(out, overwrite)
-    work = partial_dir(out)
-    if is_main() and work.exists() and not resume:
-        if not overwrite:
-            raise CrossblockError(f"{work} holds an interrupted run: pass --resume to continue it, "
-                                  "or --overwrite to start over")
-        shutil.rmtree(work)
-    barrier()  # data parallel: no rank creates the staging folder before rank 0 has checked it
+    needed = [model_path, *calib_files]
+    output.check_output(out, overwrite, needed=needed, resume=resume)
+    stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
     calib = read_texts(calib_files)
-    model, tokenizer = load_model(model_path, dtype=dtype)
-    stored = checkpoint_dtype(model) if save_dtype == "auto" else getattr(torch, save_dtype)
+    model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    stored = stored or checkpoint_dtype(model)
     run = dict(device=device, offload=offload, format=format, save_dtype=stored)
+    for_format(recipe, model, format, stored)  # refuse what the format cannot store before any work
+    if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
+        output.prepare_staging(out, resume, overwrite, needed=needed)
+    barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
+    work = partial_dir(out)
+    if not work.exists():  # resume of a run killed after its final rename
+        if is_main():
+            print(f"{out} is already complete: nothing to resume")
+        return {}
     if not is_main():
-        work.mkdir(parents=True, exist_ok=True)
         quantize(model, tokenizer, recipe, calib, progress=False, checkpoint_dir=work, **run)
         barrier()
         return {}
@@ -215,7 +231,7 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
 
 def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, weights: bool = False, data=None,
                       skip=(), device: str | None = None, dtype: str = "float32", overwrite: bool = False,
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, trust_remote_code: bool = False) -> list[dict]:
     """`crossblock preprocess`: write the CFP-preprocessed FP model (and cfp.json) to `out`."""
     from .data.text import read_texts
     from .export.common import save_folder
@@ -223,9 +239,9 @@ def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, wei
     from .recipe import Data
 
     data = (data or Data()).validated()
-    check_output(out, overwrite)
+    check_output(out, overwrite, needed=[model_path, calib_files])
     calib = read_texts(calib_files)
-    model, tokenizer = load_model(model_path, dtype=dtype)
+    model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, data)
     found = cfp(model, ids, alpha, weights, data.batch_size, list(skip), device or default_device(), progress)
@@ -244,10 +260,10 @@ def versions() -> dict:
     return {"crossblock": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def check_output(out: Path, overwrite: bool = False):
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CrossblockError(f"output folder {out} exists and is not empty (pass overwrite / --overwrite)")
+def check_output(out: Path, overwrite: bool = False, needed=()):
+    """Refuse an `out` that holds the working directory or a path in `needed`, or that is a
+    non-empty folder which only `overwrite` may replace, and only if crossblock wrote it."""
+    output.check_output(out, overwrite, needed)
 
 
 def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: dict | None = None,
@@ -278,14 +294,21 @@ def save(model, tokenizer, out, format: str = "fake", report: dict | None = None
     return out
 
 
-def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None):
+def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
     """Any folder crossblock writes (fake, compressed-tensors, gptq) as a transformers model,
     in `dtype` (default: the checkpoint's), its layers quantizing their inputs as they did
     when it was written (crossblock.json records the activation quantizers)."""
     from . import export
-    model = export.load(path, device, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    validate.check_device(device)
+    dtype = validate.parse_dtype(dtype)
+    try:
+        model = export.load(path, device, dtype, trust_remote_code)
+    except CrossblockError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a folder transformers cannot read: say why in one line
+        raise CrossblockError(f"cannot load {path}: {first_line(e)}") from None
     report = Path(path) / REPORT_FILE
-    info = json.loads(report.read_text()) if report.is_file() else {}
+    info = schema.read_json(report) if report.is_file() else {}
     recorded = info.get("activations")
     if info.get("transforms") and recorded:  # activation quantizers read the rotated input x H
         from .preprocess.online import rebuild_transforms
@@ -296,10 +319,22 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None):
                 if t is not None:
                     m.weight.copy_((m.weight.double() @ t.matrix().to(m.weight.device)).to(m.weight.dtype))
     if recorded:
-        act_quant.rebuild(model, recorded)
+        prefix, blocks = find_blocks(model)
+        quantizable = {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, _ in block_linears(b)}
+        act_quant.rebuild(model, schema.check_activations(recorded, report, quantizable))
     return model
+
+
+def load_tokenizer(path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a folder without a (readable) tokenizer
+        raise CrossblockError(f"cannot load a tokenizer from {path}: {first_line(e)} (pass --tokenizer)") from None
 
 
 def evaluate(model, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,
              progress: bool = True) -> float:
-    return perplexity(model, tokenize(tokenizer, text), seqlen, max_windows, progress=progress)
+    validate.check_windows(seqlen, max_windows)
+    ids = tokenize(tokenizer, text, enough=None if max_windows is None else max_windows * seqlen)
+    return perplexity(model, ids, seqlen, max_windows, progress=progress)

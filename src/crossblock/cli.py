@@ -33,6 +33,11 @@ def add_recipe_options(p: argparse.ArgumentParser):
             p.add_argument(flag, type=base, default=None)
 
 
+def add_trust_remote_code(p: argparse.ArgumentParser):
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code a model folder names in its config (auto_map); without it, that code never runs")
+
+
 def recipe_from_args(args, name: str | None = None) -> Recipe:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Flat)
                  if f.name != "name" and getattr(args, f.name, None) is not None}
@@ -44,8 +49,8 @@ def cmd_quantize(args):
     report = api.quantize_folder(args.model, args.calib, args.out, recipe_from_args(args), format=args.format,
                                  dtype=args.dtype, save_dtype=args.save_dtype, device=args.device,
                                  overwrite=args.overwrite, resume=args.resume, offload=args.offload,
-                                 progress=not args.quiet)
-    if not report:  # a data-parallel rank other than 0: rank 0 writes and reports
+                                 progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+    if not report:  # a data-parallel rank other than 0, or a resumed run that was already complete
         return
     last = report["blocks"][-1]
     print(f"wrote {args.out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
@@ -61,7 +66,8 @@ def cmd_preprocess(args):
     data = Data(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=min(8, args.nsamples))
     cfp = Cfp(args.cfp_alpha, args.cfp_weights).validated()
     found = preprocess_folder(args.model, args.calib, Path(args.out), cfp.alpha, cfp.weights, data, args.skip or [],
-                              device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet)
+                              device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
+                              trust_remote_code=args.trust_remote_code)
     channels = sum(sum(b["outlier_channels"].values()) for b in found)
     weights = sum(sum(b["outlier_weights"].values()) for b in found)
     print(f"wrote {args.out}: {channels} outlier channels scaled, {weights} outlier weights truncated "
@@ -73,9 +79,9 @@ def cmd_eval(args):
     from .data.text import read_texts
 
     text = read_texts(args.ppl)
-    model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code)
+    tokenizer = api.load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet)
     print(f"perplexity {ppl:.4f}")
 
@@ -86,9 +92,10 @@ def cmd_plan(args):
 
     recipe = recipe_from_args(args)
     try:
-        config = AutoConfig.from_pretrained(args.model)
+        config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CrossblockError(f"cannot read the config of {args.model}: {str(e).splitlines()[0]}") from None
+        from .api import first_line
+        raise CrossblockError(f"cannot read the config of {args.model}: {first_line(e)}") from None
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if not layers:
         raise CrossblockError(f"cannot tell the number of blocks of {args.model} from its config")
@@ -102,7 +109,8 @@ def cmd_compare(args):
     recipes = [recipe_from_args(args, name) for name in args.recipe.split(",") if name]
     if not recipes:
         raise CrossblockError("--recipe needs at least one preset or YAML file (comma-separated)")
-    rows = compare(args.model, recipes, read_texts(args.calib), args.blocks, args.device, progress=not args.quiet)
+    rows = compare(args.model, recipes, read_texts(args.calib), args.blocks, args.device, progress=not args.quiet,
+                   trust_remote_code=args.trust_remote_code)
     print(compare_table(rows))
 
 
@@ -133,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--offload", choices=("ram", "disk"), default="ram",
                    help="keep activation chains in RAM or in memory-mapped files beside OUT")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_trust_remote_code(q)
     add_recipe_options(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -152,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--device", default=None)
     pp.add_argument("--overwrite", action="store_true")
     pp.add_argument("--quiet", action="store_true")
+    add_trust_remote_code(pp)
     pp.set_defaults(func=cmd_preprocess)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol)")
@@ -163,10 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="dtype to evaluate in (default float32: bf16 matmuls are slow on most CPUs)")
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
+    add_trust_remote_code(e)
     e.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("plan", help="print the windows of a recipe and the work they cost")
     pl.add_argument("--model", required=True)
+    add_trust_remote_code(pl)
     add_recipe_options(pl)
     pl.set_defaults(func=cmd_plan)
 
@@ -176,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--blocks", type=int, default=None, help="quantize only the first N blocks (default: all)")
     c.add_argument("--device", default=None)
     c.add_argument("--quiet", action="store_true")
+    add_trust_remote_code(c)
     add_recipe_options(c)
     c.set_defaults(func=cmd_compare, recipe="rtn,block,la,mb,cbq")
 

@@ -33,12 +33,12 @@ def keep_first_blocks(model, blocks: int):
 
 
 def compare(model_name: str, recipes: list[Recipe], calib, blocks: int | None = None, device: str | None = None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, trust_remote_code: bool = False) -> list[dict]:
     """One row per recipe: last-block relative MSE against FP, block passes, seconds."""
     from .api import load_model, quantize
     rows = []
     for recipe in recipes:
-        model, tokenizer = load_model(model_name)
+        model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
         if blocks is not None:
             keep_first_blocks(model, blocks)
         n = len(find_blocks(model)[1])

@@ -1,19 +1,31 @@
-"""Output folders that are either complete or absent.
+"""Output folders that are either complete or absent, and never at the cost of anything else.
 
 Everything is written into a hidden staging folder beside OUT (`.OUT.partial`) that is renamed
 to OUT once complete (crossblock.json last). A run that dies keeps its staging folder only if it
-holds a window checkpoint, for `--resume`; it never looks like a finished OUT.
+holds a window checkpoint, for `--resume`; it never looks like a finished OUT. Checkpoints are
+deleted only after the rename, so a kill at any instant of the final save leaves either a
+resumable staging folder or a complete OUT.
+
+What OUT may be: never a folder that holds the working directory or a file the run reads (the
+model, the calibration texts); `--overwrite` replaces only a folder crossblock wrote (it holds
+one of MARKERS) or an empty one. A quantize run holds an exclusive lock (flock) on its staging
+folder, so a second run with the same OUT refuses instead of sharing or deleting it.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 from pathlib import Path
 
 from .engine.checkpoint import checkpoint_files
 from .errors import CrossblockError
+
+MARKERS = ("crossblock.json", "cfp.json")  # what quantize / preprocess write last
+LOCK_FILE = "crossblock.lock"  # in the staging folder: the pid of the run holding the lock
+_held: dict[Path, int] = {}  # staging folder -> the open descriptor carrying its lock
 
 
 def partial_dir(out: Path) -> Path:
@@ -24,6 +36,119 @@ def partial_dir(out: Path) -> Path:
 def _os_error(out: Path, e: OSError) -> CrossblockError:
     why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
     return CrossblockError(f"cannot write output folder {out}: {why}")
+
+
+def written_by_crossblock(folder: Path) -> bool:
+    return any((Path(folder) / m).is_file() for m in MARKERS)
+
+
+def check_output(out: Path, overwrite: bool = False, needed=(), resume: bool = False):
+    """Refuse an OUT whose writing could destroy anything but an earlier crossblock output:
+    one that is or contains the working directory or a path in `needed`, or a non-empty
+    folder crossblock did not write. `resume` accepts an OUT a killed run had completed."""
+    out = Path(out)
+    overwrite = overwrite or (resume and not partial_dir(out).exists() and written_by_crossblock(out))
+    target = out.resolve()
+    needed = [q for p in needed for q in ([p] if isinstance(p, (str, os.PathLike)) else p)]  # lists too
+    for label, path in [("the working directory", Path.cwd()), *((str(p), Path(p)) for p in needed)]:
+        path = path.expanduser().resolve()
+        if path == target or target in path.parents:
+            raise CrossblockError(f"output folder {out} would replace {label}, which it "
+                                  f"{'is' if path == target else 'contains'}: choose a new folder")
+    refuse_if_locked(partial_dir(out))
+    interrupted = [p for p in partial_dir(out).glob("*") if p.name != LOCK_FILE]
+    if interrupted and not (resume or overwrite):
+        raise CrossblockError(f"{partial_dir(out)} holds an interrupted run: pass --resume to continue it, "
+                              "or --overwrite to start over")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise CrossblockError(f"output path {out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CrossblockError(f"output folder {out} exists and is not empty (pass overwrite / --overwrite)")
+    if not written_by_crossblock(out):
+        raise CrossblockError(f"output folder {out} is not a crossblock output (no {' or '.join(MARKERS)}): "
+                              "--overwrite replaces only those; remove it yourself or choose another folder")
+
+
+def try_lock(work: Path) -> int | None:
+    """An open descriptor of `work` carrying its exclusive lock, or None if another run holds it."""
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def refuse_if_locked(work: Path):
+    """Refuse, naming it, if a live run holds the staging folder (its lock dies with it)."""
+    work = Path(work)
+    if work.resolve() in _held or not work.is_dir():
+        return
+    fd = try_lock(work)
+    if fd is not None:
+        os.close(fd)
+        return
+    try:
+        pid = (work / LOCK_FILE).read_text().strip() or "?"
+    except OSError:
+        pid = "?"
+    raise CrossblockError(f"another crossblock run (pid {pid}) is writing {work}: wait for it to finish, "
+                          "or stop it first")
+
+
+def lock_staging(work: Path):
+    """Take the exclusive lock of a staging folder (created if absent), or refuse naming the
+    process that holds it. A process holds one lock per folder: a new one replaces its own."""
+    work = Path(work)
+    release(work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        fd = try_lock(work)
+    except OSError as e:
+        raise _os_error(work, e) from None
+    if fd is None:
+        refuse_if_locked(work)
+        raise CrossblockError(f"another crossblock run is writing {work} (it has just finished): try again")
+    _held[work.resolve()] = fd
+    try:
+        (work / LOCK_FILE).write_text(f"{os.getpid()}\n")
+    except OSError as e:
+        release(work)
+        raise _os_error(work, e) from None
+
+
+def release(work: Path):
+    fd = _held.pop(Path(work).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+def prepare_staging(out: Path, resume: bool = False, overwrite: bool = False, needed=()) -> Path | None:
+    """Check OUT, lock its staging folder and clear an interrupted run there unless `resume`.
+    Returns the staging folder, or None when `resume` finds OUT already complete (a kill after
+    the final rename: only the leftover checkpoints are removed)."""
+    out = Path(out)
+    work = partial_dir(out)
+    check_output(out, overwrite, needed, resume)
+    if resume and not work.exists() and written_by_crossblock(out):
+        for f in checkpoint_files(out):
+            f.unlink()
+        return None
+    lock_staging(work)
+    leftovers = [p for p in work.iterdir() if p.name != LOCK_FILE]
+    if leftovers and not resume:
+        if not overwrite:
+            release(work)
+            raise CrossblockError(f"{work} holds an interrupted run: pass --resume to continue it, "
+                                  "or --overwrite to start over")
+        for p in leftovers:  # the folder itself stays: it carries the lock
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return work
 
 
 @contextlib.contextmanager
@@ -38,14 +163,23 @@ def staged_dir(out: Path, keep_checkpoint: bool = False):
         raise _os_error(out, e) from None
     try:
         yield tmp
-        for f in checkpoint_files(tmp):
-            f.unlink()
+        (tmp / LOCK_FILE).unlink(missing_ok=True)
         if out.exists():
+            if not written_by_crossblock(out) and any(out.iterdir()):  # it changed since the check
+                raise CrossblockError(f"output folder {out} is not a crossblock output any more: not replaced")
             shutil.rmtree(out)
         os.replace(tmp, out)
+        # only now: until the rename, a kill leaves the checkpoints a --resume finishes from
+        for f in checkpoint_files(out):
+            f.unlink()
     except BaseException as e:
-        if not (keep_checkpoint and checkpoint_files(tmp)):
+        if tmp.exists() and not (keep_checkpoint and checkpoint_files(tmp)):
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise _os_error(out, e) from None
+        if type(e).__name__ == "SafetensorError":  # safetensors' own I/O error (e.g. a full disk)
+            why = "disk full" if "No space" in str(e) else str(e).strip().splitlines()[0]
+            raise CrossblockError(f"cannot write output folder {out}: {why}") from None
         raise
+    finally:
+        release(tmp)

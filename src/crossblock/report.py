@@ -1,10 +1,10 @@
 """`crossblock report OUT`: per-block output error along depth, RTN vs the final model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import CrossblockError
+from .export.schema import check_report, read_json
 
 PLOT_FILE = "error_by_block.png"
 
@@ -13,7 +13,9 @@ def read_report(out: Path) -> dict:
     path = Path(out) / "crossblock.json"
     if not path.is_file():
         raise CrossblockError(f"{out} has no crossblock.json: not a finished crossblock output")
-    return json.loads(path.read_text())
+    report = read_json(path)
+    check_report(report, path)
+    return report
 
 
 def error_table(report: dict) -> str:
@@ -47,10 +49,17 @@ def write_report(out: Path, plot: bool = True) -> str:
         ax.set_ylabel("output rel. MSE vs FP")
         ax.set_yscale("log")
         grid = report["recipe"]["grid"]
-        ax.set_title(f"W{grid['bits']} g{grid['group_size']}: error along depth")
+        label = (f"W{grid.get('bits')} g{grid.get('group_size')}" if grid["type"] == "uniform"
+                 else " ".join(str(v) for v in grid.values()))
+        ax.set_title(f"{label}: error along depth")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(Path(out) / PLOT_FILE, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(Path(out) / PLOT_FILE, dpi=100)
+        except OSError as e:
+            raise CrossblockError(f"cannot write {Path(out) / PLOT_FILE}: {e.strerror or e} "
+                                  "(pass --no-plot for the table only)") from None
+        finally:
+            plt.close(fig)
         text += f"\nplot: {Path(out) / PLOT_FILE}"
     return text

@@ -23,11 +23,26 @@ def read_texts(paths) -> str:
     return "\n\n".join(texts)
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """One long 1-D id tensor; the tokenizer adds its usual special tokens (e.g. one BOS)."""
+WHOLE_CHARS = 2_000_000  # texts up to this size are tokenized in one call, as they always were
+CHUNK_CHARS = 1_000_000  # longer ones chunk by chunk: a fast tokenizer holds ~140 bytes per char
+
+
+def tokenize(tokenizer, text: str, enough: int | None = None) -> torch.Tensor:
+    """One long 1-D id tensor; the tokenizer adds its usual special tokens (e.g. one BOS).
+    A text longer than WHOLE_CHARS is tokenized in chunks cut at line ends, and only until
+    `enough` tokens are found (None: all of it), so a large file costs neither GBs nor minutes."""
     if not text.strip():
         raise CrossblockError("the text is empty")
-    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    if len(text) <= WHOLE_CHARS:
+        return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    parts, count, start = [], 0, 0
+    while start < len(text) and (enough is None or count < enough):
+        end = len(text) if len(text) - start <= CHUNK_CHARS else text.rfind("\n", start, start + CHUNK_CHARS) + 1
+        end = end if end > start else start + CHUNK_CHARS  # no line end in the chunk: cut anyway
+        ids = tokenizer(text[start:end], verbose=False, add_special_tokens=not parts)["input_ids"]
+        parts.append(torch.tensor(ids, dtype=torch.long))
+        count, start = count + len(ids), end
+    return torch.cat(parts)
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

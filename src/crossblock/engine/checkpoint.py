@@ -12,13 +12,14 @@ any instant each file on disk is complete (or absent).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CrossblockError
@@ -58,9 +59,23 @@ def block_path(folder: Path, block: int) -> Path:
     return path.with_name(f"{path.stem}.block{block}.safetensors")
 
 
+def digest(meta: dict, tensors: dict[str, tuple]) -> str:
+    """Binds a file's metadata to its tensors' names, shapes and dtypes: a tampered or
+    truncated-and-patched checkpoint (say, an edited next_window) no longer matches."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "digest"}, sort_keys=True).encode())
+    for key in sorted(tensors):
+        h.update(f"{key}:{tensors[key]}".encode())
+    return h.hexdigest()
+
+
+def layout(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in tensors.items()}
+
+
 def write_atomic(path: Path, layers: dict[str, dict[str, torch.Tensor]], meta: dict):
     tensors = {f"layer.{layer}/{key}": value for layer, entries in layers.items() for key, value in entries.items()}
     tmp = path.with_name(path.name + ".tmp")
+    meta = dict(meta, digest=digest(meta, layout(tensors)))
     save_file(tensors, str(tmp), metadata=meta)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -68,18 +83,32 @@ def write_atomic(path: Path, layers: dict[str, dict[str, torch.Tensor]], meta: d
     fsync_dir(path.parent)
 
 
+def corrupt(path: Path, why: str) -> CrossblockError:
+    return CrossblockError(f"cannot resume from {path}: {why} (start over with --overwrite)")
+
+
 def read_layers(path: Path, fingerprint: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(metadata, layers) of one checkpoint file made by the run `fingerprint` identifies."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        if meta.get("fingerprint") != fingerprint:
-            raise CrossblockError(
-                f"cannot resume from {path}: it was made with a different model, recipe or calibration "
-                "data (start over with --overwrite, or resume with the original settings)")
-        layers = {}
-        for key in f.keys():
-            layer, _, name = key.removeprefix("layer.").partition("/")
-            layers.setdefault(layer, {})[name] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != fingerprint:
+                raise CrossblockError(
+                    f"cannot resume from {path}: it was made with a different model, recipe or calibration "
+                    "data (start over with --overwrite, or resume with the original settings)")
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise corrupt(path, f"not a readable checkpoint ({str(e).strip().splitlines()[0] if str(e).strip() else e})") from None
+    if meta.get("digest") != digest(meta, layout(tensors)):
+        raise corrupt(path, "its metadata does not match its tensors (a damaged or edited file)")
+    layers = {}
+    for key, value in tensors.items():
+        layer, _, name = key.removeprefix("layer.").partition("/")
+        if not (key.startswith("layer.") and name and layer.split(".", 1)[0].isdigit()):
+            raise corrupt(path, f"unexpected tensor {key!r}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise corrupt(path, f"tensor {key} holds NaN or Inf")
+        layers.setdefault(layer, {})[name] = value
     return meta, layers
 
 
@@ -122,9 +151,22 @@ def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
     if not path.is_file():
         return None
     meta, layers = read_layers(path, fingerprint)
-    for j in json.loads(meta.get("finished_blocks", "[]")):
+    try:
+        next_window, finished, report = (int(meta["next_window"]), json.loads(meta["finished_blocks"]),
+                                         json.loads(meta["report"]))
+    except (KeyError, ValueError, RecursionError):
+        raise corrupt(path, "its metadata is incomplete or malformed") from None
+    report = report if isinstance(report, dict) else {}
+    windows, blocks = report.get("windows"), report.get("blocks", [])
+    if not (isinstance(windows, list) and next_window == len(windows) > 0 and isinstance(finished, list)
+            and all(type(j) is int and j >= 0 for j in finished) and isinstance(blocks, list)
+            and all(isinstance(b, dict) for b in blocks)
+            and ("blocks" not in report or len(blocks) == len(finished)
+                                      and sorted(finished) == sorted(b["block"] for b in blocks if type(b.get("block")) is int))):
+        raise corrupt(path, "its next window, finished blocks and report disagree")
+    for j in finished:
         if not block_path(folder, j).is_file():
             raise CrossblockError(f"cannot resume from {path}: {block_path(folder, j).name}, which it needs, "
                                   "is missing (start over with --overwrite)")
         layers.update(read_layers(block_path(folder, j), fingerprint)[1])
-    return EngineState(int(meta["next_window"]), layers, json.loads(meta["report"]))
+    return EngineState(next_window, layers, report)

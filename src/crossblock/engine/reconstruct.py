@@ -87,6 +87,7 @@ class WindowEngine:
         self.device = torch.device(device)
         # where each block lives between its windows (the user's placement, usually the CPU)
         self.home = [next(b.parameters()).device for b in blocks]
+        self.dtype = [next(b.parameters()).dtype for b in blocks]  # the model's, before wrapping
         self.progress = progress
         self.schedule = make_schedule(len(blocks), stage.window, stage.stride, stage.lookahead)
         self.report: dict = {"windows": [], "blocks": []}
@@ -99,6 +100,8 @@ class WindowEngine:
 
     def run(self, lo: int, hi: int, h: torch.Tensor) -> torch.Tensor:
         """Blocks lo..hi (inclusive) on one batch already on the device."""
+        if self.device.type != "cuda":  # no autocast: the float32 chains meet the blocks' dtype
+            h = h.to(self.dtype[lo])
         with self.autocast():
             for j in range(lo, hi + 1):
                 h = self.calls[j](self.blocks[j], h)

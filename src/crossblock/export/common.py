@@ -22,6 +22,7 @@ from ..model.adapter import is_linear
 from ..quant.grid import QuantizedWeight
 from ..quant.linear import is_conv1d
 from .formats import check_format
+from .schema import check_qweight, need, read_json
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def read_config(path: str | os.PathLike) -> dict:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise CrossblockError(f"{path} is not a model folder: config.json is missing")
-    return json.loads(config_file.read_text())
+    return read_json(config_file)
 
 
 def write_quantization_config(out_dir: str | os.PathLike, quantization_config: dict):
@@ -109,11 +110,11 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def skeleton(config) -> nn.Module:
+def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     """The model's module tree on the meta device: names and layer types, no memory."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def dense_weight(qweight: QuantizedWeight, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -122,14 +123,18 @@ def dense_weight(qweight: QuantizedWeight, module: nn.Module, dtype: torch.dtype
     return w.t().contiguous() if is_conv1d(module) else w
 
 
-def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], device: str):
+def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], device: str,
+                trust_remote_code: bool = False):
     """A plain transformers model with dense weights, `crossblock_qweight` re-attached.
 
     `state_dict` holds the unquantized tensors; each quantized layer's dense weight is
     computed here from its integers, so that the model equals the fake-quant one."""
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-    layout = skeleton(config)
+    layout = skeleton(config, trust_remote_code)
+    linears = {n for n, m in layout.named_modules() if is_linear(m)}
     for name, qweight in qweights.items():
+        need(name in linears, f"quantized layer {name}", "not a linear layer of the model")
+        check_qweight(name, qweight, layout.get_submodule(name))
         state_dict[f"{name}.weight"] = dense_weight(qweight, layout.get_submodule(name), dtype)
     model = type(layout).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
     model.to(device).eval()

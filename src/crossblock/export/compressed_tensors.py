@@ -17,6 +17,7 @@ Conventions, theirs against ours (quant/grid.py):
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -27,8 +28,10 @@ from ..quant.grid import QuantizedWeight, dequantize
 from .common import (check_layers, model_dtype, replace_layer_entries, require_quantized_layers,
                      save_folder, unquantized_linears, warn_if_scales_round)
 from .formats import FORMATS, Format, act_args, check_act_scheme, check_groups
+from .schema import check_packed, need
 
 FMT = "compressed-tensors"
+log = logging.getLogger(__name__)
 
 
 @FORMATS.register(FMT)
@@ -98,6 +101,17 @@ def compress_layer(qweight: QuantizedWeight, scheme, dtype: torch.dtype) -> dict
     return packed
 
 
+def warn_if_asymmetric(layers: dict):
+    """Plain transformers (5.24, compressed-tensors 0.20) cannot load packed zero points
+    (llm-compressor #1618, compressed-tensors #458): say so while the user can still choose."""
+    asym = [name for name, (_, qw) in layers.items() if not qw.sym]
+    if asym:
+        log.warning("compressed-tensors with zero points (asymmetric grid, %d layers): plain transformers "
+                    "`AutoModelForCausalLM.from_pretrained` fails on it (upstream llm-compressor #1618); load it "
+                    "with quantization_config=CompressedTensorsConfig(dequantize=True), or quantize with --sym "
+                    "(sym: true) for a folder that loads plainly", len(asym))
+
+
 def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathLike, act_scheme: dict | None = None):
     """Write `model` as a compressed-tensors checkpoint.
 
@@ -112,6 +126,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathL
     check_layers(FMT, layers, act_scheme=act_scheme)
     dtype = model_dtype(model)
     warn_if_scales_round(FMT, layers, dtype)
+    warn_if_asymmetric(layers)
 
     schemes, ignore, scheme_of = build_schemes(model, layers, act_scheme)
     state_dict = model.state_dict()
@@ -139,11 +154,14 @@ def read_layer(tensors: dict, name: str, args) -> QuantizedWeight:
     zero_point = tensors.pop(f"{name}.weight_zero_point", None)
     if f"{name}.weight_packed" in tensors:  # pack-quantized
         shape = tuple(tensors.pop(f"{name}.weight_shape").tolist())
+        check_packed(name, tensors[f"{name}.weight_packed"], shape, bits)
         q_ct = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), bits, shape)
         if zero_point is not None:
             zero_point = unpack_from_int32(zero_point, bits, (shape[0], scale.shape[1]), packed_dim=0)
     else:  # int-quantized: one int8 per weight
         q_ct = tensors.pop(f"{name}.weight")
+        need(not q_ct.is_floating_point() and q_ct.numel() and -offset <= int(q_ct.min()) and int(q_ct.max()) < offset,
+             f"compressed-tensors layer {name}", f"integers outside the {bits}-bit range")
     zero = torch.full_like(scale, offset) if zero_point is None else zero_point.float() + offset
     group_size = -1 if args.strategy == "channel" else args.group_size
     return QuantizedWeight((q_ct.to(torch.int16) + offset).to(torch.uint8), scale, zero,

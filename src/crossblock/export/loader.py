@@ -18,10 +18,10 @@ from ..errors import CrossblockError
 from .common import build_model, read_config, read_tensors, skeleton
 
 
-def plain_config(path: str | os.PathLike):
+def plain_config(path: str | os.PathLike, trust_remote_code: bool = False):
     """The model config without its quantization_config, so transformers builds a dense model."""
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     if isinstance(config.dtype, str):
@@ -29,23 +29,27 @@ def plain_config(path: str | os.PathLike):
     return config
 
 
-def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
+def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+         trust_remote_code: bool = False):
     """A transformers causal LM with dense (dequantized) weights on `device`, in `dtype`
     (default: the checkpoint's). Packed weights are dequantized straight into `dtype`, so a
     float32 load gives exactly scale * (q - zero)."""
     from transformers import AutoModelForCausalLM
     quantization = read_config(path).get("quantization_config")
     if quantization is None:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
+        # safetensors only: a pickled .bin is never unpickled (crossblock writes safetensors)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+        model = model.to(device).eval()
         return model if dtype is None else model.to(dtype)
     method = quantization.get("quant_method")
-    config = plain_config(path)
+    config = plain_config(path, trust_remote_code)
     if dtype is not None:
         config.dtype = dtype
     tensors = read_tensors(path)
     if method == "compressed-tensors":
         from .compressed_tensors import read_compressed_tensors
-        qweights = read_compressed_tensors(skeleton(config), quantization, tensors)
+        qweights = read_compressed_tensors(skeleton(config, trust_remote_code), quantization, tensors)
     elif method == "gptq":
         from .gptq import read_gptq
         qweights = read_gptq(quantization, tensors)
@@ -53,4 +57,4 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         raise CrossblockError(f"{path}: cannot load quant_method {method!r} "
                               f"(crossblock loads fake-quant, compressed-tensors and gptq folders)")
     return build_model(config, {k: v.to(config.dtype) if v.is_floating_point() else v for k, v in tensors.items()},
-                       qweights, device)
+                       qweights, device, trust_remote_code)

@@ -1,0 +1,223 @@
+"""Whatever crossblock reads from disk is validated: a corrupt or hostile crossblock.json,
+config.json or checkpoint ends in exit code 2 and one line, never a traceback, an unbounded
+allocation or a quietly wrong model (issue 13.3), also under a seeded fuzzer."""
+import json
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import CALIB_FILE, EVAL_FILE, STORIES
+from crossblock.cli import main
+from crossblock.output import partial_dir
+
+FAST = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--group-size", "-1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A W4A8 static fake-quant folder and a compressed-tensors one (per channel, symmetric)."""
+    base = tmp_path_factory.mktemp("folders")
+    common = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), *FAST]
+    assert main([*common, "--out", str(base / "fake"), "--abits", "8", "--no-act-dynamic", "--iters", "2",
+                 "--recipe", "block"]) == 0
+    assert main([*common, "--out", str(base / "ct"), "--format", "compressed-tensors", "--sym"]) == 0
+    return base
+
+
+def evaluate(folder):
+    return ["eval", "--model", str(folder), "--ppl", str(EVAL_FILE), "--seqlen", "64", "--max-windows", "2", "--quiet"]
+
+
+def refused(capsys, args, pattern=""):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("crossblock: error:") and pattern in err, err
+    assert "perplexity" not in captured.out
+
+
+def edit_json(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+def first_layer(d):
+    return next(iter(d["activations"]["layers"]))
+
+
+HOSTILE_REPORTS = {
+    "huge bits": (lambda d: d["activations"].update(bits=1e30), "bits must be an integer"),
+    "bits as a string": (lambda d: d["activations"].update(bits="8"), "bits must be an integer"),
+    "quantizer on the embedding": (lambda d: d["activations"]["layers"].update({"model.embed_tokens": [0.1, 3]}),
+                                   "not a quantized linear layer"),
+    "unknown layer": (lambda d: d["activations"]["layers"].update({"nope": [0.1, 3]}), "not a quantized"),
+    "negative step": (lambda d: d["activations"]["layers"].update({first_layer(d): [-1, 3]}), "step > 0"),
+    "nan step": (lambda d: d["activations"]["layers"].update({first_layer(d): [float("nan"), 3]}), "step > 0"),
+    "zero point out of range": (lambda d: d["activations"]["layers"].update({first_layer(d): [0.1, 999]}), "zero point"),
+    "layers not an object": (lambda d: d["activations"].update(layers=[1, 2]), "layers must be"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_REPORTS)
+def test_hostile_crossblock_json_is_refused_at_eval(case, folders, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(folders / "fake", folder)
+    fn, pattern = HOSTILE_REPORTS[case]
+    edit_json(folder / "crossblock.json", fn)
+    refused(capsys, evaluate(folder), pattern)
+
+
+def test_malformed_json_files_are_one_line(folders, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(folders / "fake", folder)
+    (folder / "crossblock.json").write_text('{"activations": ')
+    refused(capsys, evaluate(folder), "not a readable JSON file")
+    refused(capsys, ["report", str(folder)], "not a readable JSON file")
+    (folder / "crossblock.json").write_text('{"blocks": "x"}')
+    refused(capsys, ["report", str(folder), "--no-plot"], "blocks must be")
+    (folder / "config.json").write_text("[1, 2")
+    refused(capsys, evaluate(folder), "config.json: not a readable JSON file")
+
+
+def repack(folder, fn):
+    tensors = load_file(folder / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def ct_bits(folder, bits):
+    def fn(d):
+        for group in d["quantization_config"]["config_groups"].values():
+            group["weights"]["num_bits"] = bits
+    edit_json(folder / "config.json", fn)
+
+
+def scale_shape(tensors):
+    key = next(k for k in tensors if k.endswith("weight_scale"))
+    tensors[key] = tensors[key][:-1]
+
+
+HOSTILE_CT = {
+    "num_bits disagrees with the data": (lambda f: ct_bits(f, 2), "num_bits does not match the data"),
+    "num_bits out of range": (lambda f: ct_bits(f, 1000), ""),
+    "scales of the wrong shape": (lambda f: repack(f, scale_shape), "scales of shape"),
+    "a missing tensor": (lambda f: repack(f, lambda t: t.pop(next(k for k in t if k.endswith("weight_scale")))), ""),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CT)
+def test_hostile_compressed_tensors_folder_is_refused(case, folders, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(folders / "ct", folder)
+    fn, pattern = HOSTILE_CT[case]
+    fn(folder)
+    refused(capsys, evaluate(folder), pattern)
+
+
+def interrupted_run(tmp_path, windows=2):
+    """The staging folder of a cbq run stopped after `windows` windows."""
+    import crossblock.api as api
+    out = tmp_path / "out"
+    real = api.write_checkpoint
+
+    def stop(folder, state, *args):
+        real(folder, state, *args)
+        if state.next_window == windows:
+            raise KeyboardInterrupt
+    api.write_checkpoint = stop
+    try:
+        assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out),
+                     "--recipe", "cbq", "--iters", "2", *FAST]) == 130
+    finally:
+        api.write_checkpoint = real
+    return out
+
+
+def tamper_metadata(path, **changes):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**meta, **changes})
+
+
+HOSTILE_CHECKPOINTS = {
+    "next_window edited": (lambda p: tamper_metadata(p, next_window="4"), "does not match"),
+    "next_window not a number": (lambda p: tamper_metadata(p, next_window="x"), "does not match"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "not a readable checkpoint"),
+    "garbage": (lambda p: p.write_bytes(b"\xff" * 64), "not a readable checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CHECKPOINTS)
+def test_tampered_checkpoint_is_refused_at_resume(case, tmp_path, capsys):
+    out = interrupted_run(tmp_path)
+    capsys.readouterr()
+    fn, pattern = HOSTILE_CHECKPOINTS[case]
+    fn(partial_dir(out) / "checkpoint.safetensors")
+    refused(capsys, ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out),
+                     "--recipe", "cbq", "--iters", "2", "--resume", *FAST], pattern)
+    assert not out.exists()
+
+
+FUZZ = textwrap.dedent("""
+    import random, resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    import torch
+    torch.set_num_threads(1)
+    from crossblock.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def corrupt_bytes(data: bytes, rng: random.Random) -> bytes:
+    data = bytearray(data)
+    kind = rng.choice(["flip", "truncate", "splice"])
+    if kind == "truncate":
+        return bytes(data[:rng.randrange(len(data))])
+    for _ in range(rng.randint(1, 8)):
+        i = rng.randrange(len(data))
+        data[i] = rng.randrange(256) if kind == "flip" else rng.choice(b'{}[]",:0123456789e-')
+    return bytes(data)
+
+
+def test_fuzzed_files_end_in_one_line_or_a_result(folders, tmp_path):
+    """Seeded random corruptions of crossblock.json, config.json and a checkpoint: every run ends
+    in rc 0 with a result or rc 2 with one line, under a 4 GB address-space limit."""
+    rng = random.Random(13)
+    out = interrupted_run(tmp_path)
+    checkpoint = partial_dir(out) / "checkpoint.safetensors"
+    pristine_checkpoint = checkpoint.read_bytes()
+    resume = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--recipe", "cbq",
+              "--iters", "2", "--resume", *FAST]
+    targets = [(folders / "fake" / "crossblock.json", "fake"), (folders / "fake" / "config.json", "fake"),
+               (folders / "ct" / "config.json", "ct"), (checkpoint, None)]
+    for trial in range(12):
+        path, kind = targets[trial % len(targets)]
+        if kind is None:
+            data, args = pristine_checkpoint, resume
+            work = path
+        else:
+            work = tmp_path / f"trial{trial}"
+            shutil.copytree(folders / kind, work)
+            data, args = path.read_bytes(), evaluate(work)
+            work = work / path.name
+        work.write_bytes(corrupt_bytes(data, rng))
+        proc = subprocess.run([sys.executable, "-c", FUZZ, *args], capture_output=True, text=True, timeout=300)
+        err = proc.stderr.strip()
+        if proc.returncode == 2:
+            assert len(err.splitlines()) == 1 and err.startswith("crossblock: error:"), (trial, err[-2000:])
+        else:
+            assert proc.returncode == 0, (trial, err[-2000:])
+            assert "perplexity" in proc.stdout or "wrote" in proc.stdout
+        if kind is None and out.exists():  # a resume that went through: start the next one afresh
+            out = interrupted_run(tmp_path / f"again{trial}")
+            checkpoint = partial_dir(out) / "checkpoint.safetensors"
+            resume[resume.index("--out") + 1] = str(out)
+            targets[3] = (checkpoint, None)
+            pristine_checkpoint = checkpoint.read_bytes()
