@@ -255,7 +255,7 @@ class Flat(Config):
     act_order: bool = False
     # finetune (end to end, after the windows): 0 steps = no finetune stage
     finetune_steps: int = 0
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 2e-3
     finetune_batch_size: int = 2
     finetune_loss: str = "kl"
     finetune_zeros: bool = False

@@ -26,6 +26,7 @@ from ..errors import CrossblockError
 from ..distributed import rank_and_size
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+STAGE_SECTIONS = ("finetune",)  # checkpoint sections of stages other than the windows (not block layers)
 
 
 def checkpoint_path(folder: Path) -> Path:
@@ -104,7 +105,7 @@ def read_layers(path: Path, fingerprint: str) -> tuple[dict, dict[str, dict[str,
     layers = {}
     for key, value in tensors.items():
         layer, _, name = key.removeprefix("layer.").partition("/")
-        if not (key.startswith("layer.") and name and layer.split(".", 1)[0].isdigit()):
+        if not (key.startswith("layer.") and name and (layer.split(".", 1)[0].isdigit() or layer in STAGE_SECTIONS)):
             raise corrupt(path, f"unexpected tensor {key!r}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise corrupt(path, f"tensor {key} holds NaN or Inf")
