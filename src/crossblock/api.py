@@ -111,11 +111,13 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     form = export.require_known_format(format)
     layers = list(quantized_layers(model, recipe.skip).values())
     grid = recipe.grid
-    export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
-                        out_features_list=[weight_of(m).shape[0] for m in layers],
-                        has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
+    form.accepts_grid(grid, model)
+    if grid.kind_name == "uniform":
+        export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
+                            out_features_list=[weight_of(m).shape[0] for m in layers],
+                            has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
     stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
-    if grid.scale_dtype is not None or stored in (None, torch.float32):
+    if getattr(grid, "scale_dtype", "own") is not None or stored in (None, torch.float32):
         return recipe
     return dataclasses.replace(recipe, grid=dataclasses.replace(grid, scale_dtype=str(stored).removeprefix("torch.")))
 
@@ -156,7 +158,8 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     for stage in recipe.stages:
         stage.run(model, job)
     restore_quantized(model)
-    report = {**job.report,
+    finished = recipe.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
+    report = {**job.report, **({"grid": finished} if finished else {}),
               "recipe": recipe.to_dict(),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
@@ -254,8 +257,8 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
         model.to(dtype)
     activations = act_quant.record(model)  # the scheme the exports record, and per-layer steps
     scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
-    export.save(model, tokenizer, folder, format, act_scheme=scheme)
-    info = dict(report or {}, format=format, activations=activations)
+    written = export.save(model, tokenizer, folder, format, act_scheme=scheme)
+    info = dict(report or {}, format=format, activations=activations, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 

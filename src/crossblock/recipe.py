@@ -86,6 +86,7 @@ class Recipe(Config):
         self.refuse("cfp" not in names or names.index("cfp") < names.index("windows"),
                     "cfp preprocesses the FP model: it must come before windows")
         w = self.windows
+        self.grid.check_windows(w.init, w.train.rounding.kind_name if w.train is not None else None)
         if w.train is not None:
             self.refuse(w.trains(self.activations.static),
                         "windows.train has nothing to learn: rounding rtn without lwc or static activation steps "
@@ -169,6 +170,8 @@ class Recipe(Config):
             raise CrossblockError(f"unknown recipe section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)}; "
                                   "flat settings such as wbits go inside a section, or use the flat form alone)")
         start = cls.preset(base).to_dict() if base else cls().to_dict()
+        if isinstance(data.get("grid"), dict) and data["grid"].get("type", "uniform") != start["grid"]["type"]:
+            start["grid"] = {}  # another grid kind: nothing of the start's grid applies
         merged = {k: ({**start[k], **data[k]} if isinstance(start.get(k), dict) and isinstance(data.get(k), dict)
                       else data.get(k, start[k]))
                   for k in start}

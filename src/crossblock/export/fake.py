@@ -8,5 +8,8 @@ from .formats import FORMATS, Format
 
 @FORMATS.register("fake")
 class Fake(Format):
+    def accepts_grid(self, grid, model):
+        pass  # dense weights: any grid
+
     def write(self, model, tokenizer, out_dir, act_scheme):
         save_folder(model, tokenizer, out_dir)
