@@ -184,6 +184,8 @@ def file_type(model) -> int:
     if not kinds:
         return int(gguf.LlamaFileType.ALL_F32)
     kind = max(set(kinds), key=kinds.count)
+    if kind in ("Q3_K", "Q4_K", "Q5_K"):  # llama.cpp names K-quant files by mixture: _M mixed, _S not
+        kind += "_M" if len(set(kinds)) > 1 else "_S"
     return int(getattr(gguf.LlamaFileType, f"MOSTLY_{kind}"))
 
 
