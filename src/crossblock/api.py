@@ -122,15 +122,17 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     form = export.require_known_format(format)
     layers = list(quantized_layers(model, recipe.skip).values())
     grid = recipe.grid
-    export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
-                        out_features_list=[weight_of(m).shape[0] for m in layers],
-                        has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
+    form.accepts_grid(grid, model)
+    if grid.kind_name == "uniform":
+        export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
+                            out_features_list=[weight_of(m).shape[0] for m in layers],
+                            has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
     rotate = recipe.stage("rotate")
     if rotate is not None and rotate.online and not form.online_transforms:
         raise CrossblockError(f"{format} export cannot store rotate's run-time Hadamard before down_proj: "
                               "use --no-rotate-online (rotations folded into weights only) or format fake")
     stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
-    if grid.scale_dtype is not None or stored in (None, torch.float32):
+    if getattr(grid, "scale_dtype", "own") is not None or stored in (None, torch.float32):
         return recipe
     return dataclasses.replace(recipe, grid=dataclasses.replace(grid, scale_dtype=str(stored).removeprefix("torch.")))
 
@@ -172,7 +174,8 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     for stage in recipe.stages:
         stage.run(model, job)
     restore_quantized(model)
-    report = {**job.report,
+    finished = recipe.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
+    report = {**job.report, **({"grid": finished} if finished else {}),
               "recipe": recipe.to_dict(),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
@@ -278,8 +281,8 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     transforms = record_transforms(model)
     if transforms and not export.require_known_format(format).online_transforms:
         raise CrossblockError(f"{format} export cannot store the model's run-time input rotations")
-    export.save(model, tokenizer, folder, format, act_scheme=scheme)
-    info = dict(report or {}, format=format, activations=activations, transforms=transforms)
+    written = export.save(model, tokenizer, folder, format, act_scheme=scheme)
+    info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import CrossblockError
 from .recipe import PRESETS, Flat, Recipe
 
-FORMAT_NAMES = ("fake", "compressed-tensors", "gptq")  # export.FORMATS, without importing the exports
+FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS, without importing the exports
 
 
 def add_recipe_options(p: argparse.ArgumentParser):

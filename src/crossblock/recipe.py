@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import CrossblockError
-from .grids import GRIDS, UniformGrid
+from .grids import GRIDS, GgufGrid, UniformGrid
 from .roundings import ROUNDINGS, AdaRound, LoraRound
 from .stages import STAGES, Cfp, Finetune, Rotate, Stage, Train, Windows
 
@@ -86,7 +86,11 @@ class Recipe(Config):
         order = [n for n in ("rotate", "cfp", "windows", "finetune") if n in names]
         self.refuse([n for n in names if n in order] == order,
                     f"stages run in the order rotate, cfp (the FP model), windows, finetune; got {names}")
+        self.refuse("finetune" not in names or isinstance(self.grid, UniformGrid),
+                    f"finetune trains a uniform grid's scales; the {self.grid.kind_name} grid's scales are quantized "
+                    "themselves (drop finetune)")
         w = self.windows
+        self.grid.check_windows(w.init, w.train.rounding.kind_name if w.train is not None else None)
         if w.train is not None:
             self.refuse(w.trains(self.activations.static),
                         "windows.train has nothing to learn: rounding rtn without lwc or static activation steps "
@@ -101,7 +105,10 @@ class Recipe(Config):
 
     def summary(self) -> str:
         g, w, a = self.grid, self.windows, self.activations
-        text = (f"W{g.bits}{f'A{a.bits}' if a.bits < 16 else ''} g{g.group_size} {'sym' if g.sym else 'asym'}, "
+        acts = f"A{a.bits}" if a.bits < 16 else ""
+        grid = (f"GGUF {g.quant}{' ' + acts if acts else ''}" if isinstance(g, GgufGrid) else
+                f"W{g.bits}{acts} g{g.group_size} {'sym' if g.sym else 'asym'}")
+        text = (f"{grid}, "
                 f"stages {' -> '.join(s.kind_name for s in self.stages)}, window {w.window} stride {w.stride} "
                 f"lookahead {w.lookahead}, init {w.init}")
         if w.train is not None:
@@ -170,6 +177,8 @@ class Recipe(Config):
             raise CrossblockError(f"unknown recipe section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)}; "
                                   "flat settings such as wbits go inside a section, or use the flat form alone)")
         start = cls.preset(base).to_dict() if base else cls().to_dict()
+        if isinstance(data.get("grid"), dict) and data["grid"].get("type", "uniform") != start["grid"]["type"]:
+            start["grid"] = {}  # another grid kind: nothing of the start's grid applies
         merged = {k: ({**start[k], **data[k]} if isinstance(start.get(k), dict) and isinstance(data.get(k), dict)
                       else data.get(k, start[k]))
                   for k in start}
@@ -224,6 +233,8 @@ class Flat(Config):
     group_size: int = 128
     sym: bool = False
     scale_dtype: str | None = None
+    gguf_type: str | None = None    # a GGUF type or mixture (Q4_K_M ...): the gguf grid instead of wbits etc.
+    gguf_output: str | None = None  # the gguf grid's output-head type (default: llama.cpp's)
     # activations, rotation, CFP
     abits: int = 16
     act_dynamic: bool = True
@@ -278,6 +289,8 @@ class Flat(Config):
         self.refuse(self.rounding in ROUNDINGS, f"rounding must be one of {', '.join(ROUNDINGS.names())}, "
                                                 f"got {self.rounding!r}")
         rules = [
+            (self.gguf_type is not None, changed("wbits", "group_size", "sym", "scale_dtype"), "with gguf_type"),
+            (self.gguf_type is None, changed("gguf_output"), "without gguf_type"),
             (self.abits == 16, changed("act_dynamic", "act_sym"), "without abits < 16"),
             (not self.cfp, changed("cfp_alpha", "cfp_weights"), "without cfp"),
             (not self.rotate, changed("rotate_kind", "rotate_online"), "without rotate"),
@@ -308,18 +321,24 @@ class Flat(Config):
         if r.finetune_steps:
             stages.append(Finetune(r.finetune_steps, **{f.removeprefix("finetune_"): getattr(r, f) for f in FINETUNE_FLAT}))
         return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
+                      GgufGrid(r.gguf_type, r.gguf_output) if r.gguf_type else
                       UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
                       Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages).validated()
 
     @classmethod
     def of(cls, recipe: Recipe) -> "Flat":
         kinds = [s.kind_name for s in recipe.stages]
-        if [k for k in kinds if k not in ("rotate", "cfp", "finetune")] != ["windows"] or not isinstance(recipe.grid, UniformGrid):
+        g = recipe.grid
+        flat_grid = isinstance(g, UniformGrid) or (isinstance(g, GgufGrid) and g.embeddings is None)
+        if [k for k in kinds if k not in ("rotate", "cfp", "finetune")] != ["windows"] or not flat_grid:
             raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds}, grid {recipe.grid.kind_name}) has no flat "
-                                  "form: flat settings apply to a uniform grid and stages [rotate], [cfp], windows, [finetune]")
-        g, a, d, w = recipe.grid, recipe.activations, recipe.data, recipe.windows
+                                  "form: flat settings apply to a uniform or gguf grid and stages [rotate], [cfp], "
+                                  "windows, [finetune]")
+        a, d, w = recipe.activations, recipe.data, recipe.windows
         cfp, rotate, finetune = recipe.stage("cfp"), recipe.stage("rotate"), recipe.stage("finetune")
-        flat = dict(name=recipe.name, wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype,
+        grid = (dict(gguf_type=g.quant, gguf_output=g.output) if isinstance(g, GgufGrid) else
+                dict(wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype))
+        flat = dict(name=recipe.name, **grid,
                     abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
                     window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
                     act_order=w.act_order, clip_search=w.clip_search, batch_size=d.batch_size,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..model.adapter import BlockCall, block_linears, set_submodule
 from ..quant.act import act_quantizer, observing
-from ..quant.linear import QuantLinear
+from ..quant.linear import QuantLinear, weight_of
 from ..roundings import Nearest
 from .chains import ChainStore, trim_heap
 from .checkpoint import EngineState, block_of
@@ -120,9 +120,9 @@ class WindowEngine:
         return out
 
     # -- wrapping and initialization -------------------------------------------------------------
-    def new_layer(self, module: nn.Module, generator: torch.Generator | None) -> QuantLinear:
+    def new_layer(self, module: nn.Module, generator: torch.Generator | None, grid=None) -> QuantLinear:
         t = self.train_cfg if self.trains else None
-        ql = QuantLinear(module, self.grid, t.rounding if t else Nearest(), t.lwc if t else False, generator,
+        ql = QuantLinear(module, grid or self.grid, t.rounding if t else Nearest(), t.lwc if t else False, generator,
                          self.stage.clip_search)
         if self.acts.bits < 16:
             ql.act_quant = act_quantizer(self.acts.bits, self.acts.dynamic, self.acts.sym).to(ql.weight.device)
@@ -132,8 +132,10 @@ class WindowEngine:
         """Wrap block j's linears; `block_input()` gives its calibration input, computed only if
         the initialization needs it (GPTQ, static activation steps)."""
         for name, module in block_linears(self.blocks[j]):
-            if not any(s in name for s in self.skip):
-                set_submodule(self.blocks[j], name, self.new_layer(module, generator))
+            # a grid may differ per layer (a GGUF mixture) or leave a layer in full precision
+            grid = self.grid.for_layer(name, j, len(self.blocks), weight_of(module).shape[1])
+            if grid is not None and not any(s in name for s in self.skip):
+                set_submodule(self.blocks[j], name, self.new_layer(module, generator, grid))
         if not self.stage.needs_block_input(self.static_acts):
             return
         x_in = block_input()

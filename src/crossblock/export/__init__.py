@@ -7,7 +7,7 @@ import os
 
 from torch import nn
 
-from . import fake  # noqa: F401  (registers the format)
+from . import fake, gguf  # noqa: F401  (register the formats)
 from .compressed_tensors import save_compressed_tensors
 from .formats import FORMATS, Format, check_format, require_known_format
 from .gptq import save_gptq
@@ -17,8 +17,9 @@ __all__ = ["FORMATS", "Format", "check_format", "load", "save", "save_compressed
 
 
 def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, fmt: str, act_scheme: dict | None = None):
-    """Write the quantized `model` (and tokenizer) into out_dir, safetensors only.
+    """Write the quantized `model` (and tokenizer) into out_dir; returns what the format records
+    in crossblock.json (a dict, or None).
 
     fmt "fake" writes the dense fake-quantized weights (any setting; act_scheme is not
     recorded); "compressed-tensors" and "gptq" write packed integers (limits: check_format)."""
-    require_known_format(fmt).write(model, tokenizer, out_dir, act_scheme)
+    return require_known_format(fmt).write(model, tokenizer, out_dir, act_scheme)

@@ -42,6 +42,10 @@ def require_quantized_layers(model: nn.Module, fmt: str) -> dict[str, tuple[nn.M
 
 def check_layers(fmt: str, layers: dict[str, tuple[nn.Module, QuantizedWeight]], **kwargs):
     """check_format on the layers as they are, once per (bits, group_size, sym) setting."""
+    other = sorted({qw.kind for _, qw in layers.values()} - {"uniform"})
+    if other:
+        raise CrossblockError(f"{fmt} export cannot store GGUF-type layers ({', '.join(other)}): "
+                              "use --format gguf, or fake")
     by_setting = defaultdict(list)
     for module, qw in layers.values():
         by_setting[(qw.bits, qw.group_size, qw.sym)].append((module, qw))

@@ -26,6 +26,9 @@ def folded_weights(model) -> dict[str, torch.Tensor]:
 class Fake(Format):
     online_transforms = True  # folded into the dense weights
 
+    def accepts_grid(self, grid, model):
+        pass  # dense weights: any grid
+
     def write(self, model, tokenizer, out_dir, act_scheme):
         folded = folded_weights(model)
         save_folder(model, tokenizer, out_dir, {**model.state_dict(), **folded} if folded else None)

@@ -39,6 +39,13 @@ class Format:
         """The dtype its scales are stored in (None: no packed scales)."""
         return None
 
+    def accepts_grid(self, grid, model: nn.Module):
+        """Raise CrossblockError if it cannot store this grid kind or model (before any work);
+        the packed formats store the uniform grid only."""
+        if grid.kind_name != "uniform":
+            raise CrossblockError(f"{self.kind_name} export cannot store the {grid.kind_name} grid "
+                                  f"({GRIDS_HINT.get(grid.kind_name, 'use fake')})")
+
     def accepts(self, bits: int, group_size: int, sym: bool, in_features: set[int], out_features: set[int],
                 has_conv1d: bool, act_scheme: dict | None):
         """Raise CrossblockError, naming the format and the setting, if it cannot store this."""
@@ -48,6 +55,7 @@ class Format:
 
 
 FORMATS = Registry("export format")
+GRIDS_HINT = {"gguf": "GGUF types are written by --format gguf, or densely by fake"}
 
 
 def require_known_format(fmt: str) -> Format:

@@ -1,6 +1,7 @@
 """Load any crossblock output folder into a plain transformers model with dense weights.
 
-Three folder kinds, told apart by config.json's `quantization_config`:
+A GGUF folder (model.gguf, export/gguf.py) goes through transformers' GGUF loader. The other
+three folder kinds are told apart by config.json's `quantization_config`:
 - none: a fake-quant folder, loaded as is;
 - "compressed-tensors": integers unpacked with the compressed-tensors library (CPU code);
 - "gptq": integers unpacked here from the safetensors, no GPTQ kernel package involved.
@@ -11,6 +12,7 @@ quantizers are re-attached by `crossblock.load`, from crossblock.json (any forma
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,9 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     (default: the checkpoint's). Packed weights are dequantized straight into `dtype`, so a
     float32 load gives exactly scale * (q - zero)."""
     from transformers import AutoModelForCausalLM
+    from .gguf import FILE, load_gguf
+    if (Path(path) / FILE).is_file():
+        return load_gguf(path, device, dtype)
     quantization = read_config(path).get("quantization_config")
     if quantization is None:
         # safetensors only: a pickled .bin is never unpickled (crossblock writes safetensors)

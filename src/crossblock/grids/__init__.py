@@ -3,10 +3,16 @@
 A grid is a registered Config (`GRIDS`) with one interface that the window engine, GPTQ,
 checkpoints and the exports use: `params` (scales and zero points of a weight, optionally
 clipped), `fake_quantize` / `to_int` (round a weight onto them, with straight-through
-gradients), `decode` (integers back to weights) and `frozen` (the record the exports write). A
-new grid is one file here and one `@GRIDS.register` line.
+gradients), `decode` (integers back to weights) and `frozen` (the record the exports write); `for_layer` (the
+grid of one layer, e.g. a mixture's member), `check_windows` (initializations and roundings it
+cannot run) and `finish` (after the stages) let a grid differ per layer. A new grid is one file
+here and one `@GRIDS.register` line.
+
+- uniform.py: min-max integers, per channel or group (the default);
+- gguf.py: llama.cpp's GGUF types and mixtures (Q4_0 ... Q6_K, Q4_K_M, Q3_K_M).
 """
 from .base import GRIDS
+from .gguf import GgufGrid  # registers the grid
 from .uniform import UniformGrid  # registers the grid
 
-__all__ = ["GRIDS", "UniformGrid"]
+__all__ = ["GRIDS", "GgufGrid", "UniformGrid"]

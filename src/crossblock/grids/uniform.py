@@ -29,6 +29,18 @@ class UniformGrid(Config):
         self.refuse(self.scale_dtype in (None, *SCALE_DTYPES),
                     f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
+    def check_windows(self, init: str, rounding: str | None):
+        """Refuse an initialization or rounding this grid cannot run (any, here)."""
+
+    def for_layer(self, local_name: str, index: int, count: int, width: int) -> "UniformGrid | None":
+        """The grid of block `index`'s linear `local_name` (of `count` blocks); None: left in full
+        precision. One grid for all, here."""
+        return self
+
+    def finish(self, model, skip=()) -> dict | None:
+        """After the stages: anything the grid adds to the model and to the report (nothing)."""
+        return None
+
     def check_widths(self, in_features: dict[str, int]):
         """Every quantized layer must be at least one group wide (a ragged last group is fine for
         fake-quant; the packed formats refuse it)."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gguf
+
 
 def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
@@ -175,10 +177,15 @@ class QuantizedWeight:
     bits: int
     group_size: int        # -1: per output channel
     sym: bool
+    # "uniform", or a GGUF type (quant/gguf.py): then scale is each sub-block's step and zero
+    # (out, groups, 3) holds (zero or low, d, dmin), and q decodes by that type's formula
+    kind: str = "uniform"
 
     def dequantize(self) -> torch.Tensor:
+        if self.kind != "uniform":
+            return gguf.decode(self.q, gguf.TYPES[self.kind], self.scale, self.zero)
         return dequantize(self.q, self.scale, self.zero, self.group_size)
 
     @property
     def ragged(self) -> bool:
-        return self.group_size != -1 and self.q.shape[1] % self.group_size != 0
+        return self.kind == "uniform" and self.group_size != -1 and self.q.shape[1] % self.group_size != 0

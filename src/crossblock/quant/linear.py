@@ -167,8 +167,7 @@ class QuantLinear(nn.Module):
         """The finished integers as the exports write them (on the CPU), or None."""
         if self.q is None:
             return None
-        return QuantizedWeight(self.q.cpu(), self.scale.detach().float().cpu(), self.zero.detach().float().cpu(),
-                               self.grid.bits, self.grid.group_size, self.grid.sym)
+        return self.grid.frozen(self.q, self.scale, self.zero)
 
     @torch.no_grad()
     def restore(self) -> nn.Module:
@@ -199,8 +198,7 @@ class QuantLinear(nn.Module):
             for k, v in state.items():
                 if k.startswith("act_quant."):
                     self.state_target(k).copy_(v)
-            self.set_frozen(QuantizedWeight(state["q"].cpu(), state["scale"].cpu(), state["zero"].cpu(),
-                                            self.grid.bits, self.grid.group_size, self.grid.sym))
+            self.set_frozen(self.grid.frozen(state["q"].cpu(), state["scale"].cpu(), state["zero"].cpu()))
             return
         if "fixed_scale" in state:
             self.set_init(state.get("base", self.weight), state["fixed_scale"], state["fixed_zero"])
