@@ -16,6 +16,7 @@ import hashlib
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from .distributed import barrier, is_main, rank_and_size
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
 from .eval.perplexity import perplexity
-from .model.adapter import block_linears, find_blocks
+from .model.adapter import block_experts, block_linears, find_blocks, unquantized_weights
+from .quant.experts import expert_params
 from .output import partial_dir, staged_dir
 from .quant import act as act_quant
 from .quant.linear import is_conv1d, restore_quantized, weight_of
@@ -80,6 +82,33 @@ def quantized_layers(model, skip=()) -> dict[str, torch.nn.Module]:
             for n, m in block_linears(b) if not any(s in n for s in skip)}
 
 
+def quantized_experts(model, skip=()) -> dict[str, torch.Tensor]:
+    """The fused 3-D expert parameters a recipe with `skip` quantizes (E, out, in), by full name."""
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}.{p}": t for i, b in enumerate(blocks) for n, m in block_experts(b)
+            if not any(s in n for s in skip) for p, t in expert_params(m).items()}
+
+
+def matrix_shapes(model, skip=()) -> dict[str, tuple[int, int]]:
+    """(out, in) of every matrix a recipe with `skip` quantizes: each linear, each expert's."""
+    shapes = {n: tuple(weight_of(m).shape) for n, m in quantized_layers(model, skip).items()}
+    return {**shapes, **{n: tuple(t.shape[1:]) for n, t in quantized_experts(model, skip).items()}}
+
+
+def report_unquantized(model, skip=()) -> list[dict]:
+    """Every block weight left in full precision, printed once as a count (the list goes to
+    crossblock.json)."""
+    left = unquantized_weights(model, skip)
+    if left and is_main():
+        counts = {}
+        for w in left:
+            counts[w["why"]] = counts.get(w["why"], 0) + 1
+        kinds = ", ".join(f"{why} {n}" for why, n in sorted(counts.items()))
+        print(f"crossblock: {len(left)} block weights left in full precision ({kinds}); "
+              f"listed under \"unquantized\" in {REPORT_FILE}", file=sys.stderr)
+    return left
+
+
 def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
     """Texts (a string or a list of strings) or ready token windows (nsamples, seqlen); `data` is
     a recipe's data section (nsamples, seqlen, seed)."""
@@ -110,10 +139,17 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     from . import export
     form = export.require_known_format(format)
     layers = list(quantized_layers(model, recipe.skip).values())
+    shapes = matrix_shapes(model, recipe.skip).values()
+    experts = quantized_experts(model, recipe.skip)
     grid = recipe.grid
-    export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
-                        out_features_list=[weight_of(m).shape[0] for m in layers],
-                        has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
+    if experts and recipe.activations.bits < 16:
+        raise CrossblockError(f"activation quantization is not supported for fused MoE experts "
+                              f"(e.g. {next(iter(experts))}): their inputs are internal to the experts module; "
+                              f"quantize weights only (abits 16)")
+    export.check_format(format, grid.bits, grid.group_size, grid.sym, [s[1] for s in shapes],
+                        out_features_list=[s[0] for s in shapes],
+                        has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme(),
+                        fused_experts=sorted(experts))
     stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
     if grid.scale_dtype is not None or stored in (None, torch.float32):
         return recipe
@@ -140,7 +176,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     """
     t0 = time.time()
     recipe = for_format(recipe.validated(), model, format, save_dtype)
-    recipe.grid.check_widths({n: weight_of(m).shape[1] for n, m in quantized_layers(model, recipe.skip).items()})
+    recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
     check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, recipe.data)
     device = device or default_device()
@@ -157,6 +193,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         stage.run(model, job)
     restore_quantized(model)
     report = {**job.report,
+              "unquantized": report_unquantized(model, recipe.skip),
               "recipe": recipe.to_dict(),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},

@@ -249,6 +249,7 @@ class Flat(Config):
     lr: float | None = None
     damp: float = 0.01
     act_order: bool = False
+    all_experts: bool = True       # MoE, init gptq: every token through every fused expert for the Hessians
     # data
     nsamples: int = 128
     seqlen: int = 512
@@ -268,7 +269,7 @@ class Flat(Config):
         rules = [
             (self.abits == 16, changed("act_dynamic", "act_sym"), "without abits < 16"),
             (not self.cfp, changed("cfp_alpha", "cfp_weights"), "without cfp"),
-            (self.init != "gptq", changed("damp", "act_order"), "without init gptq"),
+            (self.init != "gptq", changed("damp", "act_order", "all_experts"), "without init gptq"),
             (self.rounding not in ("adaround", "lora"), changed("round_reg", "ste"), f"with rounding {self.rounding}"),
             (self.rounding != "lora", changed("lora_rank"), f"with rounding {self.rounding}"),
         ]
@@ -289,7 +290,8 @@ class Flat(Config):
                     "adaround": lambda: AdaRound(r.round_reg, r.ste)}.get(r.rounding, ROUNDINGS[r.rounding])()
         train = Train(r.iters, r.target, r.loss, r.kl_weight, rounding, r.lwc, r.lr) if r.trains else None
         stages = [Cfp(r.cfp_alpha, r.cfp_weights)] if r.cfp else []
-        stages.append(Windows(r.window, r.stride, r.lookahead, r.init, r.damp, r.act_order, r.clip_search, train))
+        stages.append(Windows(r.window, r.stride, r.lookahead, r.init, r.damp, r.act_order, r.clip_search, train,
+                              all_experts=r.all_experts))
         return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
                       UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
                       Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages).validated()
@@ -305,7 +307,7 @@ class Flat(Config):
         flat = dict(name=recipe.name, wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype,
                     abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
                     window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
-                    act_order=w.act_order, clip_search=w.clip_search, batch_size=d.batch_size,
+                    act_order=w.act_order, clip_search=w.clip_search, all_experts=w.all_experts, batch_size=d.batch_size,
                     nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, skip=list(recipe.skip))
         if cfp is not None:
             flat.update(cfp_alpha=cfp.alpha, cfp_weights=cfp.weights)

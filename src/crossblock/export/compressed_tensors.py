@@ -38,7 +38,7 @@ class CompressedTensors(Format):
     def stored_scale_dtype(self, save_dtype):
         return save_dtype
 
-    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme):
+    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme, fused_experts=()):
         check_groups(FMT, group_size, in_features)
         if has_conv1d:
             raise CrossblockError("compressed-tensors export cannot store Conv1D layers (GPT-2 style): "
