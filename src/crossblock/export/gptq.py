@@ -131,6 +131,7 @@ def gptq_config(bits: int, group_size: int, sym: bool) -> dict:
 
 def save_gptq(model: nn.Module, tokenizer, out_dir: str | os.PathLike):
     """Write `model` as a GPTQ v1 checkpoint (qweight / qzeros / scales / g_idx)."""
+    refuse_fused_experts([n for n, m in model.named_modules() if getattr(m, "crossblock_qexperts", None)])
     layers = require_quantized_layers(model, FMT)
     bits, group_size, sym = uniform_settings(layers)
     check_layers(FMT, layers)
