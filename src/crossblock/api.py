@@ -95,10 +95,8 @@ def matrix_shapes(model, skip=()) -> dict[str, tuple[int, int]]:
     return {**shapes, **{n: tuple(t.shape[1:]) for n, t in quantized_experts(model, skip).items()}}
 
 
-def report_unquantized(model, skip=()) -> list[dict]:
-    """Every block weight left in full precision, printed once as a count (the list goes to
-    crossblock.json)."""
-    left = unquantized_weights(model, skip)
+def print_unquantized(left: list[dict]):
+    """One stderr line: how many block weights stay in full precision, and where they are listed."""
     if left and is_main():
         counts = {}
         for w in left:
@@ -106,7 +104,6 @@ def report_unquantized(model, skip=()) -> list[dict]:
         kinds = ", ".join(f"{why} {n}" for why, n in sorted(counts.items()))
         print(f"crossblock: {len(left)} block weights left in full precision ({kinds}); "
               f"listed under \"unquantized\" in {REPORT_FILE}", file=sys.stderr)
-    return left
 
 
 def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
@@ -193,7 +190,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
         stage.run(model, job)
     restore_quantized(model)
     report = {**job.report,
-              "unquantized": report_unquantized(model, recipe.skip),
+              "unquantized": unquantized_weights(model, recipe.skip),
               "recipe": recipe.to_dict(),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
@@ -294,6 +291,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     export.save(model, tokenizer, folder, format, act_scheme=scheme)
     info = dict(report or {}, format=format, activations=activations)
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    print_unquantized(info.get("unquantized"))
 
 
 def save(model, tokenizer, out, format: str = "fake", report: dict | None = None,
