@@ -42,3 +42,9 @@ def test_api_and_cli_write_byte_identical_files(tmp_path, fmt, grid):
     assert cli["recipe"] == api["recipe"] and cli["blocks"] == api["blocks"]
     if fmt == "gptq":  # the API, not the CLI, rounded the scales to what the format stores
         assert api["recipe"]["grid"]["scale_dtype"] == "float16"
+
+
+def test_the_cli_offers_every_registered_format():
+    from crossblock import export
+    from crossblock.cli import FORMAT_NAMES
+    assert sorted(FORMAT_NAMES) == sorted(export.FORMATS.names())

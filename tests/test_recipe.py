@@ -14,7 +14,15 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_yaml_files_mirror_the_presets(name):
-    assert Recipe.from_yaml(RECIPES / f"{name}.yaml") == Recipe.preset(name)
+    file = RECIPES / ("block-60x2-token.yaml" if name == "best" else f"{name}.yaml")
+    assert dataclasses.replace(Recipe.from_yaml(file), name=name) == Recipe.preset(name)
+
+
+def test_the_command_line_runs_the_best_recipe_by_default():
+    from crossblock.cli import build_parser, recipe_from_args
+    args = build_parser().parse_args(["quantize", "--model", "m", "--calib", "c", "--out", "o", "--wbits", "3"])
+    assert recipe_from_args(args) == Recipe.preset("best", wbits=3)
+    assert recipe_from_args(args).windows.train.loss == "token-mse"
 
 
 def test_best_recipe_file_is_block_with_token_mse_and_more_steps():

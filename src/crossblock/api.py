@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
 from .export import schema
 from .eval.perplexity import perplexity
-from .model.adapter import block_linears, find_blocks
+from .model.adapter import block_experts, block_linears, find_blocks, unquantized_weights
+from .quant.experts import expert_params
 from .output import partial_dir, staged_dir
 from .quant import act as act_quant
 from .quant.linear import is_conv1d, restore_quantized, weight_of
@@ -89,6 +91,30 @@ def quantized_layers(model, skip=()) -> dict[str, torch.nn.Module]:
             for n, m in block_linears(b) if not any(s in n for s in skip)}
 
 
+def quantized_experts(model, skip=()) -> dict[str, torch.Tensor]:
+    """The fused 3-D expert parameters a recipe with `skip` quantizes (E, out, in), by full name."""
+    prefix, blocks = find_blocks(model)
+    return {f"{prefix}.{i}.{n}.{p}": t for i, b in enumerate(blocks) for n, m in block_experts(b)
+            if not any(s in n for s in skip) for p, t in expert_params(m).items()}
+
+
+def matrix_shapes(model, skip=()) -> dict[str, tuple[int, int]]:
+    """(out, in) of every matrix a recipe with `skip` quantizes: each linear, each expert's."""
+    shapes = {n: tuple(weight_of(m).shape) for n, m in quantized_layers(model, skip).items()}
+    return {**shapes, **{n: tuple(t.shape[1:]) for n, t in quantized_experts(model, skip).items()}}
+
+
+def print_unquantized(left: list[dict]):
+    """One stderr line: how many block weights stay in full precision, and where they are listed."""
+    if left and is_main():
+        counts = {}
+        for w in left:
+            counts[w["why"]] = counts.get(w["why"], 0) + 1
+        kinds = ", ".join(f"{why} {n}" for why, n in sorted(counts.items()))
+        print(f"crossblock: {len(left)} block weights left in full precision ({kinds}); "
+              f"listed under \"unquantized\" in {REPORT_FILE}", file=sys.stderr)
+
+
 def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
     """Texts (a string or a list of strings) or ready token windows (nsamples, seqlen); `data` is
     a recipe's data section (nsamples, seqlen, seed)."""
@@ -121,12 +147,19 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     from . import export
     form = export.require_known_format(format)
     layers = list(quantized_layers(model, recipe.skip).values())
+    shapes = matrix_shapes(model, recipe.skip).values()
+    experts = quantized_experts(model, recipe.skip)
     grid = recipe.grid
+    if experts and recipe.activations.bits < 16:
+        raise CrossblockError(f"activation quantization is not supported for fused MoE experts "
+                              f"(e.g. {next(iter(experts))}): their inputs are internal to the experts module; "
+                              f"quantize weights only (abits 16)")
     form.accepts_grid(grid, model)
     if grid.kind_name == "uniform":
-        export.check_format(format, grid.bits, grid.group_size, grid.sym, [weight_of(m).shape[1] for m in layers],
-                            out_features_list=[weight_of(m).shape[0] for m in layers],
-                            has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme())
+        export.check_format(format, grid.bits, grid.group_size, grid.sym, [s[1] for s in shapes],
+                            out_features_list=[s[0] for s in shapes],
+                            has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme(),
+                            fused_experts=sorted(experts))
     rotate = recipe.stage("rotate")
     if rotate is not None and rotate.online and not form.online_transforms:
         raise CrossblockError(f"{format} export cannot store rotate's run-time Hadamard before down_proj: "
@@ -158,7 +191,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     t0 = time.time()
     validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
-    recipe.grid.check_widths({n: weight_of(m).shape[1] for n, m in quantized_layers(model, recipe.skip).items()})
+    recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
     check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, recipe.data)
     device = device or default_device()
@@ -176,6 +209,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     restore_quantized(model)
     finished = recipe.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
     report = {**job.report, **({"grid": finished} if finished else {}),
+              "unquantized": unquantized_weights(model, recipe.skip),
               "recipe": recipe.to_dict(),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
@@ -284,6 +318,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme)
     info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    print_unquantized(info.get("unquantized"))
 
 
 def save(model, tokenizer, out, format: str = "fake", report: dict | None = None,

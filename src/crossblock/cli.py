@@ -16,7 +16,8 @@ FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS,
 def add_recipe_options(p: argparse.ArgumentParser):
     """One option per flat recipe setting (e.g. --wbits, --group-size, --lookahead); unset ones
     keep the recipe's value."""
-    p.add_argument("--recipe", default="rtn", help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
+    p.add_argument("--recipe", default="best", help=f"a preset ({', '.join(PRESETS)}; default best, the best "
+                                                    "recipe measured) or a YAML file")
     hints = typing.get_type_hints(Flat)
     for f in dataclasses.fields(Flat):
         if f.name == "name":
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (pip install crossblock[demo])")
-    d.add_argument("--recipe", default="block")
+    d.add_argument("--recipe", default="best")
     d.add_argument("--wbits", type=int, default=3)
     d.add_argument("--group-size", type=int, default=64)
     d.add_argument("--iters", type=int, default=None)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model.adapter import BlockCall, block_linears, set_submodule
+from ..model.adapter import BlockCall, block_experts, block_linears, set_submodule
 from ..quant.act import act_quantizer, observing
+from ..quant.experts import ExpertInputs, QuantExperts, QuantExpertWeight
 from ..quant.linear import QuantLinear, weight_of
 from ..roundings import Nearest
 from .chains import ChainStore, trim_heap
@@ -128,13 +129,29 @@ class WindowEngine:
             ql.act_quant = act_quantizer(self.acts.bits, self.acts.dynamic, self.acts.sym).to(ql.weight.device)
         return ql
 
+    def new_experts(self, module: nn.Module, generator: torch.Generator | None) -> QuantExperts:
+        """A fused experts module wrapped: one QuantExpertWeight per 3-D parameter, set up as
+        new_layer sets up a linear (activations are refused for fused experts by the API)."""
+        t = self.train_cfg if self.trains else None
+        return QuantExperts(module, lambda experts, param: QuantExpertWeight(
+            experts, param, self.grid, t.rounding if t else Nearest(), t.lwc if t else False, generator,
+            self.stage.clip_search))
+
+    def targets(self, block: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+        """(name, module, is fused experts) of everything in the block that gets quantized."""
+        return [(n, m, False) for n, m in block_linears(block) if not any(s in n for s in self.skip)] + \
+               [(n, m, True) for n, m in block_experts(block) if not any(s in n for s in self.skip)]
+
     def wrap(self, j: int, block_input, generator: torch.Generator):
-        """Wrap block j's linears; `block_input()` gives its calibration input, computed only if
-        the initialization needs it (GPTQ, static activation steps)."""
-        for name, module in block_linears(self.blocks[j]):
+        """Wrap block j's linears and fused experts; `block_input()` gives its calibration input,
+        computed only if the initialization needs it (GPTQ, static activation steps)."""
+        for name, module, fused in self.targets(self.blocks[j]):
+            if fused:
+                set_submodule(self.blocks[j], name, self.new_experts(module, generator))
+                continue
             # a grid may differ per layer (a GGUF mixture) or leave a layer in full precision
             grid = self.grid.for_layer(name, j, len(self.blocks), weight_of(module).shape[1])
-            if grid is not None and not any(s in name for s in self.skip):
+            if grid is not None:
                 set_submodule(self.blocks[j], name, self.new_layer(module, generator, grid))
         if not self.stage.needs_block_input(self.static_acts):
             return
@@ -148,22 +165,53 @@ class WindowEngine:
 
     @torch.no_grad()
     def init_gptq(self, j: int, x_in: torch.Tensor):
-        layers = quant_layers([self.blocks[j]])
-        acc = {m: HessianAccumulator(m.in_features, self.device) for m in layers}
-        hooks = [m.register_forward_pre_hook(lambda m, args: acc[m].add(m.transformed_input(args[0]))) for m in layers]
+        """GPTQ for every wrapped layer from its inputs' Hessian; each expert of a fused
+        experts parameter gets its own, from the tokens it sees (with `all_experts`, every
+        token). A matrix that no token reached is rounded to nearest and reported."""
+        block = self.blocks[j]
+        names = {m: n for n, m in block.named_modules()}
+        layers = quant_layers([block])
+        linears = [m for m in layers if not isinstance(m, QuantExpertWeight)]
+        acc = {m: [HessianAccumulator(m.in_features, self.device)] for m in linears}
+        acc.update({m: [HessianAccumulator(m.in_features, self.device) for _ in range(m.num_experts)]
+                    for m in layers if isinstance(m, QuantExpertWeight)})
+        hooks = [m.register_forward_pre_hook(lambda m, args: acc[m][0].add(m.transformed_input(args[0])))
+                 for m in linears]
+        wrappers = [m for m in block.modules() if isinstance(m, QuantExperts)]
+        for ex in wrappers:
+            ex.recorder = ExpertInputs(lambda param, e, x, ex=ex: acc[ex.weights[param]][e].add(x),
+                                       self.stage.all_experts)
         try:
-            with layer_mode([self.blocks[j]], "fp"):
+            with layer_mode([block], "fp"):
                 self.run_all(j, j, x_in)
         finally:
             for h in hooks:
                 h.remove()
-        g, st = self.grid, self.stage
+            for ex in wrappers:
+                ex.recorder = None
         for m in layers:
-            acc[m].all_reduce()
-            unrounded, scale, zero = gptq_quantize(m.weight, acc[m].h, g.bits, g.group_size, g.sym, st.damp,
-                                                   act_order=st.act_order, scale_dtype=g.scale_torch_dtype,
-                                                   clip_search=st.clip_search)
-            m.set_init(unrounded, scale, zero)
+            parts = []
+            weights = m.weight.reshape(len(acc[m]), -1, m.in_features)
+            for e, a in enumerate(acc[m]):
+                a.all_reduce()
+                if a.count == 0:
+                    self.report.setdefault("rtn_fallback", []).append(
+                        {"block": j, "layer": names[m], "expert": e if isinstance(m, QuantExpertWeight) else None,
+                         "tokens": 0, "why": "no calibration token reached it: rounded to nearest"})
+                parts.append(self.rtn_init(weights[e]) if a.count == 0 else self.gptq_init(weights[e], a.h))
+            m.set_init(*(torch.cat(t) for t in zip(*parts)))
+
+    def gptq_init(self, w: torch.Tensor, h: torch.Tensor):
+        g, st = self.grid, self.stage
+        return gptq_quantize(w, h, g.bits, g.group_size, g.sym, st.damp, act_order=st.act_order,
+                             scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search)
+
+    def rtn_init(self, w: torch.Tensor):
+        """(base, scale, zero) of round-to-nearest on the min/max grid (clipped with clip_search)."""
+        w = w.float()
+        ratio = self.grid.search_clip(w) if self.stage.clip_search else None
+        scale, zero = self.grid.params(w, ratio, ratio)
+        return w, scale, zero
 
     # -- one window ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -343,13 +391,18 @@ class WindowEngine:
         """Re-wrap the blocks a checkpoint had wrapped and load their state."""
         blocks = sorted({block_of(key) for key in states})
         for j in blocks:
-            for name, module in block_linears(self.blocks[j]):
-                key = f"{j}.{name}"
-                if key not in states:
+            for name, module, fused in self.targets(self.blocks[j]):
+                if fused:
+                    wrapper = self.new_experts(module, None)
+                    layers = {f"{j}.{name}.weights.{p}": m for p, m in wrapper.weights.items()}
+                else:
+                    wrapper = self.new_layer(module, None)
+                    layers = {f"{j}.{name}": wrapper}
+                if not all(key in states for key in layers):
                     continue
-                ql = self.new_layer(module, None)
-                ql.load_checkpoint_state(states[key])
-                set_submodule(self.blocks[j], name, ql)
+                for key, m in layers.items():
+                    m.load_checkpoint_state(states[key])
+                set_submodule(self.blocks[j], name, wrapper)
         return set(blocks)
 
     @torch.no_grad()

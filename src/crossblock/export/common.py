@@ -136,12 +136,20 @@ def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], 
     dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
     layout = skeleton(config, trust_remote_code)
     linears = {n for n, m in layout.named_modules() if is_linear(m)}
+    # "<parameter>#experts": a fused 3-D expert parameter, its integers over the (E * out, in) view
+    experts = {k.removesuffix("#experts"): qweights.pop(k) for k in list(qweights) if k.endswith("#experts")}
     for name, qweight in qweights.items():
         need(name in linears, f"quantized layer {name}", "not a linear layer of the model")
         check_qweight(name, qweight, layout.get_submodule(name))
         state_dict[f"{name}.weight"] = dense_weight(qweight, layout.get_submodule(name), dtype)
+    for name, qweight in experts.items():
+        state_dict[name] = qweight.dequantize().to(dtype).reshape(layout.get_parameter(name).shape)
     model = type(layout).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
     model.to(device).eval()
     for name, qweight in qweights.items():
         model.get_submodule(name).crossblock_qweight = qweight
+    for name, qweight in experts.items():
+        module, _, param = name.rpartition(".")
+        module = model.get_submodule(module)
+        module.crossblock_qexperts = {**(getattr(module, "crossblock_qexperts", None) or {}), param: qweight}
     return model

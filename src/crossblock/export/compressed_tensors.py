@@ -25,7 +25,9 @@ from torch import nn
 
 from ..errors import CrossblockError
 from ..quant.grid import QuantizedWeight, dequantize
-from .common import (check_layers, model_dtype, replace_layer_entries, require_quantized_layers,
+from ..model.adapter import unquantized_weights
+from ..quant.experts import expert_params, is_fused_experts
+from .common import (check_layers, model_dtype, quantized_layers, replace_layer_entries, require_quantized_layers,
                      save_folder, unquantized_linears, warn_if_scales_round)
 from .formats import FORMATS, Format, act_args, check_act_scheme, check_groups
 from .schema import check_packed, need
@@ -41,8 +43,12 @@ class CompressedTensors(Format):
     def stored_scale_dtype(self, save_dtype):
         return save_dtype
 
-    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme):
+    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme, fused_experts=()):
         check_groups(FMT, group_size, in_features)
+        if fused_experts and not sym:
+            raise CrossblockError(f"compressed-tensors export of fused MoE experts ({fused_experts[0]}) needs "
+                                  "sym: true: transformers' loader decompresses fused experts without their zero "
+                                  "points; quantize symmetrically or use fake")
         if has_conv1d:
             raise CrossblockError("compressed-tensors export cannot store Conv1D layers (GPT-2 style): "
                                   "its transformers loader only handles nn.Linear; use gptq or fake")
@@ -111,6 +117,70 @@ def warn_if_asymmetric(layers: dict):
                     "with quantization_config=CompressedTensorsConfig(dequantize=True), or quantize with --sym "
                     "(sym: true) for a folder that loads plainly", len(asym))
 
+def routers(model: nn.Module) -> list[str]:
+    """Module names of the MoE routers (left in full precision)."""
+    return [w["name"].rpartition(".")[0] for w in unquantized_weights(model) if w["why"] == "router"]
+
+
+def fused_expert_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every fused 3-D expert parameter (E, out, in) of the model, by full name."""
+    return {f"{n}.{p}": t for n, m in model.named_modules() if is_fused_experts(m)
+            for p, t in expert_params(m).items()}
+
+
+def expert_rows(model: nn.Module, fused: dict[str, torch.Size]) -> dict[str, tuple[str, torch.Tensor]]:
+    """Checkpoint matrix name (e.g. `mlp.experts.3.gate_proj`: transformers saves, and vLLM and
+    transformers' loader read, experts unfused) -> (fused parameter, its rows in the (E * out, in)
+    view). Found by sending row numbers through transformers' own save-time conversion, so no
+    family's layout is written down here."""
+    from transformers.core_model_loading import revert_weight_conversion
+    starts, total = {}, 0  # one running row number over all parameters: each row names its source
+    for k, shape in fused.items():
+        starts[k], total = total, total + shape[0] * shape[1]
+    index = {k: torch.arange(starts[k], starts[k] + shape[0] * shape[1], dtype=torch.float64).reshape(*shape[:2], 1)
+             for k, shape in fused.items()}
+    mapping, seen = {}, dict.fromkeys(fused, 0)
+    for key, rows in revert_weight_conversion(model, index).items():
+        first = int(rows.flatten()[0]) if rows.numel() else -1
+        source = next((k for k, s in fused.items() if 0 <= first - starts[k] < s[0] * s[1]), None)
+        if source is None or not key.endswith(".weight") or rows.dim() != 2 or rows.shape[1] != 1:
+            raise CrossblockError(f"{FMT} export cannot map the fused experts of this model to checkpoint "
+                                  f"matrices ({key}); use fake")
+        mapping[key.removesuffix(".weight")] = (source, rows[:, 0].long() - starts[source])
+        seen[source] += rows.shape[0]
+    missing = [k for k, s in fused.items() if seen[k] != s[0] * s[1]]
+    if missing:
+        raise CrossblockError(f"{FMT} export: checkpoint matrices do not cover every row of {missing[0]}; use fake")
+    return mapping
+
+
+def expert_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Each quantized expert matrix as its own layer, under its checkpoint name."""
+    fused = {f"{name}.{param}": (getattr(module, param), qw) for name, module in model.named_modules()
+             for param, qw in (getattr(module, "crossblock_qexperts", None) or {}).items()}
+    if not fused:
+        return {}
+    layers = {}
+    for name, (source, r) in expert_rows(model, {k: p.shape for k, (p, _) in fused.items()}).items():
+        qw = fused[source][1]
+        layers[name] = QuantizedWeight(qw.q[r], qw.scale[r], qw.zero[r], qw.bits, qw.group_size, qw.sym)
+    return layers
+
+
+def fuse_expert_layers(layout: nn.Module, layers: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """The inverse of `expert_layers`: per-expert matrices read from a checkpoint -> one
+    QuantizedWeight per fused parameter, over its (E * out, in) view."""
+    fused = {k: p.shape for k, p in fused_expert_params(layout).items()}
+    out = {}
+    for name, (source, r) in expert_rows(layout, fused).items():
+        qw, shape = layers.pop(name), fused[source]
+        if source not in out:
+            rows, groups = shape[0] * shape[1], qw.scale.shape[1]
+            out[source] = QuantizedWeight(torch.zeros(rows, shape[2], dtype=torch.uint8), torch.zeros(rows, groups),
+                                          torch.zeros(rows, groups), qw.bits, qw.group_size, qw.sym)
+        out[source].q[r], out[source].scale[r], out[source].zero[r] = qw.q, qw.scale, qw.zero
+    return out
+
 
 def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathLike, act_scheme: dict | None = None):
     """Write `model` as a compressed-tensors checkpoint.
@@ -122,7 +192,10 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathL
     zero-point parameter unpacked, and the packed checkpoint tensor is refused as a mismatch."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
-    layers = require_quantized_layers(model, FMT)
+    experts = expert_layers(model)
+    layers = {**quantized_layers(model), **{n: (None, qw) for n, qw in experts.items()}}
+    if not layers:
+        require_quantized_layers(model, FMT)
     check_layers(FMT, layers, act_scheme=act_scheme)
     dtype = model_dtype(model)
     warn_if_scales_round(FMT, layers, dtype)
@@ -130,6 +203,13 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathL
 
     schemes, ignore, scheme_of = build_schemes(model, layers, act_scheme)
     state_dict = model.state_dict()
+    if experts:
+        # the experts in the checkpoint's (unfused) layout; transformers' save-time conversion
+        # passes keys it has no rule for through unchanged
+        from transformers.core_model_loading import revert_weight_conversion
+        state_dict = revert_weight_conversion(model, state_dict)
+        # vLLM reads a MoE router as a Linear layer: a "Linear" target must not take it
+        ignore += [n for n in routers(model) if n not in ignore]
     for name, (_, qw) in layers.items():
         replace_layer_entries(state_dict, name, compress_layer(qw, scheme_of[name], dtype))
     save_folder(model, tokenizer, out_dir, state_dict)
@@ -181,4 +261,12 @@ def read_compressed_tensors(layout: nn.Module, quantization_config: dict, tensor
         for name, _ in match_named_modules(layout, scheme.targets, config.ignore):
             if scheme.weights is not None and name not in qweights:
                 qweights[name] = read_layer(tensors, name, scheme.weights)
+    # fused MoE experts are stored as per-expert matrices, which the module tree does not have
+    experts = [k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")]
+    if experts and fused_expert_params(layout):
+        schemes = [s for s in config.config_groups.values() if s.weights is not None]
+        scheme = next((s for s in schemes if "Linear" in s.targets), schemes[0])
+        per_expert = {name: read_layer(tensors, name, next((s for s in schemes if name in s.targets), scheme).weights)
+                      for name in experts}
+        qweights.update({f"{k}#experts": v for k, v in fuse_expert_layers(layout, per_expert).items()})
     return qweights

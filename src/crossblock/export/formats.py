@@ -47,8 +47,9 @@ class Format:
                                   f"({GRIDS_HINT.get(grid.kind_name, 'use fake')})")
 
     def accepts(self, bits: int, group_size: int, sym: bool, in_features: set[int], out_features: set[int],
-                has_conv1d: bool, act_scheme: dict | None):
-        """Raise CrossblockError, naming the format and the setting, if it cannot store this."""
+                has_conv1d: bool, act_scheme: dict | None, fused_experts: list[str] = ()):
+        """Raise CrossblockError, naming the format and the setting, if it cannot store this
+        (`fused_experts`: names of the 3-D MoE expert parameters to be quantized)."""
 
     def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None):
         raise NotImplementedError
@@ -66,14 +67,15 @@ def require_known_format(fmt: str) -> Format:
 
 def check_format(fmt: str, bits: int, group_size: int, sym: bool, in_features_list: Iterable[int], *,
                  out_features_list: Iterable[int] = (), has_conv1d: bool = False,
-                 act_scheme: dict | None = None):
+                 act_scheme: dict | None = None, fused_experts: Iterable[str] = ()):
     """Raise CrossblockError, naming the format and the setting, if `fmt` cannot store
     weights quantized this way."""
     form = require_known_format(fmt)
     if form.bits and bits not in form.bits:
         raise CrossblockError(f"{fmt} export cannot store {bits}-bit weights "
                               f"(bits must be one of {', '.join(map(str, form.bits))})")
-    form.accepts(bits, group_size, sym, set(in_features_list), set(out_features_list), has_conv1d, act_scheme)
+    form.accepts(bits, group_size, sym, set(in_features_list), set(out_features_list), has_conv1d, act_scheme,
+                 list(fused_experts))
 
 
 def check_groups(fmt: str, group_size: int, in_features: set[int]):

@@ -54,6 +54,9 @@ class Gguf(Format):
         return torch.float16  # ggml's d
 
     def accepts_grid(self, grid, model):
+        import importlib.util
+        if importlib.util.find_spec("gguf") is None:
+            raise CrossblockError("gguf export needs llama.cpp's gguf package: pip install 'crossblock[gguf]'")
         check_family(model)
         if grid.kind_name == "uniform":
             if not grid.sym or grid.scale_dtype not in (None, "float16"):
@@ -64,8 +67,11 @@ class Gguf(Format):
         elif grid.kind_name != "gguf":
             super().accepts_grid(grid, model)
 
-    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme):
+    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme, fused_experts=()):
         # reached for uniform grids only (symmetric, see accepts_grid)
+        if fused_experts:
+            raise CrossblockError(f"gguf export does not write fused MoE experts ({fused_experts[0]}); use fake or "
+                                  "compressed-tensors")
         if group_size != 32:
             raise CrossblockError(f"gguf export stores a uniform grid as Q{bits}_0, whose blocks are 32 wide: "
                                   f"group_size must be 32, got {group_size} (or use the gguf grid)")

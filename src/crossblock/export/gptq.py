@@ -38,15 +38,23 @@ class Gptq(Format):
     def stored_scale_dtype(self, save_dtype):
         return torch.float16  # what transformers' GPTQConfig and vLLM read
 
-    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme):
+    def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme, fused_experts=()):
         check_groups(FMT, group_size, in_features)
         refuse_act_scheme(FMT, act_scheme)
+        refuse_fused_experts(fused_experts)
         check_whole_words(bits, "in_features", in_features)
         check_whole_words(bits, "out_features", out_features)
 
     def write(self, model, tokenizer, out_dir, act_scheme):
         refuse_act_scheme(FMT, act_scheme)
         save_gptq(model, tokenizer, out_dir)
+
+
+def refuse_fused_experts(fused_experts):
+    if fused_experts:
+        raise CrossblockError(f"gptq export cannot store fused MoE experts ({fused_experts[0]} and "
+                              f"{len(fused_experts) - 1} more): transformers' GPTQ loader replaces only nn.Linear "
+                              "layers, so it cannot load them; use compressed-tensors or fake")
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -123,6 +131,7 @@ def gptq_config(bits: int, group_size: int, sym: bool) -> dict:
 
 def save_gptq(model: nn.Module, tokenizer, out_dir: str | os.PathLike):
     """Write `model` as a GPTQ v1 checkpoint (qweight / qzeros / scales / g_idx)."""
+    refuse_fused_experts([n for n, m in model.named_modules() if getattr(m, "crossblock_qexperts", None)])
     layers = require_quantized_layers(model, FMT)
     bits, group_size, sym = uniform_settings(layers)
     check_layers(FMT, layers)

@@ -8,12 +8,14 @@ embeddings only, however large the model.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import CrossblockError
+from ..quant.experts import QuantExperts, expert_params, is_fused_experts
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -41,8 +43,66 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+# A MoE block's router: its last name part ends in "gate" or "router" (mlp.gate, shared_expert_gate);
+# gate_proj / gate_up_proj do not match. It picks experts, so it stays in full precision.
+ROUTER = re.compile(r"(gate|router)$")
+
+
+def is_moe_block(block: nn.Module) -> bool:
+    """Fused experts (wrapped or not), or a ModuleList named `experts` (the unfused form)."""
+    return any(bool(expert_params(m)) or isinstance(m, QuantExperts) or
+               (isinstance(m, nn.ModuleList) and n.rpartition(".")[2] == "experts")
+               for n, m in block.named_modules())
+
+
+def is_router(name: str, moe: bool) -> bool:
+    return moe and bool(ROUTER.search(name.rpartition(".")[2]))
+
+
 def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in block.named_modules() if is_linear(m)]
+    """The block's linear layers that are quantized: all but a MoE block's routers."""
+    moe = is_moe_block(block)
+    return [(n, m) for n, m in block.named_modules() if is_linear(m) and not is_router(n, moe)]
+
+
+def block_experts(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The block's fused experts modules (3-D expert parameters, quant/experts.py)."""
+    return [(n, m) for n, m in block.named_modules() if is_fused_experts(m)]
+
+
+def quantized_params(module: nn.Module) -> set[str]:
+    """Names of the module's own parameters that a finished quantization replaced by integers."""
+    done = set(getattr(module, "crossblock_qexperts", None) or ())
+    return done | ({"weight"} if getattr(module, "crossblock_qweight", None) is not None else set())
+
+
+def unquantized_weights(model: nn.Module, skip=()) -> list[dict]:
+    """Every parameter of the decoder blocks left in full precision, with why (nothing is
+    skipped silently): skip pattern, router, bias, norm, unsupported shape."""
+    prefix, blocks = find_blocks(model)
+    left = []
+    for i, block in enumerate(blocks):
+        moe = is_moe_block(block)
+        for mname, module in block.named_modules():
+            done = quantized_params(module)
+            for pname, p in module.named_parameters(recurse=False):
+                if pname in done:
+                    continue
+                if any(s in mname for s in skip):
+                    why = "skip pattern"
+                elif is_router(mname, moe):
+                    why = "router"
+                elif pname.endswith("bias"):
+                    why = "bias"
+                elif "norm" in type(module).__name__.lower() or "norm" in mname.rpartition(".")[2]:
+                    why = "norm"
+                elif p.dim() == 3 and getattr(module, "is_transposed", False):
+                    why = "unsupported shape (transposed experts)"
+                else:
+                    why = "unsupported shape"
+                left.append({"name": f"{prefix}.{i}.{mname}.{pname}".replace("..", "."), "shape": list(p.shape),
+                             "why": why})
+    return left
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module):

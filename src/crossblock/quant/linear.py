@@ -30,6 +30,7 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     wraps_linear = True  # model/adapter.py still finds the blocks of a model whose layers are wrapped
+    restores_module = True  # restore_quantized puts the original module in its place
 
     def __init__(self, module: nn.Module, grid, rounding, lwc: bool = False,
                  generator: torch.Generator | None = None, clip_search: bool = False):
@@ -212,9 +213,9 @@ class QuantLinear(nn.Module):
 
 
 def restore_quantized(model: nn.Module):
-    """Put the original modules back in place of every QuantLinear, holding fake-quantized weights
-    (the end of a pipeline: the user gets a plain transformers model)."""
+    """Put the original modules back in place of every QuantLinear (and fused-experts wrapper),
+    holding fake-quantized weights (the end of a pipeline: the user gets a plain transformers model)."""
     for name, m in list(model.named_modules()):
-        if isinstance(m, QuantLinear):
+        if getattr(m, "restores_module", False):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, m.restore())

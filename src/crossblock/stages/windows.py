@@ -64,6 +64,8 @@ class Windows(Stage):
     act_order: bool = False        # GPTQ's column order by decreasing Hessian diagonal (init gptq)
     clip_search: bool = False      # start each group's clipping at its least-weight-error ratio (1 .. 0.7)
     train: Train | None = None     # None: no training (RTN, GPTQ)
+    all_experts: bool = True       # MoE, init gptq: every token through every fused expert for the Hessians
+                                   # (the block's output keeps the real routing)
 
     def check(self):
         self.refuse(self.window >= 1, f"window must be >= 1, got {self.window}")
@@ -71,8 +73,8 @@ class Windows(Stage):
         self.refuse(self.lookahead >= 0, f"lookahead must be >= 0, got {self.lookahead}")
         self.refuse(self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         self.refuse(0 < self.damp < 1, f"damp must be in (0, 1), got {self.damp}")
-        self.refuse(self.init == "gptq" or (self.damp == 0.01 and not self.act_order),
-                    "damp and act_order have no effect without init gptq")
+        self.refuse(self.init == "gptq" or (self.damp == 0.01 and not self.act_order and self.all_experts),
+                    "damp, act_order and all_experts have no effect without init gptq")
 
     @classmethod
     def from_dict(cls, data, where=None):
