@@ -45,17 +45,19 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--rows", nargs="+", default=["fp-rotate", "rtn", "rtn-rotate"])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "rotate_smollm2.jsonl"))
+    p.add_argument("--abits", type=int, default=4, help="activation bits (16: weights only)")
     args = p.parse_args()
     torch.set_num_threads(1)
     calib = read_texts(SHARED / "data" / "wikitext2" / "wiki.valid.tokens")
     test = read_texts(SHARED / "data" / "wikitext2" / "wiki.test.raw")
-    recipes = {m: cb.Recipe.preset(m, wbits=4, abits=4, group_size=64, nsamples=32, seqlen=512, seed=0, batch_size=8)
+    recipes = {m: cb.Recipe.preset(m, wbits=4, abits=args.abits, group_size=64, nsamples=32, seqlen=512, seed=0,
+                                   batch_size=8)
                for m in ("rtn", "gptq")}
     for row in args.rows:
         t0 = time.time()
         model, tokenizer = cb.load_model(args.model)
-        probe = calibration_ids(tokenizer, calib, recipes["rtn"])[:1]
-        entry = {"row": row, "outliers_before": outliers(model, probe)}
+        probe = calibration_ids(tokenizer, calib, recipes["rtn"].data)[:1]
+        entry = {"row": row, "abits": args.abits, "outliers_before": outliers(model, probe)}
         if row.endswith("-rotate"):
             entry["rotate"] = rotate_model(model)
             entry["rotate"]["online"]["layers"] = len(entry["rotate"]["online"]["layers"])
