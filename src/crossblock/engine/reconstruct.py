@@ -121,10 +121,13 @@ class WindowEngine:
         return out
 
     # -- wrapping and initialization -------------------------------------------------------------
-    def new_layer(self, module: nn.Module, generator: torch.Generator | None, grid=None) -> QuantLinear:
+    def learned(self) -> tuple:
+        """(rounding, lwc) of every layer this engine wraps: the train section's, or RTN's."""
         t = self.train_cfg if self.trains else None
-        ql = QuantLinear(module, grid or self.grid, t.rounding if t else Nearest(), t.lwc if t else False, generator,
-                         self.stage.clip_search)
+        return (t.rounding, t.lwc) if t else (Nearest(), False)
+
+    def new_layer(self, module: nn.Module, generator: torch.Generator | None, grid=None) -> QuantLinear:
+        ql = QuantLinear(module, grid or self.grid, *self.learned(), generator, self.stage.clip_search)
         if self.acts.bits < 16:
             ql.act_quant = act_quantizer(self.acts.bits, self.acts.dynamic, self.acts.sym).to(ql.weight.device)
         return ql
@@ -132,10 +135,8 @@ class WindowEngine:
     def new_experts(self, module: nn.Module, generator: torch.Generator | None) -> QuantExperts:
         """A fused experts module wrapped: one QuantExpertWeight per 3-D parameter, set up as
         new_layer sets up a linear (activations are refused for fused experts by the API)."""
-        t = self.train_cfg if self.trains else None
         return QuantExperts(module, lambda experts, param: QuantExpertWeight(
-            experts, param, self.grid, t.rounding if t else Nearest(), t.lwc if t else False, generator,
-            self.stage.clip_search))
+            experts, param, self.grid, *self.learned(), generator, self.stage.clip_search))
 
     def targets(self, block: nn.Module) -> list[tuple[str, nn.Module, bool]]:
         """(name, module, is fused experts) of everything in the block that gets quantized."""
