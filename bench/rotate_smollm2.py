@@ -1,12 +1,13 @@
 """SmolLM2-135M: RTN W4A4 g64 with and without `rotate_model` (issue 16), smollm2_w4a4_g64 protocol.
 
 WikiText-2 test perplexity (`wiki.test.raw`, first 40 windows of 512 tokens), calibration 32 x 512
-tokens from `wiki.valid.tokens` (seed 0), batch 8, one torch thread. Rows, one after another:
-fp-rotate (the rotated FP model: must match FP 28.74), rtn, rtn-rotate (gptq, gptq-rotate on
-request); each also records the mean and worst max/RMS per token of the inputs of every block
-linear on one calibration window. Everything stays float32 in memory (no save and reload).
+tokens from `wiki.valid.tokens` (seed 0), batch 8, one torch thread. Rows, one after another,
+named METHOD[-rotate][-cfp] with METHOD rtn, gptq or best (the preset, its own 60 x 2 steps): the
+`rotate` and `cfp` stages of the recipe. `fp-rotate` is the rotated FP model (must match FP 28.74)
+and records the mean and worst max/RMS per token of the inputs of every block linear on one
+calibration window before and after rotation. Everything stays float32 in memory (no save and reload).
 
-    python bench/rotate_smollm2.py --model $SMOLLM2 [--rows fp-rotate rtn rtn-rotate]
+    python bench/rotate_smollm2.py --model $SMOLLM2 [--abits 4] [--rows fp-rotate rtn rtn-rotate gptq-rotate-cfp best-rotate ...]
 """
 import argparse
 import json
@@ -50,21 +51,24 @@ def main():
     torch.set_num_threads(1)
     calib = read_texts(SHARED / "data" / "wikitext2" / "wiki.valid.tokens")
     test = read_texts(SHARED / "data" / "wikitext2" / "wiki.test.raw")
-    recipes = {m: cb.Recipe.preset(m, wbits=4, abits=args.abits, group_size=64, nsamples=32, seqlen=512, seed=0,
-                                   batch_size=8)
-               for m in ("rtn", "gptq")}
+    base = dict(wbits=4, abits=args.abits, group_size=64, nsamples=32, seqlen=512, seed=0)
     for row in args.rows:
         t0 = time.time()
         model, tokenizer = cb.load_model(args.model)
-        probe = calibration_ids(tokenizer, calib, recipes["rtn"].data)[:1]
-        entry = {"row": row, "abits": args.abits, "outliers_before": outliers(model, probe)}
-        if row.endswith("-rotate"):
-            entry["rotate"] = rotate_model(model)
-            entry["rotate"]["online"]["layers"] = len(entry["rotate"]["online"]["layers"])
-            entry["outliers_after"] = outliers(model, probe)
-        method = row.split("-")[0]
-        if method in recipes:
-            cb.quantize(model, tokenizer, recipes[method], calib=calib, progress=False)
+        method, *flags = row.split("-")
+        entry = {"row": row, "abits": args.abits}
+        if method == "fp":  # the rotated FP model, with activation statistics before and after
+            probe = calibration_ids(tokenizer, calib, cb.Recipe.preset("rtn", **base).data)[:1]
+            entry["outliers_before"] = outliers(model, probe)
+            if "rotate" in flags:
+                entry["rotate"] = rotate_model(model)
+                entry["rotate"]["online"]["layers"] = len(entry["rotate"]["online"]["layers"])
+                entry["outliers_after"] = outliers(model, probe)
+        else:  # the product path: rotate and cfp as recipe stages
+            batch = {} if method == "best" else {"batch_size": 8}  # best keeps its own 60 x 2 steps
+            recipe = cb.Recipe.preset(method, **base, **batch, rotate="rotate" in flags, cfp="cfp" in flags)
+            entry["recipe"] = recipe.to_flat()
+            cb.quantize(model, tokenizer, recipe, calib=calib, progress=False)
         entry["ppl"] = round(cb.evaluate(model, tokenizer, test, seqlen=512, max_windows=40, progress=False), 2)
         entry["wall_s"] = round(time.time() - t0, 1)
         print(json.dumps(entry), flush=True)
