@@ -1,5 +1,6 @@
 """The rotate stage in the pipeline: flags and recipe files, W4A4 gains, and what each format
-keeps of the run-time rotation (fake folds it into the weights, packed formats refuse it)."""
+keeps of the run-time rotation (fake folds it into the weights, compressed-tensors writes it as
+its transform config, gptq refuses it)."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -52,15 +53,54 @@ def test_fake_folder_with_activations_reloads_with_its_rotation(tmp_path):
     torch.testing.assert_close(logits(loaded, tok), logits(model, tok), rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize("fmt,kw", [("compressed-tensors", dict(wbits=4, group_size=-1)),
-                                    ("gptq", dict(wbits=8, group_size=-1, sym=True))])
-def test_packed_formats_refuse_the_online_rotation_before_quantizing(fmt, kw, tmp_path):
+def test_gptq_format_refuses_the_online_rotation_before_quantizing(tmp_path):
+    kw = dict(wbits=8, group_size=-1, sym=True)
     with pytest.raises(CrossblockError, match="cannot store rotate's run-time Hadamard"):
-        quantized(rotate=True, format=fmt, **kw)
-    model, tok, report = quantized(rotate=True, rotate_online=False, format=fmt, **kw)
+        quantized(rotate=True, format="gptq", **kw)
+    model, tok, report = quantized(rotate=True, rotate_online=False, format="gptq", **kw)
     assert not any(hasattr(m, "crossblock_input_transform") for m in model.modules())
-    cb.save(model, tok, tmp_path / "q", format=fmt, report=report)
+    cb.save(model, tok, tmp_path / "q", format="gptq", report=report)
     torch.testing.assert_close(logits(cb.load(tmp_path / "q"), tok), logits(model, tok), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("abits", [16, 8])
+def test_compressed_tensors_stores_the_online_rotation_as_its_transform_config(abits, tmp_path):
+    import json
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors.torch import load_file
+    from crossblock.export.loader import load as load_dense
+    model, tok, report = quantized(wbits=4, abits=abits, group_size=-1, sym=True, rotate=True,
+                                   format="compressed-tensors")
+    cb.save(model, tok, tmp_path / "q", format="compressed-tensors", report=report)
+    ours = logits(model, tok)
+    loaded = cb.load(tmp_path / "q")
+    assert sum(hasattr(m, "crossblock_input_transform") for m in loaded.modules()) == 5
+    torch.testing.assert_close(logits(loaded, tok), ours, rtol=0, atol=1e-4)
+    if abits != 16:
+        return
+    # the library's own reading of the config: its transforms on the dense (rotated) weights,
+    # with the stored matrices, compute the same model
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["transform_config"]
+    theirs = load_dense(tmp_path / "q", dtype=torch.float32)
+    assert not any(hasattr(m, "crossblock_input_transform") for m in theirs.modules())
+    apply_transform_config(theirs, TransformConfig.model_validate(config))
+    stored = {k: v for k, v in load_file(tmp_path / "q" / "model.safetensors").items() if "_input.weight" in k}
+    n = 172  # stories' down_proj input: a random orthogonal base (no Hadamard of order 43), stored as sqrt(n) H
+    assert len(stored) == 5 and all(torch.allclose(v @ v.T, n * torch.eye(n), atol=1e-3) for v in stored.values())
+    missing, unexpected = theirs.load_state_dict(stored, strict=False)
+    assert not unexpected
+    torch.testing.assert_close(logits(theirs, tok), ours, rtol=0, atol=1e-4)
+
+
+def test_compressed_tensors_transform_config_without_its_record_is_refused(tmp_path):
+    import json
+    model, tok, report = quantized(wbits=4, group_size=-1, sym=True, rotate=True, format="compressed-tensors")
+    cb.save(model, tok, tmp_path / "q", format="compressed-tensors", report=report)
+    info = json.loads((tmp_path / "q" / "crossblock.json").read_text())
+    del info["transforms"]
+    (tmp_path / "q" / "crossblock.json").write_text(json.dumps(info))
+    with pytest.raises(CrossblockError, match="transform_config.*does not record them"):
+        cb.load(tmp_path / "q")
 
 
 def test_rotate_comes_before_cfp_and_windows(tmp_path):

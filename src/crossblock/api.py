@@ -347,20 +347,31 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
         raise CrossblockError(f"cannot load {path}: {first_line(e)}") from None
     report = Path(path) / REPORT_FILE
     info = schema.read_json(report) if report.is_file() else {}
-    recorded = info.get("activations")
-    if info.get("transforms") and recorded:  # activation quantizers read the rotated input x H
+    recorded, folded = info.get("activations"), info.get("format", "fake") == "fake"
+    if has_transform_config(path) and not info.get("transforms"):
+        raise CrossblockError(f"{path} has run-time rotations (transform_config) but its crossblock.json does not "
+                              "record them: crossblock loads the ones it wrote")
+    # packed folders hold W in the rotated basis, so the rotation is always re-attached; the fake
+    # folder holds W H^T (export/fake.py), which plain transformers runs as is, unless activation
+    # quantizers must read the rotated input x H
+    if info.get("transforms") and (recorded or not folded):
         from .preprocess.online import rebuild_transforms
         rebuild_transforms(model, info["transforms"])
-        with torch.no_grad():  # the fake folder holds W H^T (export/fake.py): back to W
+        with torch.no_grad():
             for m in model.modules():
                 t = getattr(m, "crossblock_input_transform", None)
-                if t is not None:
+                if t is not None and folded:  # back to W
                     m.weight.copy_((m.weight.double() @ t.matrix().to(m.weight.device)).to(m.weight.dtype))
     if recorded:
         prefix, blocks = find_blocks(model)
         quantizable = {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, _ in block_linears(b)}
         act_quant.rebuild(model, schema.check_activations(recorded, report, quantizable))
     return model
+
+
+def has_transform_config(path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and bool((schema.read_json(config).get("quantization_config") or {}).get("transform_config"))
 
 
 def load_tokenizer(path, trust_remote_code: bool = False):

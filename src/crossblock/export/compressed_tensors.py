@@ -12,7 +12,12 @@ Conventions, theirs against ours (quant/grid.py):
   zp_ct = zero - 2**(bits-1); Ŵ = scale * (q_ct - zp_ct) = scale * (q - zero).
 - symmetric schemes store no zero point (ours is 2**(bits-1) there, i.e. zp_ct = 0).
 - scales have shape (out, groups), (out, 1) per channel, in the model dtype: the loader
-  creates them that way. For float32 models the dequantized weights are bit-identical to the
+  creates them that way.
+- rotate's run-time rotation x -> x H before down_proj is the library's transform config: one
+  `random-hadamard` scheme at location `input` per distinct H, its matrix stored as
+  `<layer>.<scheme>_input.weight` = sqrt(n) H, since both compressed-tensors and vLLM apply
+  x -> x W / sqrt(n) with the stored W (vLLM's `hadamard` type would ignore it and run its own
+  Sylvester kernel, so that type is not used). The weights are stored already rotated (W H). For float32 models the dequantized weights are bit-identical to the
   fake-quant ones; for fp16/bf16 models they are iff the scales are representable in that dtype.
 """
 from __future__ import annotations
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 @FORMATS.register(FMT)
 class CompressedTensors(Format):
     bits = (2, 4, 8)
+    online_transforms = True  # as its transform config (module docstring)
 
     def stored_scale_dtype(self, save_dtype):
         return save_dtype
@@ -212,13 +218,38 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathL
         ignore += [n for n in routers(model) if n not in ignore]
     for name, (_, qw) in layers.items():
         replace_layer_entries(state_dict, name, compress_layer(qw, scheme_of[name], dtype))
+    transforms, matrices = transform_config(model)
+    state_dict.update(matrices)
     save_folder(model, tokenizer, out_dir, state_dict)
 
     formats = {scheme.format for scheme in schemes.values()}
     config = QuantizationConfig(config_groups=schemes, ignore=ignore,
                                 format=formats.pop() if len(formats) == 1 else "mixed-precision",
                                 quantization_status=QuantizationStatus.COMPRESSED)
-    ModelCompressor(quantization_config=config).update_config(str(out_dir))
+    ModelCompressor(quantization_config=config, transform_config=transforms).update_config(str(out_dir))
+
+
+def transform_config(model: nn.Module):
+    """(TransformConfig or None, {checkpoint name: stored matrix}) for the model's run-time input
+    rotations. Layers sharing one H share a scheme: the loaders keep one matrix per scheme and size."""
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+    groups: dict[tuple, list[str]] = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "crossblock_input_transform"):
+            groups.setdefault(tuple(module.crossblock_input_transform.spec().items()), []).append(name)
+    if not groups:
+        return None, {}
+    log.warning("compressed-tensors with a run-time rotation (transform_config, %d layers): vLLM and "
+                "crossblock.load apply it; plain transformers 5.24 ignores transform_config and would "
+                "compute without it", sum(map(len, groups.values())))
+    schemes, matrices = {}, {}
+    for i, names in enumerate(groups.values()):
+        key = "online" if i == 0 else f"online_{i}"
+        schemes[key] = TransformScheme(type="random-hadamard", apply=[TransformArgs(targets=names, location="input")])
+        h = model.get_submodule(names[0]).crossblock_input_transform.matrix()
+        stored = (h * h.shape[0] ** 0.5).float().contiguous()
+        matrices.update({f"{n}.{key}_input.weight": stored.clone() for n in names})
+    return TransformConfig(config_groups=schemes), matrices
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -248,10 +279,26 @@ def read_layer(tensors: dict, name: str, args) -> QuantizedWeight:
                            bits, group_size, bool(args.symmetric))
 
 
+def drop_transform_matrices(transforms: dict | None, tensors: dict):
+    """Remove the run-time rotations' stored matrices: crossblock.load re-attaches the rotations
+    from crossblock.json (api.load), which `save_compressed_tensors` wrote them from."""
+    if not transforms:  # the library writes {} when there are none
+        return
+    from compressed_tensors.transform import TransformConfig
+    try:
+        groups = TransformConfig.model_validate(transforms).config_groups
+    except ValueError as e:
+        raise CrossblockError(f"compressed-tensors transform_config is malformed: {str(e).splitlines()[0]}") from None
+    for key in [k for k in tensors if any(k.endswith(f".{g}_input.weight") for g in groups)]:
+        del tensors[key]
+
+
 def read_compressed_tensors(layout: nn.Module, quantization_config: dict, tensors: dict) -> dict[str, QuantizedWeight]:
     """Integer weights of every quantized layer; `layout` is the model's module tree."""
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules
+    quantization_config = dict(quantization_config)
+    drop_transform_matrices(quantization_config.pop("transform_config", None), tensors)
     config = QuantizationConfig.model_validate(quantization_config)
     if config.quantization_status != "compressed":
         raise CrossblockError(f"compressed-tensors folder has quantization_status "
