@@ -57,6 +57,10 @@ def test_gptq_format_refuses_the_online_rotation_before_quantizing(tmp_path):
     kw = dict(wbits=8, group_size=-1, sym=True)
     with pytest.raises(CrossblockError, match="cannot store rotate's run-time Hadamard"):
         quantized(rotate=True, format="gptq", **kw)
+    rotated, tok, report = quantized(rotate=True, **kw)  # quantized for fake, then saved as gptq
+    with pytest.raises(CrossblockError, match="cannot store rotate's run-time Hadamard"):
+        cb.save(rotated, tok, tmp_path / "r", format="gptq", report=report)
+    assert not (tmp_path / "r").exists()
     model, tok, report = quantized(rotate=True, rotate_online=False, format="gptq", **kw)
     assert not any(hasattr(m, "crossblock_input_transform") for m in model.modules())
     cb.save(model, tok, tmp_path / "q", format="gptq", report=report)

@@ -161,9 +161,7 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
                             has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme(),
                             fused_experts=sorted(experts))
     rotate = recipe.stage("rotate")
-    if rotate is not None and rotate.online and not form.online_transforms:
-        raise CrossblockError(f"{format} export cannot store rotate's run-time Hadamard before down_proj: "
-                              "use --no-rotate-online (rotations folded into weights only) or format fake")
+    form.accepts_online_transforms(rotate is not None and rotate.online)
     stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
     if getattr(grid, "scale_dtype", "own") is not None or stored in (None, torch.float32):
         return recipe
@@ -276,7 +274,7 @@ def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, wei
     from .recipe import Data
 
     data = (data or Data()).validated()
-    check_output(out, overwrite, needed=[model_path, calib_files])
+    output.check_output(out, overwrite, needed=[model_path, calib_files])
     calib = read_texts(calib_files)
     model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     check_weights_finite(model)
@@ -297,12 +295,6 @@ def versions() -> dict:
     return {"crossblock": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def check_output(out: Path, overwrite: bool = False, needed=()):
-    """Refuse an `out` that holds the working directory or a path in `needed`, or that is a
-    non-empty folder which only `overwrite` may replace, and only if crossblock wrote it."""
-    output.check_output(out, overwrite, needed)
-
-
 def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: dict | None = None,
                  dtype: torch.dtype | None = None):
     """Model files, tokenizer, then crossblock.json (last: its presence marks a complete folder)."""
@@ -313,8 +305,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     activations = act_quant.record(model)  # the scheme the exports record, and per-layer steps
     scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
     transforms = record_transforms(model)
-    if transforms and not export.require_known_format(format).online_transforms:
-        raise CrossblockError(f"{format} export cannot store the model's run-time input rotations")
+    export.require_known_format(format).accepts_online_transforms(bool(transforms))
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme)
     info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
@@ -326,7 +317,7 @@ def save(model, tokenizer, out, format: str = "fake", report: dict | None = None
     """Write `out` as a complete folder, or leave nothing (see output.py). `dtype` casts the
     model before saving."""
     out = Path(out)
-    check_output(out, overwrite)
+    output.check_output(out, overwrite)
     with staged_dir(out) as tmp:
         write_folder(model, tokenizer, tmp, format, report, dtype)
     return out

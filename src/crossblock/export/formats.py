@@ -51,6 +51,14 @@ class Format:
         """Raise CrossblockError, naming the format and the setting, if it cannot store this
         (`fused_experts`: names of the 3-D MoE expert parameters to be quantized)."""
 
+    def accepts_online_transforms(self, present: bool):
+        """Raise CrossblockError if the model (about to) carry a run-time input rotation that this
+        format cannot store; checked before quantization (from the recipe) and at save."""
+        if present and not self.online_transforms:
+            raise CrossblockError(f"{self.kind_name} export cannot store rotate's run-time Hadamard before "
+                                  "down_proj: use --no-rotate-online (rotations folded into weights only), "
+                                  "format fake or compressed-tensors")
+
     def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None):
         raise NotImplementedError
 
