@@ -78,9 +78,11 @@ def checkpoint_dtype(model) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def check_weights_finite(model):
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+def check_weights_finite(model, weights=None):
+    """`weights`: (name, tensor) pairs to check instead of the model's parameters (low-memory:
+    read from disk one at a time)."""
+    for name, p in weights or model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
             raise CrossblockError(f"model weight {name} contains NaN or Inf values")
 
 
@@ -128,14 +130,17 @@ def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
     return calibration_windows(ids, data.nsamples, data.seqlen, data.seed)
 
 
-def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
-    """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids."""
+def fingerprint(model, recipe: Recipe, ids: torch.Tensor, stream: bool = False) -> str:
+    """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids.
+    `stream`: the weights are read from disk one at a time and summed in chunks (low-memory path)."""
+    from .stream import weight_sum, weights
     h = hashlib.sha256()
     h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
     h.update(digest(ids).encode())
     h.update(model.config.to_json_string().encode())
-    for name, p in model.state_dict().items():
-        h.update(f"{name}:{tuple(p.shape)}:{p.double().sum().item()!r}".encode())
+    for name, p in weights(model) if stream else model.state_dict().items():
+        total = weight_sum(p) if stream else p.double().sum().item()
+        h.update(f"{name}:{tuple(p.shape)}:{total!r}".encode())
     return h.hexdigest()
 
 
@@ -172,7 +177,7 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
 
 def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
              checkpoint_dir: str | Path | None = None, offload: str = "ram", format: str = "fake",
-             save_dtype: torch.dtype | None = None):
+             save_dtype: torch.dtype | None = None, stream=None):
     """Quantize `model` in place with `recipe`'s stages, in order; returns (model, report).
 
     `format` is the checkpoint format the model will be saved in: settings it cannot store are
@@ -187,21 +192,26 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     weights in its dtype and carries `crossblock_qweight` (integers, scales, zero points) for
     the packed exports. The model's weights may stay on the CPU; blocks visit `device`
     (default: CUDA when present) one window at a time.
+
+    `stream` (the low-memory path of `quantize_folder`): `model` is a skeleton on the meta device
+    and a stream.BlockStream reads and writes its blocks; the weights end up in its spill files,
+    not in `model`.
     """
     t0 = time.time()
     validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
     recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
-    check_weights_finite(model)
+    from . import stream as streaming
+    check_weights_finite(model, streaming.weights(model) if stream else None)
     ids = calibration_ids(tokenizer, calib, recipe.data)
     device = device or default_device()
     model.eval().requires_grad_(False)
     job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
-              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir)
+              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, stream=stream)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        key = job.fingerprint = fingerprint(model, recipe, ids)
-        job.resume = read_checkpoint(Path(checkpoint_dir), key)
+        key = job.fingerprint = fingerprint(model, recipe, ids, stream=stream is not None)
+        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None)
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)
     for stage in recipe.stages:
@@ -209,13 +219,14 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     restore_quantized(model)
     finished = recipe.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
     report = {**job.report, **({"grid": finished} if finished else {}),
-              "unquantized": unquantized_weights(model, recipe.skip),
+              "unquantized": stream.unquantized() if stream else unquantized_weights(model, recipe.skip),
               "recipe": recipe.to_dict(),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
               "device": str(device),
               "ranks": rank_and_size()[1],
               "offload": offload,
+              **({"low_memory": True} if stream else {}),
               "resumed_at_window": job.resume.next_window if job.resume else None,
               "wall_seconds": round(time.time() - t0, 2),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -227,11 +238,16 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
 def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: str = "fake",
                     dtype: str = "float32", save_dtype: str = "auto", device: str | None = None,
                     overwrite: bool = False, resume: bool = False, offload: str = "ram",
-                    progress: bool = True, trust_remote_code: bool = False) -> dict:
+                    progress: bool = True, trust_remote_code: bool = False, low_memory: bool | None = None) -> dict:
     """The whole `crossblock quantize` job: load, quantize with a checkpoint after every window,
     write `out` (complete or absent), return the report ({} on data-parallel ranks other than 0,
     and for a `resume` that finds `out` already complete). Under torchrun every rank computes and
-    checkpoints its shard; rank 0 writes `out`."""
+    checkpoints its shard; rank 0 writes `out`.
+
+    `low_memory` streams the weights block by block from disk to disk (stream.py: the same files,
+    with host RAM for a window of blocks rather than the model); None chooses it when the weights
+    exceed half the available RAM, and says so."""
+    from . import stream as streaming
     from .data.text import read_texts
 
     # every check that can fail runs before the long part
@@ -241,10 +257,14 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     output.check_output(out, overwrite, needed=needed, resume=resume)
     stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
     calib = read_texts(calib_files)
-    model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    low_memory = streaming.choose(model_path, low_memory, dtype, quiet=not is_main())
+    load = streaming.load_skeleton if low_memory else load_model
+    model, tokenizer = load(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     stored = stored or checkpoint_dtype(model)
     run = dict(device=device, offload=offload, format=format, save_dtype=stored)
     for_format(recipe, model, format, stored)  # refuse what the format cannot store before any work
+    if low_memory:
+        streaming.refuse_unsupported(recipe, format, model)
     if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
         output.prepare_staging(out, resume, overwrite, needed=needed)
     barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
@@ -253,6 +273,8 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
         if is_main():
             print(f"{out} is already complete: nothing to resume")
         return {}
+    if low_memory:
+        run["stream"] = streaming.BlockStream(model, work, format, stored, recipe.skip, main=is_main())
     if not is_main():
         quantize(model, tokenizer, recipe, calib, progress=False, checkpoint_dir=work, **run)
         barrier()
@@ -262,7 +284,10 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
         barrier()  # every rank has written its last checkpoint before the folder is renamed
         report["model"] = str(model_path)
         report["calibration"]["files"] = [str(c) for c in calib_files]
-        write_folder(model, tokenizer, work, format, report, stored)
+        if low_memory:
+            write_streamed_folder(run["stream"], tokenizer, work, format, report)
+        else:
+            write_folder(model, tokenizer, work, format, report, stored)
     return report
 
 
@@ -317,6 +342,18 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
         raise CrossblockError(f"{format} export cannot store the model's run-time input rotations")
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme)
     info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
+    (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    print_unquantized(info.get("unquantized"))
+
+
+def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: dict):
+    """write_folder for the low-memory path: the weights come from the stream's spill files."""
+    import shutil
+    activations = stream.activations()
+    scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
+    written = stream.write_folder(tokenizer, folder, scheme)
+    shutil.rmtree(stream.spill)
+    info = dict(report or {}, format=format, activations=activations, transforms=None, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
     print_unquantized(info.get("unquantized"))
 
