@@ -78,11 +78,9 @@ def checkpoint_dtype(model) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def check_weights_finite(model, weights=None):
-    """`weights`: (name, tensor) pairs to check instead of the model's parameters (low-memory:
-    read from disk one at a time)."""
-    for name, p in weights or model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+def check_weights_finite(model):
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
             raise CrossblockError(f"model weight {name} contains NaN or Inf values")
 
 
@@ -130,17 +128,16 @@ def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
     return calibration_windows(ids, data.nsamples, data.seqlen, data.seed)
 
 
-def fingerprint(model, recipe: Recipe, ids: torch.Tensor, stream: bool = False) -> str:
+def fingerprint(model, recipe: Recipe, ids: torch.Tensor, sums: dict | None = None) -> str:
     """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids.
-    `stream`: the weights are read from disk one at a time and summed in chunks (low-memory path)."""
-    from .stream import weight_sum, weights
+    `sums`: name -> (shape, sum) of every weight, read from disk (low-memory path: stream.weight_sums)."""
     h = hashlib.sha256()
     h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
     h.update(digest(ids).encode())
     h.update(model.config.to_json_string().encode())
-    for name, p in weights(model) if stream else model.state_dict().items():
-        total = weight_sum(p) if stream else p.double().sum().item()
-        h.update(f"{name}:{tuple(p.shape)}:{total!r}".encode())
+    sums = sums or {name: (tuple(p.shape), p.double().sum().item()) for name, p in model.state_dict().items()}
+    for name, (shape, total) in sums.items():
+        h.update(f"{name}:{shape}:{total!r}".encode())
     return h.hexdigest()
 
 
@@ -202,7 +199,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     recipe = for_format(recipe.validated(), model, format, save_dtype)
     recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
     from . import stream as streaming
-    check_weights_finite(model, streaming.weights(model) if stream else None)
+    sums = streaming.weight_sums(model) if stream else check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, recipe.data)
     device = device or default_device()
     model.eval().requires_grad_(False)
@@ -210,7 +207,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
               progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, stream=stream)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        key = job.fingerprint = fingerprint(model, recipe, ids, stream=stream is not None)
+        key = job.fingerprint = fingerprint(model, recipe, ids, sums)
         job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None)
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)

@@ -182,17 +182,30 @@ def materialize(module: nn.Module, prefix: str, source: Source, dtype: torch.dty
     module.requires_grad_(False)
 
 
-def weights(model) -> "iter[tuple[str, torch.Tensor]]":
-    """Every state-dict tensor of a skeleton, read from disk one at a time (as the model holds it)."""
+def weight_sums(model, rows: int = 1024) -> dict[str, tuple[tuple, float]]:
+    """name -> (shape, float64 sum) of every state-dict tensor of a skeleton as the model would
+    hold it, read from disk `rows` rows at a time (never a whole embedding in memory); a NaN or
+    Inf is refused as api.check_weights_finite refuses it. One pass for that check and the run's
+    fingerprint."""
+    from safetensors import safe_open
     source, dtype = model.crossblock_source, next(model.parameters()).dtype
+    sums = {}
     for name, t in model.state_dict().items():
-        yield name, (t if t.device.type != "meta" else source.read(name, dtype if t.is_floating_point() else None))
-
-
-def weight_sum(t: torch.Tensor) -> float:
-    """float64 sum in row chunks (no float64 copy of a whole embedding)."""
-    flat = t.reshape(-1)
-    return sum(c.double().sum().item() for c in flat.split(1 << 24))
+        if t.device.type != "meta":
+            parts = [t]
+        else:
+            f = safe_open(str(source.folder / source.where[name]), framework="pt")
+            part = f.get_slice(source.alias.get(name, name))
+            shape = part.get_shape()
+            parts = (part[i:i + rows] for i in range(0, max(shape[0], 1), rows)) if shape else [part[:]]
+        total = 0.0
+        for c in parts:
+            c = c.to(dtype) if c.is_floating_point() else c
+            if c.is_floating_point() and not torch.isfinite(c).all():
+                raise CrossblockError(f"model weight {name} contains NaN or Inf values")
+            total += c.double().sum().item()
+        sums[name] = (tuple(t.shape), total)
+    return sums
 
 
 # -- the blocks: read when a window needs them, written and dropped when frozen ------------------
@@ -339,7 +352,14 @@ class BlockStream:
         ModelCompressor(quantization_config=config).update_config(str(folder))
 
     def spill_outside(self, key: str, p: torch.Tensor, where, keep) -> torch.Tensor:
-        """A non-block tensor in the saved dtype, through its own spill file (one at a time)."""
+        """A non-block tensor in the saved dtype: copied straight from the model's own file when
+        it is stored in that dtype, else through its own spill file (one tensor at a time)."""
+        if p.device.type == "meta":
+            file = self.source.folder / self.source.where[key]
+            header, _ = read_header(file)
+            if header[self.source.alias.get(key, key)]["dtype"] == DTYPE_NAMES[self.save_dtype]:
+                tensors, _ = open_spill(file, where, keep, rename={self.source.alias.get(key, key): key})
+                return tensors[key]
         path = self.spill / f"outside.{key}.safetensors"
         if not path.is_file():
             t = p if p.device.type != "meta" else self.source.read(key)
@@ -409,11 +429,14 @@ def read_header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def open_spill(path: Path, where: dict, keep: list) -> tuple[dict[str, torch.Tensor], dict]:
+def open_spill(path: Path, where: dict, keep: list, rename: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The file's tensors as views of a private memory map (no page is read until touched, and
-    the writer never touches them: it copies file to file), recorded in `where`."""
+    the writer never touches them: it copies file to file), recorded in `where` (under
+    `rename`'s names: only those, if given)."""
     header, start = read_header(path)
-    meta = json.loads(header.pop("__metadata__")["crossblock"])
+    meta = json.loads(header.pop("__metadata__", {}).get("crossblock", "{}"))
+    if rename is not None:
+        header = {rename[k]: h for k, h in header.items() if k in rename}
     size = path.stat().st_size
     tensors = {}
     with open(path, "rb") as f:
