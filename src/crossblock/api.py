@@ -43,9 +43,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+               on_meta: bool = False):
     """A transformers causal LM and its tokenizer, from a local folder or a hub id. A model
-    whose config names custom code (`auto_map`) runs it only with `trust_remote_code`."""
+    whose config names custom code (`auto_map`) runs it only with `trust_remote_code`.
+    `on_meta` (the low-memory path, a local folder): its parameters on the meta device, read
+    from disk block by block later (stream.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path).expanduser()
@@ -53,10 +56,17 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_re
     if looks_local and not (path / "config.json").is_file():
         raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
     source = str(path) if looks_local else name_or_path
+    if on_meta and not (looks_local and any(path.glob("*.safetensors"))):
+        raise CrossblockError(f"--low-memory reads weights from a local folder of .safetensors files; "
+                              f"{name_or_path} is not one (download it first, or run without --low-memory)")
     dtype = validate.parse_dtype(dtype, auto=True)
     try:
-        stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        if on_meta:
+            from .stream import load_skeleton
+            model, stored = load_skeleton(path, dtype, trust_remote_code)
+        else:
+            stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
         model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None  # see checkpoint_dtype
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
@@ -255,8 +265,7 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
     calib = read_texts(calib_files)
     low_memory = streaming.choose(model_path, low_memory, dtype, quiet=not is_main())
-    load = streaming.load_skeleton if low_memory else load_model
-    model, tokenizer = load(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, on_meta=low_memory)
     stored = stored or checkpoint_dtype(model)
     run = dict(device=device, offload=offload, format=format, save_dtype=stored)
     for_format(recipe, model, format, stored)  # refuse what the format cannot store before any work

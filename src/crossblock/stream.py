@@ -140,39 +140,27 @@ class Source:
         return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
 
-def load_skeleton(name_or_path, dtype="float32", trust_remote_code: bool = False):
-    """The model with its parameters on the meta device (buffers real) and its tokenizer;
-    `model.crossblock_source` reads the weights. Same config, dtype and generation config as
-    api.load_model gives."""
+def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
+    """(model, stored dtype): the model with its parameters on the meta device (its buffers real,
+    as transformers computes them) and `model.crossblock_source` to read the weights; the same
+    config, dtype, tied weights and generation config as from_pretrained gives (api.load_model)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from . import validate
-    from .api import first_line
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").is_file():
-        raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
-    dtype = validate.parse_dtype(dtype, auto=True)
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        stored = config.dtype
-        if dtype == "auto":
-            dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"))
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        if (path / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(str(path))
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
-        raise CrossblockError(f"cannot load model {name_or_path}: {first_line(e)}") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    stored = config.dtype
+    if dtype == "auto":
+        dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
     model.tie_weights()  # as from_pretrained does (from_config leaves lm_head apart)
-    model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None
-    model.config.dtype = dtype  # as from_pretrained(dtype=...) leaves it
+    model.config.dtype = dtype
     source = Source(path)
     source.real_buffers = {k for k, t in model.state_dict().items() if t.device.type != "meta"}
     source.tie(model)
     model.crossblock_source = source
-    return model.eval(), tokenizer
+    return model, stored
 
 
 def materialize(module: nn.Module, prefix: str, source: Source, dtype: torch.dtype):
