@@ -30,10 +30,16 @@ MIB = 2 ** 20
 
 def random_llama(blocks: int) -> Path:
     """A random Llama (hidden 2048, 16 heads, MLP 5632, 49152 tokens, untied head) in bfloat16,
-    with SmolLM2's tokenizer (and its 49152-token vocabulary)."""
+    with SmolLM2's tokenizer (and its 49152-token vocabulary). Built in a child process: a child
+    forked from a parent that held the model would start with the parent's RSS in its ru_maxrss."""
     folder = Path(f"/tmp/crossblock-bench-llama-{blocks}")
-    if (folder / "config.json").is_file():
-        return folder
+    if not (folder / "config.json").is_file():
+        subprocess.run([sys.executable, __file__, "--build", str(blocks)], check=True)
+    return folder
+
+
+def build_llama(blocks: int):
+    folder = Path(f"/tmp/crossblock-bench-llama-{blocks}")
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=blocks,
@@ -44,7 +50,6 @@ def random_llama(blocks: int) -> Path:
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="1GB")
     AutoTokenizer.from_pretrained(SMOLLM2).save_pretrained(folder)
-    return folder
 
 
 def block_bytes(model: Path, dtype: str) -> tuple[int, int, int]:
@@ -85,7 +90,10 @@ def main():
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--recipe", default="--recipe rtn --wbits 4 --group-size 128")
+    p.add_argument("--build", type=int, help=argparse.SUPPRESS)  # (the child that builds a random Llama)
     a = p.parse_args()
+    if a.build:
+        return build_llama(a.build)
     rows = {"smollm2-fp32": (SMOLLM2, "float32"), "smollm2-bf16": (SMOLLM2, "bfloat16"),
             "llama-8": (None, "bfloat16"), "llama-16": (None, "bfloat16")}
     work = Path("/tmp/crossblock-bench-low-memory")
@@ -109,8 +117,8 @@ def main():
         results.append(dict(name=name, dtype=dtype, weights=total, block=block, chains=chains, peaks=peaks,
                             cmds=cmds, same=files["low-memory"] == files["no-low-memory"], over=over))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "cmds"}), flush=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = os.environ.get("CROSSBLOCK_COMMIT") or subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = ["# Peak RSS: in-memory vs --low-memory", "",
              f"Commit {commit}; `python bench/low_memory.py --only {a.only} --nsamples {a.nsamples} --seqlen {a.seqlen}`; "
              f"recipe `{a.recipe}` (RTN), {a.nsamples} x {a.seqlen} calibration tokens, one torch thread, CPU. "

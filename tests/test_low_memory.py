@@ -165,3 +165,19 @@ def test_low_memory_run_killed_midway_resumes_bit_identical(tmp_path):
     assert resumed.wait() == 0, resumed.stderr.read()
     assert json.loads((out / "crossblock.json").read_text())["resumed_at_window"] == 3
     assert hashes(out) == hashes(ref)
+
+
+def test_two_ranks_low_memory_same_files_as_one_process(tmp_path):
+    """torchrun: every rank reads its own blocks, rank 0 writes; RTN gives the same bits for any
+    number of ranks, so the files equal a single in-memory process's."""
+    args = ["--recipe", "rtn", "--wbits", "3", "--group-size", "32", "--device", "cpu", *SMALL]
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(tmp_path / "one"),
+                 "--no-low-memory", *args]) == 0
+    torchrun = shutil.which("torchrun", path=str(os.path.dirname(sys.executable)))
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "crossblock", "quantize", "--model",
+                        str(STORIES), "--calib", str(CALIB_FILE), "--out", str(tmp_path / "two"), "--low-memory",
+                        *args], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = hashes(tmp_path / "one"), hashes(tmp_path / "two")
+    assert two.pop("crossblock.json") != one.pop("crossblock.json")  # ranks: 2
+    assert two == one

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .engine.chains import trim_heap
 from .errors import CrossblockError
 
 RAM_FRACTION = 0.5   # automatic choice: stream when the weights exceed this share of available RAM
@@ -132,6 +133,18 @@ class Source:
                     self.where[k] = self.where[stored[0]]
                     self.alias[k] = stored[0]
 
+    def chunks(self, key: str, rows: int):
+        """The tensor `rows` rows at a time, the file mapped only while one chunk is read (the
+        pages of a mapping that stays open would stay resident: a whole embedding)."""
+        from safetensors import safe_open
+        path, key = str(self.folder / self.where[key]), self.alias.get(key, key)
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(key).get_shape()
+        for lo in range(0, shape[0], rows) if shape else [None]:
+            with safe_open(path, framework="pt") as f:
+                part = f.get_slice(key)
+                yield part[:] if lo is None else part[lo:lo + rows]
+
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         from safetensors import safe_open
         file, key = self.where[key], self.alias.get(key, key)
@@ -179,13 +192,7 @@ def weight_sums(model, rows: int = 1024) -> dict[str, tuple[tuple, float]]:
     source, dtype = model.crossblock_source, next(model.parameters()).dtype
     sums = {}
     for name, t in model.state_dict().items():
-        if t.device.type != "meta":
-            parts = [t]
-        else:
-            f = safe_open(str(source.folder / source.where[name]), framework="pt")
-            part = f.get_slice(source.alias.get(name, name))
-            shape = part.get_shape()
-            parts = (part[i:i + rows] for i in range(0, max(shape[0], 1), rows)) if shape else [part[:]]
+        parts = [t] if t.device.type != "meta" else source.chunks(name, rows)
         total = 0.0
         for c in parts:
             c = c.to(dtype) if c.is_floating_point() else c
@@ -238,6 +245,7 @@ class BlockStream:
                        {"plain": list(plain), "packed": {layer: list(e) for layer, e in packed.items()}})
             os.replace(tmp, self.spill / f"block{j}.safetensors")
         self.blocks[j] = copy.deepcopy(self.empty[j])
+        trim_heap()  # hand the block's freed memory back to the OS now
 
     def block_info(self, j: int, block: nn.Module) -> dict:
         """What crossblock.json and the format's config need from a finished block."""
@@ -254,10 +262,11 @@ class BlockStream:
                                     if getattr(m, "crossblock_qweight", None) is not None})}
 
     @contextlib.contextmanager
-    def before_blocks(self):
+    def before_blocks(self, ids: torch.Tensor):
         """The weights of the modules registered before the blocks (the embeddings) in memory,
-        for the capture of the block-0 inputs (which stops at the last block)."""
+        for the capture of the block-0 inputs of `ids` (which stops at the last block)."""
         saved = {}
+        tokens = self.model.get_input_embeddings()
         for name, module in self.model.named_modules():
             if name == self.prefix:
                 break
@@ -266,7 +275,11 @@ class BlockStream:
             if metas:
                 saved[name] = metas
                 for k, t in metas.items():
-                    value = self.source.read(f"{name}.{k}" if name else k, self.dtype if t.is_floating_point() else None)
+                    key = f"{name}.{k}" if name else k
+                    if module is tokens and k == "weight":
+                        value = self.token_rows(key, t, ids)
+                    else:
+                        value = self.source.read(key, self.dtype if t.is_floating_point() else None)
                     setattr(module, k, nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value)
         try:
             yield
@@ -275,6 +288,21 @@ class BlockStream:
                 module = self.model.get_submodule(name)
                 for k, t in metas.items():
                     setattr(module, k, t)
+
+    def token_rows(self, key: str, t: torch.Tensor, ids: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+        """The embedding matrix with only the rows of the tokens in `ids` read: the capture looks
+        up no other row, and the pages of torch.empty that are never written never take RAM
+        (a 128k x 8192 embedding holds the calibration set's few thousand distinct tokens)."""
+        from safetensors import safe_open
+        weight = torch.empty(t.shape, dtype=t.dtype)
+        needed = torch.unique(ids)
+        with safe_open(str(self.source.folder / self.source.where[key]), framework="pt") as f:
+            part = f.get_slice(self.source.alias.get(key, key))
+            for lo in range(0, t.shape[0], rows):
+                sel = needed[(needed >= lo) & (needed < lo + rows)]
+                if len(sel):
+                    weight[sel] = part[lo:lo + rows][sel - lo].to(t.dtype)
+        return weight
 
     def unquantized(self) -> list[dict]:
         return [w for j in sorted(self.info) for w in self.info[j]["unquantized"]]

@@ -100,8 +100,9 @@ class Windows(Stage):
     def run(self, model, job):
         # data parallel (torchrun): each rank captures and carries only its shard of the sequences
         store = ChainStore(job.offload, job.checkpoint_dir)
-        with job.stream.before_blocks() if job.stream else contextlib.nullcontext():
-            x0, calls = capture(model, shard(job.ids), batch_size=job.data.batch_size, empty=store.empty)
+        ids = shard(job.ids)
+        with job.stream.before_blocks(ids) if job.stream else contextlib.nullcontext():
+            x0, calls = capture(model, ids, batch_size=job.data.batch_size, empty=store.empty)
         store.release(x0)
         _, blocks = find_blocks(model)
         engine = WindowEngine(blocks, calls, self, job.grid, job.activations, job.data, job.skip, device=job.device,
