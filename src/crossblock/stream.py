@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import mmap
 import os
@@ -77,7 +78,8 @@ def loaded_bytes(model_path, dtype: str) -> int:
     size = weights_bytes(model_path)
     if dtype == "auto":
         return size
-    stored = json.loads((Path(model_path) / "config.json").read_text()).get("dtype") or "float32"
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
     width = {"float32": 4, "float16": 2, "bfloat16": 2}
     return size * width.get(str(dtype), 4) // width.get(str(stored), 4)
 
@@ -146,11 +148,13 @@ class Source:
                 yield part[:] if lo is None else part[lo:lo + rows]
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, copied out of the file's mapping: a tensor that stayed a view of it would
+        keep the mapping, and every page of the shard read so far, resident (RSS grew with depth)."""
         from safetensors import safe_open
         file, key = self.where[key], self.alias.get(key, key)
         with safe_open(str(self.folder / file), framework="pt") as f:
             t = f.get_tensor(key)
-        return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+            return t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
 
 
 def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
@@ -188,7 +192,6 @@ def weight_sums(model, rows: int = 1024) -> dict[str, tuple[tuple, float]]:
     hold it, read from disk `rows` rows at a time (never a whole embedding in memory); a NaN or
     Inf is refused as api.check_weights_finite refuses it. One pass for that check and the run's
     fingerprint."""
-    from safetensors import safe_open
     source, dtype = model.crossblock_source, next(model.parameters()).dtype
     sums = {}
     for name, t in model.state_dict().items():
@@ -245,7 +248,8 @@ class BlockStream:
                        {"plain": list(plain), "packed": {layer: list(e) for layer, e in packed.items()}})
             os.replace(tmp, self.spill / f"block{j}.safetensors")
         self.blocks[j] = copy.deepcopy(self.empty[j])
-        trim_heap()  # hand the block's freed memory back to the OS now
+        gc.collect()  # what the block's window left in reference cycles would wait for a full collection
+        trim_heap()  # and hand the freed memory back to the OS now
 
     def block_info(self, j: int, block: nn.Module) -> dict:
         """What crossblock.json and the format's config need from a finished block."""
