@@ -43,9 +43,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False):
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+               on_meta: bool = False):
     """A transformers causal LM and its tokenizer, from a local folder or a hub id. A model
-    whose config names custom code (`auto_map`) runs it only with `trust_remote_code`."""
+    whose config names custom code (`auto_map`) runs it only with `trust_remote_code`.
+    `on_meta` (the low-memory path, a local folder): its parameters on the meta device, read
+    from disk block by block later (stream.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path).expanduser()
@@ -53,10 +56,17 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_re
     if looks_local and not (path / "config.json").is_file():
         raise CrossblockError(f"model not found: {name_or_path} is not a folder with a config.json")
     source = str(path) if looks_local else name_or_path
+    if on_meta and not (looks_local and any(path.glob("*.safetensors"))):
+        raise CrossblockError(f"--low-memory reads weights from a local folder of .safetensors files; "
+                              f"{name_or_path} is not one (download it first, or run without --low-memory)")
     dtype = validate.parse_dtype(dtype, auto=True)
     try:
-        stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        if on_meta:
+            from .stream import load_skeleton
+            model, stored = load_skeleton(path, dtype, trust_remote_code)
+        else:
+            stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
         model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None  # see checkpoint_dtype
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
@@ -128,14 +138,16 @@ def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
     return calibration_windows(ids, data.nsamples, data.seqlen, data.seed)
 
 
-def fingerprint(model, recipe: Recipe, ids: torch.Tensor) -> str:
-    """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids."""
+def fingerprint(model, recipe: Recipe, ids: torch.Tensor, sums: dict | None = None) -> str:
+    """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids.
+    `sums`: name -> (shape, sum) of every weight, read from disk (low-memory path: stream.weight_sums)."""
     h = hashlib.sha256()
     h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
     h.update(digest(ids).encode())
     h.update(model.config.to_json_string().encode())
-    for name, p in model.state_dict().items():
-        h.update(f"{name}:{tuple(p.shape)}:{p.double().sum().item()!r}".encode())
+    sums = sums or {name: (tuple(p.shape), p.double().sum().item()) for name, p in model.state_dict().items()}
+    for name, (shape, total) in sums.items():
+        h.update(f"{name}:{shape}:{total!r}".encode())
     return h.hexdigest()
 
 
@@ -170,7 +182,7 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
 
 def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
              checkpoint_dir: str | Path | None = None, offload: str = "ram", format: str = "fake",
-             save_dtype: torch.dtype | None = None):
+             save_dtype: torch.dtype | None = None, stream=None):
     """Quantize `model` in place with `recipe`'s stages, in order; returns (model, report).
 
     `format` is the checkpoint format the model will be saved in: settings it cannot store are
@@ -185,21 +197,26 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     weights in its dtype and carries `crossblock_qweight` (integers, scales, zero points) for
     the packed exports. The model's weights may stay on the CPU; blocks visit `device`
     (default: CUDA when present) one window at a time.
+
+    `stream` (the low-memory path of `quantize_folder`): `model` is a skeleton on the meta device
+    and a stream.BlockStream reads and writes its blocks; the weights end up in its spill files,
+    not in `model`.
     """
     t0 = time.time()
     validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
     recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
-    check_weights_finite(model)
+    from . import stream as streaming
+    sums = streaming.weight_sums(model) if stream else check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, recipe.data)
     device = device or default_device()
     model.eval().requires_grad_(False)
     job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
-              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir)
+              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, stream=stream)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        key = job.fingerprint = fingerprint(model, recipe, ids)
-        job.resume = read_checkpoint(Path(checkpoint_dir), key)
+        key = job.fingerprint = fingerprint(model, recipe, ids, sums)
+        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None)
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)
     for stage in recipe.stages:
@@ -207,13 +224,14 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     restore_quantized(model)
     finished = recipe.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
     report = {**job.report, **({"grid": finished} if finished else {}),
-              "unquantized": unquantized_weights(model, recipe.skip),
+              "unquantized": stream.unquantized() if stream else unquantized_weights(model, recipe.skip),
               "recipe": recipe.to_dict(),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
               "device": str(device),
               "ranks": rank_and_size()[1],
               "offload": offload,
+              **({"low_memory": True} if stream else {}),
               "resumed_at_window": job.resume.next_window if job.resume else None,
               "wall_seconds": round(time.time() - t0, 2),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -225,11 +243,16 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
 def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: str = "fake",
                     dtype: str = "float32", save_dtype: str = "auto", device: str | None = None,
                     overwrite: bool = False, resume: bool = False, offload: str = "ram",
-                    progress: bool = True, trust_remote_code: bool = False) -> dict:
+                    progress: bool = True, trust_remote_code: bool = False, low_memory: bool | None = None) -> dict:
     """The whole `crossblock quantize` job: load, quantize with a checkpoint after every window,
     write `out` (complete or absent), return the report ({} on data-parallel ranks other than 0,
     and for a `resume` that finds `out` already complete). Under torchrun every rank computes and
-    checkpoints its shard; rank 0 writes `out`."""
+    checkpoints its shard; rank 0 writes `out`.
+
+    `low_memory` streams the weights block by block from disk to disk (stream.py: the same files,
+    with host RAM for a window of blocks rather than the model); None chooses it when the weights
+    exceed half the available RAM, and says so."""
+    from . import stream as streaming
     from .data.text import read_texts
 
     # every check that can fail runs before the long part
@@ -239,10 +262,13 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     output.check_output(out, overwrite, needed=needed, resume=resume)
     stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
     calib = read_texts(calib_files)
-    model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    low_memory = streaming.choose(model_path, low_memory, dtype, quiet=not is_main())
+    model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, on_meta=low_memory)
     stored = stored or checkpoint_dtype(model)
     run = dict(device=device, offload=offload, format=format, save_dtype=stored)
     for_format(recipe, model, format, stored)  # refuse what the format cannot store before any work
+    if low_memory:
+        streaming.refuse_unsupported(recipe, format, model)
     if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
         output.prepare_staging(out, resume, overwrite, needed=needed)
     barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
@@ -251,6 +277,8 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
         if is_main():
             print(f"{out} is already complete: nothing to resume")
         return {}
+    if low_memory:
+        run["stream"] = streaming.BlockStream(model, work, format, stored, recipe.skip, main=is_main())
     if not is_main():
         quantize(model, tokenizer, recipe, calib, progress=False, checkpoint_dir=work, **run)
         barrier()
@@ -260,7 +288,10 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
         barrier()  # every rank has written its last checkpoint before the folder is renamed
         report["model"] = str(model_path)
         report["calibration"]["files"] = [str(c) for c in calib_files]
-        write_folder(model, tokenizer, work, format, report, stored)
+        if low_memory:
+            write_streamed_folder(run["stream"], tokenizer, work, format, report)
+        else:
+            write_folder(model, tokenizer, work, format, report, stored)
     return report
 
 
@@ -308,6 +339,18 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     export.require_known_format(format).accepts_online_transforms(bool(transforms))
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme)
     info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
+    (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    print_unquantized(info.get("unquantized"))
+
+
+def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: dict):
+    """write_folder for the low-memory path: the weights come from the stream's spill files."""
+    import shutil
+    activations = stream.activations()
+    scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
+    written = stream.write_folder(tokenizer, folder, scheme)
+    shutil.rmtree(stream.spill)
+    info = dict(report or {}, format=format, activations=activations, transforms=None, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
     print_unquantized(info.get("unquantized"))
 

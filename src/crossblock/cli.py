@@ -50,7 +50,8 @@ def cmd_quantize(args):
     report = api.quantize_folder(args.model, args.calib, args.out, recipe_from_args(args), format=args.format,
                                  dtype=args.dtype, save_dtype=args.save_dtype, device=args.device,
                                  overwrite=args.overwrite, resume=args.resume, offload=args.offload,
-                                 progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+                                 progress=not args.quiet, trust_remote_code=args.trust_remote_code,
+                                 low_memory=args.low_memory)
     if not report:  # a data-parallel rank other than 0, or a resumed run that was already complete
         return
     last = report["blocks"][-1]
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last window")
     q.add_argument("--offload", choices=("ram", "disk"), default="ram",
                    help="keep activation chains in RAM or in memory-mapped files beside OUT")
+    q.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream weights block by block from disk to disk (default: when the weights "
+                        "exceed half the available RAM)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     add_trust_remote_code(q)
     add_recipe_options(q)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,6 +46,10 @@ class EngineState:
     next_window: int
     layers: dict[str, dict[str, torch.Tensor]]  # "block.name" -> QuantLinear.checkpoint_state()
     report: dict
+    # low-memory path: finished blocks whose layers are only in their block files (not in `layers`),
+    # and how to read one of them when the block is needed again
+    released: list[int] = field(default_factory=list)
+    read_block: Callable[[int], dict] | None = None
 
 
 def fsync_dir(path: Path):
@@ -139,7 +144,7 @@ def write_checkpoint(folder: Path, state: EngineState, fingerprint: str, on_disk
     live = {k: v for k, v in state.layers.items() if block_of(k) not in finished}
     write_atomic(checkpoint_path(folder), live, {
         "fingerprint": fingerprint, "next_window": str(state.next_window), "report": json.dumps(state.report),
-        "finished_blocks": json.dumps(sorted(finished))})
+        "finished_blocks": json.dumps(sorted({*finished, *state.released}))})
 
 
 def read_fingerprint(path: Path) -> str | None:
@@ -147,7 +152,9 @@ def read_fingerprint(path: Path) -> str | None:
         return f.metadata().get("fingerprint")
 
 
-def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
+def read_checkpoint(folder: Path, fingerprint: str, lazy: bool = False) -> EngineState | None:
+    """The state to continue from; `lazy` (low-memory path): finished blocks' layers are read
+    only when the engine needs the block (`EngineState.read_block`), not all at once."""
     path = checkpoint_path(folder)
     if not path.is_file():
         return None
@@ -169,5 +176,9 @@ def read_checkpoint(folder: Path, fingerprint: str) -> EngineState | None:
         if not block_path(folder, j).is_file():
             raise CrossblockError(f"cannot resume from {path}: {block_path(folder, j).name}, which it needs, "
                                   "is missing (start over with --overwrite)")
-        layers.update(read_layers(block_path(folder, j), fingerprint)[1])
+        if not lazy:
+            layers.update(read_layers(block_path(folder, j), fingerprint)[1])
+    if lazy:
+        return EngineState(next_window, layers, report, released=sorted(finished),
+                           read_block=lambda j: read_layers(block_path(folder, j), fingerprint)[1])
     return EngineState(next_window, layers, report)

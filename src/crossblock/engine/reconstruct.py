@@ -75,9 +75,11 @@ def window_loss(out: torch.Tensor, target: torch.Tensor, train) -> torch.Tensor:
 class WindowEngine:
     def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], stage, grid, activations, data,
                  skip: list[str] = (), device: torch.device | str = "cpu", progress: bool = True,
-                 num_sequences: int | None = None, store: ChainStore | None = None):
+                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None):
         """`stage`: the windows stage's settings (schedule, init, train); `grid`, `activations`,
-        `data`: the recipe's sections; `skip`: name substrings of layers left in full precision."""
+        `data`: the recipe's sections; `skip`: name substrings of layers left in full precision;
+        `stream`: the low-memory path's BlockStream (stream.py), which reads a block from disk
+        when a window needs it and writes and drops it once it is frozen."""
         self.blocks, self.calls = blocks, calls
         self.stage, self.train_cfg, self.grid, self.acts, self.skip = stage, stage.train, grid, activations, skip
         self.batch_size, self.seed = data.batch_size, data.seed
@@ -87,7 +89,11 @@ class WindowEngine:
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
         # where each block lives between its windows (the user's placement, usually the CPU)
-        self.home = [next(b.parameters()).device for b in blocks]
+        self.stream = stream
+        self.home = [torch.device("cpu") if stream else next(b.parameters()).device for b in blocks]
+        self.released: set[int] = set()  # low-memory: finished blocks written out and back on meta
+        self.pending: dict[int, dict] = {}  # low-memory resume: checkpointed layers of blocks not yet read
+        self.read_block = None  # low-memory resume: reads a finished block's layers from its block file
         self.dtype = [next(b.parameters()).dtype for b in blocks]  # the model's, before wrapping
         self.progress = progress
         self.schedule = make_schedule(len(blocks), stage.window, stage.stride, stage.lookahead)
@@ -338,7 +344,14 @@ class WindowEngine:
         first = 0
         if resume is not None:
             self.report, first = resume.report, resume.next_window
-            wrapped = self.restore_layers(resume.layers)
+            if self.stream is None:
+                wrapped = self.restore_layers(resume.layers)
+            else:  # each block's layers are restored when it is read from disk (fetch)
+                for key, state in resume.layers.items():
+                    self.pending.setdefault(block_of(key), {})[key] = state
+                self.read_block = resume.read_block
+                self.released = set(resume.released)
+                wrapped = set(self.pending) | set(resume.released)
             self.replay(chains, self.schedule[:first])
         del x0
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
@@ -347,7 +360,7 @@ class WindowEngine:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + wi)
             torch.manual_seed(self.seed * 1_000_003 + wi)
             for j in range(w.start, w.target + 1):
-                self.blocks[j].to(self.device)
+                self.fetch(j)
             q = chains["q"]
             for j in w.trained:
                 if j not in wrapped:
@@ -374,15 +387,36 @@ class WindowEngine:
             self.advance(w, chains, None if not self.trains or homologous else target, q_next)
             del target, q, q_next  # the chains have moved on: free what they were
             trim_heap()
-            for j in range(w.start, w.target + 1):
-                self.blocks[j].to(self.home[j])
             entry["seconds"] = round(time.time() - t0, 3)
             self.report["windows"].append(entry)
             bar.update()
             if on_window is not None:
-                on_window(EngineState(wi + 1, self.layer_states(), self.report))
+                on_window(EngineState(wi + 1, self.layer_states(), self.report, released=sorted(self.released)))
+            for j in range(w.start, w.target + 1):  # after the checkpoint, which reads the frozen layers
+                self.put_back(j, j in w.finished)
         bar.close()
         return self.report
+
+    def fetch(self, j: int):
+        """Block j on the device; low-memory: read from disk first (with its checkpointed layers
+        on a resumed run) if it is not in memory."""
+        if self.stream is not None and self.stream.on_meta(j):
+            self.stream.load(j)
+            states = self.pending.pop(j, None)
+            if states is None and j in self.released:
+                states = self.read_block(j)
+            if states:
+                self.restore_layers(states)
+            self.released.discard(j)
+        self.blocks[j].to(self.device)
+
+    def put_back(self, j: int, finished: bool):
+        """Block j leaves the device; low-memory: a frozen block is written out and dropped."""
+        if self.stream is not None and finished:
+            self.stream.finish(j)
+            self.released.add(j)
+        else:
+            self.blocks[j].to(self.home[j])
 
     def layer_states(self) -> dict[str, dict[str, torch.Tensor]]:
         return {f"{j}.{name}": m.checkpoint_state() for j, block in enumerate(self.blocks)
@@ -444,9 +478,9 @@ class WindowEngine:
         per block, the same batches and kernels as the first run, so bit-identical) instead of
         storing gigabytes of activations in every checkpoint."""
         for j in (j for w in done for j in w.finished):
-            self.blocks[j].to(self.device)
+            self.fetch(j)
             self.step_chains(j, chains)
-            self.blocks[j].to(self.home[j])
+            self.put_back(j, True)
 
     def output_error(self, x: torch.Tensor, ref: torch.Tensor) -> dict:
         """mse; rel_mse = squared error / squared norm of FP, summed over all tokens (a sink

@@ -80,28 +80,32 @@ def unquantized_weights(model: nn.Module, skip=()) -> list[dict]:
     """Every parameter of the decoder blocks left in full precision, with why (nothing is
     skipped silently): skip pattern, router, bias, norm, unsupported shape."""
     prefix, blocks = find_blocks(model)
+    return [w for i, block in enumerate(blocks) for w in block_unquantized(prefix, i, block, skip)]
+
+
+def block_unquantized(prefix: str, i: int, block: nn.Module, skip=()) -> list[dict]:
+    """unquantized_weights of block i alone (the low-memory path holds one block at a time)."""
     left = []
-    for i, block in enumerate(blocks):
-        moe = is_moe_block(block)
-        for mname, module in block.named_modules():
-            done = quantized_params(module)
-            for pname, p in module.named_parameters(recurse=False):
-                if pname in done:
-                    continue
-                if any(s in mname for s in skip):
-                    why = "skip pattern"
-                elif is_router(mname, moe):
-                    why = "router"
-                elif pname.endswith("bias"):
-                    why = "bias"
-                elif "norm" in type(module).__name__.lower() or "norm" in mname.rpartition(".")[2]:
-                    why = "norm"
-                elif p.dim() == 3 and getattr(module, "is_transposed", False):
-                    why = "unsupported shape (transposed experts)"
-                else:
-                    why = "unsupported shape"
-                left.append({"name": f"{prefix}.{i}.{mname}.{pname}".replace("..", "."), "shape": list(p.shape),
-                             "why": why})
+    moe = is_moe_block(block)
+    for mname, module in block.named_modules():
+        done = quantized_params(module)
+        for pname, p in module.named_parameters(recurse=False):
+            if pname in done:
+                continue
+            if any(s in mname for s in skip):
+                why = "skip pattern"
+            elif is_router(mname, moe):
+                why = "router"
+            elif pname.endswith("bias"):
+                why = "bias"
+            elif "norm" in type(module).__name__.lower() or "norm" in mname.rpartition(".")[2]:
+                why = "norm"
+            elif p.dim() == 3 and getattr(module, "is_transposed", False):
+                why = "unsupported shape (transposed experts)"
+            else:
+                why = "unsupported shape"
+            left.append({"name": f"{prefix}.{i}.{mname}.{pname}".replace("..", "."), "shape": list(p.shape),
+                         "why": why})
     return left
 
 

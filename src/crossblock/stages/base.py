@@ -34,4 +34,5 @@ class Job:
     fingerprint: str | None = None     # identity of the run (model, recipe, calibration): checkpoints carry it
     resume: Any = None                 # the window engine's checkpoint to continue from
     on_window: Callable | None = None  # called with the engine state after every window
+    stream: Any = None                 # low-memory path: the BlockStream the weights come from (stream.py)
     report: dict = field(default_factory=dict)

@@ -2,6 +2,7 @@
 `train` it is RTN or GPTQ; with it, block-wise / multi-block / look-ahead / CBQ reconstruction."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from ..distributed import is_main, shard
@@ -99,11 +100,14 @@ class Windows(Stage):
     def run(self, model, job):
         # data parallel (torchrun): each rank captures and carries only its shard of the sequences
         store = ChainStore(job.offload, job.checkpoint_dir)
-        x0, calls = capture(model, shard(job.ids), batch_size=job.data.batch_size, empty=store.empty)
+        ids = shard(job.ids)
+        with job.stream.before_blocks(ids) if job.stream else contextlib.nullcontext():
+            x0, calls = capture(model, ids, batch_size=job.data.batch_size, empty=store.empty)
         store.release(x0)
         _, blocks = find_blocks(model)
         engine = WindowEngine(blocks, calls, self, job.grid, job.activations, job.data, job.skip, device=job.device,
-                              progress=job.progress and is_main(), num_sequences=job.ids.shape[0], store=store)
+                              progress=job.progress and is_main(), num_sequences=job.ids.shape[0], store=store,
+                              stream=job.stream)
         inputs = [x0]
         del x0  # the engine frees the block-0 inputs once every chain has moved past block 0
         try:

@@ -1,0 +1,534 @@
+"""Low-memory quantization: weights stream from disk to disk, one window of blocks at a time.
+
+The model is a skeleton on the meta device (its buffers, e.g. rotary frequencies, are real).
+A block's weights are read from the model's safetensors shards (memory-mapped) when a window
+needs it, and the block is dropped back to meta once it is frozen and checkpointed; on the way
+out its output tensors (dense fake-quant or packed, in the saved dtype) are written to a spill
+file in the run's staging folder. At the end the output shards are assembled from the spill
+files by copying bytes file to file, through transformers' own `save_pretrained` (so sharding,
+tied-weight removal and key names are the in-memory path's) with its safetensors write replaced
+by `write_safetensors`, which produces the same bytes without holding a shard in memory. So the
+finished model is never whole in memory: at any time RAM holds the blocks of one window (plus
+look-ahead), one block being written, and the activation chains.
+
+What needs the whole model (the rotate, cfp and finetune stages, the gguf grid and format, fused
+MoE experts stored under other names) is refused by `refuse_unsupported` before any work.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .engine.chains import trim_heap
+from .errors import CrossblockError
+
+RAM_FRACTION = 0.5   # automatic choice: stream when the weights exceed this share of available RAM
+SPILL_DIR = "stream"  # in the staging folder: one file per finished block, one per other tensor
+FORMATS = ("fake", "gptq", "compressed-tensors")
+WHOLE_MODEL_STAGES = ("rotate", "cfp", "finetune")
+
+
+# -- choosing the path ---------------------------------------------------------------------------
+def weights_bytes(model_path) -> int:
+    return sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (bytes); psutil elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+    return psutil.virtual_memory().available
+
+
+def choose(model_path, low_memory: bool | None, dtype: str = "float32", quiet: bool = False) -> bool:
+    """`low_memory` as asked, or (None) whether the weights, loaded in `dtype`, would exceed
+    RAM_FRACTION of the available RAM; an automatic choice of streaming is said on stderr."""
+    if low_memory is not None:
+        return low_memory
+    if not Path(model_path).is_dir() or not any(Path(model_path).glob("*.safetensors")):
+        return False  # a hub id or .bin weights: the in-memory path
+    size = loaded_bytes(model_path, dtype)
+    avail = available_ram()
+    if size <= RAM_FRACTION * avail:
+        return False
+    if not quiet:
+        print(f"crossblock: the weights take {size / 2**30:.1f} GiB in {dtype}, over {RAM_FRACTION:.0%} of the "
+              f"{avail / 2**30:.1f} GiB of available RAM: streaming them block by block (--low-memory; "
+              f"--no-low-memory to load the whole model)", file=sys.stderr)
+    return True
+
+
+def loaded_bytes(model_path, dtype: str) -> int:
+    """Bytes of the weights once loaded in `dtype` ("auto": as stored)."""
+    size = weights_bytes(model_path)
+    if dtype == "auto":
+        return size
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}
+    return size * width.get(str(dtype), 4) // width.get(str(stored), 4)
+
+
+def refuse_unsupported(recipe, format: str, model):
+    """Everything the low-memory path cannot do, refused before any work (one place)."""
+    for stage in recipe.stages:
+        name = type(stage).__name__.lower()
+        if name in WHOLE_MODEL_STAGES:
+            raise CrossblockError(f"--low-memory cannot run the {name} stage: it needs the whole model in memory "
+                                  f"(run without --low-memory, or drop {name} from the recipe)")
+    if format not in FORMATS:
+        raise CrossblockError(f"--low-memory writes {', '.join(FORMATS)}, not {format} (it needs the whole model)")
+    if recipe.grid.kind_name != "uniform":
+        raise CrossblockError(f"--low-memory quantizes on the uniform grid only, not {recipe.grid.kind_name} "
+                              "(its finishing pass rounds the embeddings and head of the whole model)")
+    missing = [k for k in model.state_dict() if k not in model.crossblock_source.where
+               and k not in model.crossblock_source.real_buffers]
+    if missing:
+        raise CrossblockError(f"--low-memory reads weights under their model names, but {missing[0]} is not in "
+                              f"the checkpoint (stored under another name, e.g. fused MoE experts): run without "
+                              "--low-memory")
+
+
+# -- the model on the meta device and its weights on disk ---------------------------------------
+class Source:
+    """The model's safetensors shards: which file holds each tensor, read one tensor at a time."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        else:
+            from safetensors import safe_open
+            files = {}
+            for f in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as st:
+                    files.update(dict.fromkeys(st.keys(), f.name))
+        self.where: dict[str, str] = files
+        self.real_buffers: set[str] = set()  # state-dict keys the skeleton already holds (buffers)
+        self.alias: dict[str, str] = {}
+
+    def tie(self, model: nn.Module):
+        """Tied weights (lm_head = embeddings) are stored once: the other name reads that one."""
+        groups: dict[int, list[str]] = {}
+        for k, t in model.state_dict(keep_vars=True).items():
+            groups.setdefault(id(t), []).append(k)
+        for keys in groups.values():
+            stored = [k for k in keys if k in self.where]
+            for k in keys:
+                if stored and k not in self.where:
+                    self.where[k] = self.where[stored[0]]
+                    self.alias[k] = stored[0]
+
+    def chunks(self, key: str, rows: int):
+        """The tensor `rows` rows at a time, the file mapped only while one chunk is read (the
+        pages of a mapping that stays open would stay resident: a whole embedding)."""
+        from safetensors import safe_open
+        path, key = str(self.folder / self.where[key]), self.alias.get(key, key)
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(key).get_shape()
+        for lo in range(0, shape[0], rows) if shape else [None]:
+            with safe_open(path, framework="pt") as f:
+                part = f.get_slice(key)
+                yield part[:] if lo is None else part[lo:lo + rows]
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, copied out of the file's mapping: a tensor that stayed a view of it would
+        keep the mapping, and every page of the shard read so far, resident (RSS grew with depth)."""
+        from safetensors import safe_open
+        file, key = self.where[key], self.alias.get(key, key)
+        with safe_open(str(self.folder / file), framework="pt") as f:
+            t = f.get_tensor(key)
+            return t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+
+
+def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
+    """(model, stored dtype): the model with its parameters on the meta device (its buffers real,
+    as transformers computes them) and `model.crossblock_source` to read the weights; the same
+    config, dtype, tied weights and generation config as from_pretrained gives (api.load_model)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    stored = config.dtype
+    if dtype == "auto":
+        dtype = stored if isinstance(stored, torch.dtype) else getattr(torch, str(stored or "float32"))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    model.tie_weights()  # as from_pretrained does (from_config leaves lm_head apart)
+    model.config.dtype = dtype
+    source = Source(path)
+    source.real_buffers = {k for k, t in model.state_dict().items() if t.device.type != "meta"}
+    source.tie(model)
+    model.crossblock_source = source
+    return model, stored
+
+
+def materialize(module: nn.Module, prefix: str, source: Source, dtype: torch.dtype):
+    """Read `module`'s meta tensors (parameters, persistent buffers) from disk, in `dtype`."""
+    tensors = {k: source.read(f"{prefix}{k}", dtype) for k, t in module.state_dict().items() if t.device.type == "meta"}
+    module.load_state_dict(tensors, strict=False, assign=True)
+    module.requires_grad_(False)
+
+
+def weight_sums(model, rows: int = 1024) -> dict[str, tuple[tuple, float]]:
+    """name -> (shape, float64 sum) of every state-dict tensor of a skeleton as the model would
+    hold it, read from disk `rows` rows at a time (never a whole embedding in memory); a NaN or
+    Inf is refused as api.check_weights_finite refuses it. One pass for that check and the run's
+    fingerprint."""
+    source, dtype = model.crossblock_source, next(model.parameters()).dtype
+    sums = {}
+    for name, t in model.state_dict().items():
+        parts = [t] if t.device.type != "meta" else source.chunks(name, rows)
+        total = 0.0
+        for c in parts:
+            c = c.to(dtype) if c.is_floating_point() else c
+            if c.is_floating_point() and not torch.isfinite(c).all():
+                raise CrossblockError(f"model weight {name} contains NaN or Inf values")
+            total += c.double().sum().item()
+        sums[name] = (tuple(t.shape), total)
+    return sums
+
+
+# -- the blocks: read when a window needs them, written and dropped when frozen ------------------
+class BlockStream:
+    """The window engine's hook (engine/reconstruct.py): `load(j)` before block j joins a window,
+    `finish(j)` once it is frozen and checkpointed. Also reads the non-block weights for the
+    capture of the block-0 inputs, and writes the output folder (`write_folder`)."""
+
+    def __init__(self, model, folder, format: str, save_dtype: torch.dtype, skip=(), main: bool = True):
+        from .model.adapter import find_blocks
+        self.model, self.source = model, model.crossblock_source
+        self.prefix, self.blocks = find_blocks(model)
+        self.empty = [copy.deepcopy(b) for b in self.blocks]  # meta placeholders, for release
+        self.dtype = next(model.parameters()).dtype
+        self.spill = Path(folder) / SPILL_DIR
+        self.format, self.save_dtype, self.skip, self.main = format, save_dtype, list(skip), main
+        self.info: dict[int, dict] = {}  # per finished block: act quantizers, unquantized weights, layer settings
+        if main:
+            self.spill.mkdir(parents=True, exist_ok=True)
+
+    def on_meta(self, j: int) -> bool:
+        return any(t.device.type == "meta" for t in self.blocks[j].state_dict().values())
+
+    def load(self, j: int):
+        block = copy.deepcopy(self.empty[j])
+        materialize(block, f"{self.prefix}.{j}.", self.source, self.dtype)
+        self.blocks[j] = block
+
+    def finish(self, j: int):
+        """Block j is frozen: its output tensors go to its spill file, its weights back to meta."""
+        from .quant.linear import restore_quantized
+        block = self.blocks[j].to("cpu")
+        restore_quantized(block)
+        block.to(self.save_dtype)  # as api.write_folder casts the whole model
+        self.info[j] = self.block_info(j, block)
+        if self.main:
+            acts = self.info[j]["acts"]
+            plain, packed = block_entries(self.format, f"{self.prefix}.{j}", block, self.save_dtype,
+                                          acts and {k: v for k, v in acts.items() if k != "layers"})
+            tmp = self.spill / f"block{j}.safetensors.tmp"
+            save_spill({**plain, **{k: v for entries in packed.values() for k, v in entries.items()}}, tmp,
+                       {"plain": list(plain), "packed": {layer: list(e) for layer, e in packed.items()}})
+            os.replace(tmp, self.spill / f"block{j}.safetensors")
+        self.blocks[j] = copy.deepcopy(self.empty[j])
+        gc.collect()  # what the block's window left in reference cycles would wait for a full collection
+        trim_heap()  # and hand the freed memory back to the OS now
+
+    def block_info(self, j: int, block: nn.Module) -> dict:
+        """What crossblock.json and the format's config need from a finished block."""
+        from .export.common import unquantized_linears
+        from .model.adapter import block_unquantized
+        from .quant import act as act_quant
+        name = f"{self.prefix}.{j}"
+        acts = act_quant.record(block)
+        return {"acts": acts and {**acts, "layers": {f"{name}.{k}": v for k, v in acts["layers"].items()}},
+                "unquantized": block_unquantized(self.prefix, j, block, self.skip),
+                "linears": [f"{name}.{n}" for n in unquantized_linears(block)],
+                "settings": sorted({(m.crossblock_qweight.bits, m.crossblock_qweight.group_size,
+                                     m.crossblock_qweight.sym) for m in block.modules()
+                                    if getattr(m, "crossblock_qweight", None) is not None})}
+
+    @contextlib.contextmanager
+    def before_blocks(self, ids: torch.Tensor):
+        """The weights of the modules registered before the blocks (the embeddings) in memory,
+        for the capture of the block-0 inputs of `ids` (which stops at the last block)."""
+        saved = {}
+        tokens = self.model.get_input_embeddings()
+        for name, module in self.model.named_modules():
+            if name == self.prefix:
+                break
+            metas = {k: t for k, t in [*module._parameters.items(), *module._buffers.items()]
+                     if t is not None and t.device.type == "meta"}
+            if metas:
+                saved[name] = metas
+                for k, t in metas.items():
+                    key = f"{name}.{k}" if name else k
+                    if module is tokens and k == "weight":
+                        value = self.token_rows(key, t, ids)
+                    else:
+                        value = self.source.read(key, self.dtype if t.is_floating_point() else None)
+                    setattr(module, k, nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value)
+        try:
+            yield
+        finally:
+            for name, metas in saved.items():  # back to meta: the very objects, so tied weights stay tied
+                module = self.model.get_submodule(name)
+                for k, t in metas.items():
+                    setattr(module, k, t)
+
+    def token_rows(self, key: str, t: torch.Tensor, ids: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+        """The embedding matrix with only the rows of the tokens in `ids` read: the capture looks
+        up no other row, and the pages of torch.empty that are never written never take RAM
+        (a 128k x 8192 embedding holds the calibration set's few thousand distinct tokens)."""
+        from safetensors import safe_open
+        weight = torch.empty(t.shape, dtype=t.dtype)
+        needed = torch.unique(ids)
+        with safe_open(str(self.source.folder / self.source.where[key]), framework="pt") as f:
+            part = f.get_slice(self.source.alias.get(key, key))
+            for lo in range(0, t.shape[0], rows):
+                sel = needed[(needed >= lo) & (needed < lo + rows)]
+                if len(sel):
+                    weight[sel] = part[lo:lo + rows][sel - lo].to(t.dtype)
+        return weight
+
+    def unquantized(self) -> list[dict]:
+        return [w for j in sorted(self.info) for w in self.info[j]["unquantized"]]
+
+    def activations(self) -> dict | None:
+        found = [self.info[j]["acts"] for j in sorted(self.info) if self.info[j]["acts"]]
+        if not found:
+            return None
+        layers = {k: v for a in found for k, v in a["layers"].items()}
+        return {**{k: v for k, v in found[0].items() if k != "layers"}, "layers": dict(sorted(layers.items()))}
+
+    # -- the output folder ---------------------------------------------------------------------
+    def write_folder(self, tokenizer, folder: Path, act_scheme: dict | None):
+        """config, generation config, tokenizer and weight shards, as export.save writes them
+        for the in-memory model; returns what the format records in crossblock.json."""
+        from .export.common import save_folder, write_quantization_config
+        skeleton = self.model.to(self.save_dtype)  # meta: free; sets the config's dtype as save_pretrained reads it
+        where: dict[str, tuple[Path, int, int]] = {}
+        keep = []  # the memory maps behind the state dict's tensors
+        state, packed = {}, {}
+        by_param: dict[int, torch.Tensor] = {}
+        params = skeleton.state_dict(keep_vars=True)
+        blocks_done = set()
+        for key, p in params.items():
+            j = block_index(key, self.prefix)
+            if j is not None:
+                if j not in blocks_done:
+                    blocks_done.add(j)
+                    tensors, meta = open_spill(self.spill / f"block{j}.safetensors", where, keep)
+                    state.update({k: tensors[k] for k in meta["plain"]})
+                    packed.update({layer: {k: tensors[k] for k in keys} for layer, keys in meta["packed"].items()})
+                continue
+            if id(p) not in by_param:  # tied weights (lm_head = embeddings) share one tensor, as in memory
+                by_param[id(p)] = self.spill_outside(key, p, where, keep)
+            state[key] = by_param[id(p)]
+        for entries in packed.values():
+            state.update(entries)
+        with streamed_safetensors(where):
+            save_folder(skeleton, tokenizer, folder, state)
+        del state, keep
+        settings = sorted({tuple(s) for i in self.info.values() for s in i["settings"]})
+        if self.format == "gptq":
+            from .export.gptq import gptq_config
+            if len(settings) != 1:
+                raise CrossblockError(f"gptq export needs one bits/group_size/sym setting for all layers, found {settings}")
+            write_quantization_config(folder, gptq_config(*settings[0]))
+        elif self.format == "compressed-tensors":
+            self.write_ct_config(folder, settings, act_scheme)
+        return None
+
+    def write_ct_config(self, folder, settings, act_scheme):
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+        from .model.adapter import is_linear
+        if len(settings) != 1:
+            raise CrossblockError("--low-memory writes compressed-tensors with one bits/group_size/sym setting")
+        scheme = ct_scheme(settings[0], act_scheme)
+        inside = {n for j in self.info for n in self.info[j]["linears"]}
+        ignore = [n for n, m in self.model.named_modules()  # unquantized_linears' order, over the skeleton
+                  if n in inside or (is_linear(m) and block_index(n, self.prefix) is None)]
+        config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format=scheme.format,
+                                    quantization_status=QuantizationStatus.COMPRESSED)
+        ModelCompressor(quantization_config=config).update_config(str(folder))
+
+    def spill_outside(self, key: str, p: torch.Tensor, where, keep) -> torch.Tensor:
+        """A non-block tensor in the saved dtype: copied straight from the model's own file when
+        it is stored in that dtype, else through its own spill file (one tensor at a time)."""
+        if p.device.type == "meta":
+            file = self.source.folder / self.source.where[key]
+            header, _ = read_header(file)
+            if header[self.source.alias.get(key, key)]["dtype"] == DTYPE_NAMES[self.save_dtype]:
+                tensors, _ = open_spill(file, where, keep, rename={self.source.alias.get(key, key): key})
+                return tensors[key]
+        path = self.spill / f"outside.{key}.safetensors"
+        if not path.is_file():
+            t = p if p.device.type != "meta" else self.source.read(key)
+            t = t.to(self.save_dtype) if t.is_floating_point() else t
+            save_spill({key: t.contiguous()}, path.with_suffix(".tmp"), {"plain": [key], "packed": {}})
+            os.replace(path.with_suffix(".tmp"), path)
+            del t
+        tensors, _ = open_spill(path, where, keep)
+        return tensors[key]
+
+
+def block_index(key: str, prefix: str) -> int | None:
+    if not key.startswith(prefix + "."):
+        return None
+    head = key[len(prefix) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def ct_scheme(setting: tuple, act_scheme: dict | None):
+    """The compressed-tensors scheme of a single-setting model, as build_schemes makes it."""
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+    from .export.compressed_tensors import weight_args
+    from .export.formats import act_args
+    scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(*setting),
+                                input_activations=act_args(act_scheme) if act_scheme else None)
+    scheme.format = infer_module_format(nn.Linear, scheme).value
+    return scheme
+
+
+def block_entries(format: str, prefix: str, block: nn.Module, dtype: torch.dtype, act_scheme: dict | None):
+    """(plain, packed) output tensors of a finished, restored block: its state dict without the
+    weights the format replaces, and per quantized layer the tensors that replace them, in the
+    order the format's writer puts them in the state dict."""
+    from .export.common import check_layers, quantized_layers
+    state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+    if format == "fake":
+        return state, {}
+    layers = {f"{prefix}.{n}": v for n, v in quantized_layers(block).items()}
+    packed = {}
+    if format == "gptq":
+        from .export.gptq import check_zero_points, gptq_tensors
+        check_layers(format, layers)
+        for name, (_, qw) in layers.items():
+            check_zero_points(name, qw)
+            packed[name] = gptq_tensors(qw)
+    else:
+        from .export.compressed_tensors import compress_layer
+        check_layers(format, layers)
+        for name, (_, qw) in layers.items():
+            packed[name] = compress_layer(qw, ct_scheme((qw.bits, qw.group_size, qw.sym), act_scheme), dtype)
+    for name, entries in packed.items():
+        del state[f"{name}.weight"]
+        packed[name] = {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in entries.items()}
+    return state, packed
+
+
+# -- spill files and the streaming safetensors writer -------------------------------------------
+def save_spill(tensors: dict, path: Path, meta: dict):
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"crossblock": json.dumps(meta)})
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n)), 8 + n
+
+
+def open_spill(path: Path, where: dict, keep: list, rename: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The file's tensors as views of a private memory map (no page is read until touched, and
+    the writer never touches them: it copies file to file), recorded in `where` (under
+    `rename`'s names: only those, if given)."""
+    header, start = read_header(path)
+    meta = json.loads(header.pop("__metadata__", {}).get("crossblock", "{}"))
+    if rename is not None:
+        header = {rename[k]: h for k, h in header.items() if k in rename}
+    size = path.stat().st_size
+    tensors = {}
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+    keep.append(mm)
+    for key, h in header.items():
+        lo, hi = h["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[h["dtype"]]
+        if hi > lo:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=hi - lo, offset=start + lo)
+            t = raw.view(dtype).view(h["shape"])
+        else:
+            t = torch.empty(h["shape"], dtype=dtype)
+        tensors[key] = t
+        where[key] = (path, start + lo, hi - lo)
+    return tensors, meta
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def safetensors_order(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The order safetensors lays tensors out in (by dtype, then name), asked of safetensors
+    itself on one-element stand-ins."""
+    from safetensors.torch import save
+    raw = save({k: torch.zeros(1, dtype=t.dtype) for k, t in tensors.items()})
+    n = struct.unpack("<Q", raw[:8])[0]
+    return [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], filename, where: dict, metadata: dict | None = None):
+    """What safetensors.torch.save_file(tensors, filename, metadata) writes, byte for byte, each
+    tensor's bytes copied from the file `where[key]` names (path, offset, length)."""
+    order = safetensors_order(tensors)
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for key in order:
+        t = tensors[key]
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with open(filename, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for key in order:
+            path, start, nbytes = where[key]
+            with open(path, "rb") as src:
+                copy_range(src, out, start, nbytes)
+
+
+def copy_range(src, dst, start: int, nbytes: int):
+    """Copy bytes file to file in the kernel, not through this process's memory."""
+    dst.flush()
+    while nbytes:
+        done = os.copy_file_range(src.fileno(), dst.fileno(), nbytes, start)
+        if done == 0:
+            raise CrossblockError(f"spill file {src.name} is shorter than its header says")
+        start, nbytes = start + done, nbytes - done
+
+
+@contextlib.contextmanager
+def streamed_safetensors(where: dict):
+    """transformers' save_pretrained writing each shard with write_safetensors."""
+    import transformers.modeling_utils as mu
+    original = mu.safe_save_file
+    mu.safe_save_file = lambda tensors, filename, metadata=None: write_safetensors(tensors, filename, where, metadata)
+    try:
+        yield
+    finally:
+        mu.safe_save_file = original

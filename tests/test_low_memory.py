@@ -1,0 +1,183 @@
+"""The low-memory path (stream.py) writes the same files as the in-memory path, byte for byte,
+and a low-memory run killed mid-way resumes to those same bytes. (Its peak memory is measured by
+bench/low_memory.py, not here.)"""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CALIB_FILE, STORIES
+from crossblock import stream
+from crossblock.cli import main
+from crossblock.engine.checkpoint import CHECKPOINT_FILE
+from crossblock.output import partial_dir
+
+SMALL = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--quiet"]
+VOLATILE = {"wall_seconds", "peak_rss_mib", "peak_cuda_mib", "low_memory", "resumed_at_window"}
+
+
+def hashes(folder) -> dict[str, str]:
+    """sha256 of every file of an output folder; crossblock.json without its timings."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.name == "crossblock.json":
+            info = {k: v for k, v in json.loads(f.read_text()).items() if k not in VOLATILE}
+            for w in info.get("windows", []):
+                w.pop("seconds", None)
+            data = json.dumps(info, sort_keys=True).encode()
+        else:
+            data = f.read_bytes()
+        out[f.name] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def both_paths(tmp_path, model, *args) -> tuple[dict, dict]:
+    common = ["quantize", "--model", str(model), "--calib", str(CALIB_FILE), *SMALL, *args]
+    assert main([*common, "--out", str(tmp_path / "memory"), "--no-low-memory"]) == 0
+    assert main([*common, "--out", str(tmp_path / "stream"), "--low-memory"]) == 0
+    report = json.loads((tmp_path / "stream" / "crossblock.json").read_text())
+    assert report["low_memory"] is True and not (tmp_path / "stream" / stream.SPILL_DIR).exists()
+    return hashes(tmp_path / "memory"), hashes(tmp_path / "stream")
+
+
+@pytest.fixture(scope="module")
+def llama12(tmp_path_factory):
+    """A randomly initialized 12-block Llama in bfloat16, its weights in 3 shards, with the
+    stories260k tokenizer: nothing downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("llama12")
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=12,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="200KB")
+    for f in STORIES.glob("tokenizer*"):
+        shutil.copy(f, folder)
+    assert len(list(folder.glob("*.safetensors"))) >= 3
+    return folder
+
+
+# (format, recipe flags): a trained window with look-ahead, static activation steps, the packed formats
+STORIES_CASES = {
+    "fake-la": ["--recipe", "la", "--iters", "4", "--wbits", "3", "--group-size", "32", "--skip", "down_proj"],
+    "fake-block-static-a8": ["--recipe", "block", "--iters", "4", "--wbits", "4", "--group-size", "32",
+                             "--abits", "8", "--no-act-dynamic"],
+    "compressed-tensors-a8": ["--recipe", "rtn", "--format", "compressed-tensors", "--wbits", "4",
+                              "--group-size", "-1", "--abits", "8"],
+    "gptq": ["--recipe", "gptq", "--format", "gptq", "--wbits", "8", "--group-size", "-1", "--sym"],
+}
+
+
+@pytest.mark.parametrize("case", STORIES_CASES)
+def test_stories_same_files_both_paths(tmp_path, case):
+    memory, streamed = both_paths(tmp_path, STORIES, *STORIES_CASES[case])
+    assert "model.safetensors" in memory
+    assert streamed == memory
+
+
+@pytest.mark.parametrize("args", [
+    ["--recipe", "mb", "--iters", "3", "--wbits", "4", "--group-size", "32", "--format", "gptq", "--sym"],
+    ["--recipe", "gptq", "--wbits", "3", "--group-size", "32", "--save-dtype", "float32"],
+], ids=["mb-gptq-format", "gptq-fake-float32"])
+def test_random_12_block_llama_same_files_both_paths(tmp_path, llama12, args):
+    memory, streamed = both_paths(tmp_path, llama12, *args, "--dtype", "auto")
+    assert streamed == memory
+
+
+def test_streaming_safetensors_writer_matches_safetensors(tmp_path):
+    """write_safetensors (bytes copied file to file) == safetensors' save_file, any dtype mix."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5).to(torch.bfloat16), "a": torch.randn(7), "z": torch.arange(9).to(torch.uint8),
+               "c": torch.arange(4, dtype=torch.int32).view(2, 2), "h": torch.randn(1, dtype=torch.float16),
+               "scalar": torch.tensor(2.5), "q": torch.arange(6, dtype=torch.int64)}
+    save_file(tensors, tmp_path / "spill.safetensors", metadata={"crossblock": json.dumps({"plain": [], "packed": {}})})
+    where, keep = {}, []
+    mapped, _ = stream.open_spill(tmp_path / "spill.safetensors", where, keep)
+    stream.write_safetensors(mapped, tmp_path / "ours.safetensors", where, {"format": "pt"})
+    save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+
+def test_whole_model_stages_and_formats_are_refused_before_work(tmp_path, capsys):
+    base = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(tmp_path / "o"),
+            "--low-memory", *SMALL]
+    assert main([*base, "--recipe", "rtn", "--rotate", "--wbits", "4", "--group-size", "32"]) == 2
+    assert "--low-memory cannot run the rotate stage" in capsys.readouterr().err
+    assert main([*base, "--recipe", "rtn", "--gguf-type", "Q8_0"]) == 2
+    assert "--low-memory quantizes on the uniform grid only, not gguf" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_automatic_choice_says_so(monkeypatch, capsys):
+    size = stream.weights_bytes(STORIES)
+    monkeypatch.setattr(stream, "available_ram", lambda: 10 * size)
+    assert stream.choose(STORIES, None) is False
+    monkeypatch.setattr(stream, "available_ram", lambda: size)
+    assert stream.choose(STORIES, None) is True
+    assert "streaming them block by block" in capsys.readouterr().err
+    assert stream.choose(STORIES, False) is False  # --no-low-memory wins
+
+
+# -- killed mid-way, resumed ----------------------------------------------------------------------
+RESUME = ["--recipe", "cbq", "--wbits", "2", "--group-size", "-1", "--iters", "60", *SMALL]
+
+
+def cli(out, *extra):
+    cmd = [sys.executable, "-m", "crossblock", "quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE),
+           "--out", str(out), *RESUME, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def windows_done(out) -> int:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(partial_dir(out) / CHECKPOINT_FILE), framework="pt") as f:
+            return int(f.metadata()["next_window"])
+    except Exception:
+        return 0
+
+
+def test_low_memory_run_killed_midway_resumes_bit_identical(tmp_path):
+    ref = tmp_path / "ref"
+    assert cli(ref, "--no-low-memory").wait() == 0
+    out = tmp_path / "out"
+    proc, deadline = cli(out, "--low-memory"), time.time() + 300
+    while windows_done(out) < 3:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    # the frozen blocks went to disk as they finished
+    assert {"block0.safetensors", "block1.safetensors"} <= {p.name for p in (partial_dir(out) / stream.SPILL_DIR).iterdir()}
+    resumed = cli(out, "--low-memory", "--resume")
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert json.loads((out / "crossblock.json").read_text())["resumed_at_window"] == 3
+    assert hashes(out) == hashes(ref)
+
+
+def test_two_ranks_low_memory_same_files_as_one_process(tmp_path):
+    """torchrun: every rank reads its own blocks, rank 0 writes; RTN gives the same bits for any
+    number of ranks, so the files equal a single in-memory process's."""
+    args = ["--recipe", "rtn", "--wbits", "3", "--group-size", "32", "--device", "cpu", *SMALL]
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(tmp_path / "one"),
+                 "--no-low-memory", *args]) == 0
+    torchrun = shutil.which("torchrun", path=str(os.path.dirname(sys.executable)))
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "crossblock", "quantize", "--model",
+                        str(STORIES), "--calib", str(CALIB_FILE), "--out", str(tmp_path / "two"), "--low-memory",
+                        *args], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = hashes(tmp_path / "one"), hashes(tmp_path / "two")
+    assert two.pop("crossblock.json") != one.pop("crossblock.json")  # ranks: 2
+    assert two == one
