@@ -16,8 +16,9 @@ FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS,
 def add_recipe_options(p: argparse.ArgumentParser):
     """One option per flat recipe setting (e.g. --wbits, --group-size, --lookahead); unset ones
     keep the recipe's value."""
-    p.add_argument("--recipe", default="best", help=f"a preset ({', '.join(PRESETS)}; default best, the best "
-                                                    "recipe measured) or a YAML file")
+    p.add_argument("--recipe", default=None, help=f"a preset ({', '.join(PRESETS)}), a YAML file, or auto (measure "
+                                                  "the window schedules on a prefix of the model and run the best); "
+                                                  "default: the best recipe measured for the bits (recipe.DEFAULTS)")
     hints = typing.get_type_hints(Flat)
     for f in dataclasses.fields(Flat):
         if f.name == "name":
@@ -39,10 +40,25 @@ def add_trust_remote_code(p: argparse.ArgumentParser):
                    help="run Python code a model folder names in its config (auto_map); without it, that code never runs")
 
 
+def add_auto_budget(p: argparse.ArgumentParser):
+    p.add_argument("--auto-budget", type=float, default=None,
+                   help="--recipe auto: the schedule comparison's planned cost as a fraction of the full run's "
+                        "(default 0.15)")
+
+
 def recipe_from_args(args, name: str | None = None) -> Recipe:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Flat)
                  if f.name != "name" and getattr(args, f.name, None) is not None}
-    return Recipe.load(name or args.recipe, **overrides)
+    name = name or args.recipe
+    budget = getattr(args, "auto_budget", None)
+    if budget is not None and name != "auto":
+        raise CrossblockError("--auto-budget applies to --recipe auto only")
+    if name == "auto":
+        from .auto import DEFAULT_BUDGET, AutoRecipe
+        return AutoRecipe.build(DEFAULT_BUDGET if budget is None else budget, **overrides)
+    if name is None:
+        return Recipe.default(**overrides)
+    return Recipe.load(name, **overrides)
 
 
 def cmd_quantize(args):
@@ -53,6 +69,12 @@ def cmd_quantize(args):
                                  progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     if not report:  # a data-parallel rank other than 0, or a resumed run that was already complete
         return
+    if report.get("auto"):
+        from .auto import auto_table
+        print(auto_table(report["auto"]))
+    elif report.get("recipe_chosen_by"):
+        chosen = report["recipe_chosen_by"]
+        print(f"recipe {report['recipe']['name']}: the default for {chosen['default_for']} ({chosen['why']})")
     last = report["blocks"][-1]
     print(f"wrote {args.out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
           + (f" (RTN {last['rtn']['rel_mse']:.4g})" if "rtn" in last else "")
@@ -100,6 +122,10 @@ def cmd_plan(args):
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if not layers:
         raise CrossblockError(f"cannot tell the number of blocks of {args.model} from its config")
+    from .auto import AutoRecipe
+    if isinstance(recipe, AutoRecipe):
+        print(recipe.plan_text(layers))
+        recipe = recipe.candidates()[0]
     print(plan_table(recipe, layers))
 
 
@@ -144,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     add_trust_remote_code(q)
     add_recipe_options(q)
+    add_auto_budget(q)
     q.set_defaults(func=cmd_quantize)
 
     pp = sub.add_parser("preprocess", help="write the model after CBQ's coarse-to-fine preprocessing (CFP)")
@@ -181,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True)
     add_trust_remote_code(pl)
     add_recipe_options(pl)
+    add_auto_budget(pl)
     pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("compare", help="rank recipes by last-block output error, cheaply (a prefix of the model)")
@@ -199,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (pip install crossblock[demo])")
-    d.add_argument("--recipe", default="best")
+    d.add_argument("--recipe", default=None, help="default: the best recipe measured for the bits")
     d.add_argument("--wbits", type=int, default=3)
     d.add_argument("--group-size", type=int, default=64)
     d.add_argument("--iters", type=int, default=None)
