@@ -101,12 +101,26 @@ def cmd_eval(args):
     from . import api
     from .data.text import read_texts
 
-    text = read_texts(args.ppl)
+    if not args.ppl and args.tasks is None:
+        raise CrossblockError("eval needs --ppl FILE(s) and/or --tasks NAME[,NAME...]")
+    tasks = None
+    if args.tasks is not None:  # checked before the model loads: lm-eval installed, every task known
+        from .eval import tasks as zero_shot
+        zero_shot.require_lm_eval()
+        if not args.tasks:
+            raise CrossblockError("--tasks needs at least one task name (comma-separated)")
+        zero_shot.task_specs(args.tasks, args.task_dir or ())
+    text = read_texts(args.ppl) if args.ppl else None
     model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype,
                      trust_remote_code=args.trust_remote_code)
     tokenizer = api.load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet)
-    print(f"perplexity {ppl:.4f}")
+    ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet) if text else None
+    if args.tasks is None:
+        print(f"perplexity {ppl:.4f}")
+        return
+    tasks = zero_shot.run_tasks(model, tokenizer, args.tasks, args.task_dir or (), batch_size=args.task_batch_size,
+                                limit=args.limit, num_fewshot=args.num_fewshot, progress=not args.quiet)
+    print(zero_shot.task_table(tasks, {Path(args.ppl[0]).name: ppl} if ppl is not None else None))
 
 
 def cmd_plan(args):
@@ -192,9 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_remote_code(pp)
     pp.set_defaults(func=cmd_preprocess)
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol)")
+    e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol), zero-shot task accuracy")
     e.add_argument("--model", required=True)
-    e.add_argument("--ppl", nargs="+", required=True, help="text file(s)")
+    e.add_argument("--ppl", nargs="+", default=None, help="text file(s)")
+    e.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="comma-separated lm-evaluation-harness tasks (pip install crossblock[eval]): tinystories_next "
+                        "(shipped, offline), hellaswag, arc_easy, piqa, winogrande, ...")
+    e.add_argument("--task-dir", action="append", default=None, help="a folder of lm-eval task YAML files (repeatable)")
+    e.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--task-batch-size", type=int, default=16)
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--tokenizer", default=None)
