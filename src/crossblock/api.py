@@ -256,7 +256,7 @@ def choose_schedule(recipe: Recipe, model, tokenizer, ids, device, progress):
     from .auto import AutoRecipe
     if not isinstance(recipe, AutoRecipe):
         return recipe, None, None
-    return recipe.choose(model, tokenizer, ids, device=device, progress=progress)
+    return recipe.choose(quantize, model, tokenizer, ids, device=device, progress=progress)
 
 
 def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: str = "fake",

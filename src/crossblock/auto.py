@@ -100,8 +100,9 @@ class AutoRecipe(Recipe):
                 f"{candidates[0].name}:")
 
     # -- the choice ----------------------------------------------------------------------------
-    def choose(self, model, tokenizer, ids, device=None, progress: bool = True):
-        """(chosen recipe, engine state to continue from or None, report section)."""
+    def choose(self, quantize, model, tokenizer, ids, device=None, progress: bool = True):
+        """(chosen recipe, engine state to continue from or None, report section); `quantize` is
+        api.quantize (passed in: the API calls this module, not the other way round)."""
         num_blocks = len(find_blocks(model)[1])
         if num_blocks <= MIN_PREFIX:
             raise CrossblockError(f"--recipe auto needs a model of more than {MIN_PREFIX} blocks to compare schedules "
@@ -119,7 +120,8 @@ class AutoRecipe(Recipe):
                     states[name] = snapshot(state)
 
             t0 = time.time()
-            report = run_prefix(model, tokenizer, meas, ids[:meas.data.nsamples], blocks, device, progress, on_window)
+            report = run_prefix(quantize, model, tokenizer, meas, ids[:meas.data.nsamples], blocks, device, progress,
+                                on_window)
             last = report["blocks"][-1]
             rows.append({"recipe": cand.name, **{k: v for k, v in cand.to_flat().items() if k in SHAPE_FLAT + ("loss",)},
                          "rel_mse": last["rel_mse"], "token_rel_mse": last["token_rel_mse"],
@@ -208,9 +210,9 @@ def first_blocks(model, k: int):
             setattr(model.config, key, value)
 
 
-def run_prefix(model, tokenizer, recipe: Recipe, ids, blocks: int, device, progress: bool, on_window) -> dict:
+def run_prefix(quantize, model, tokenizer, recipe: Recipe, ids, blocks: int, device, progress: bool,
+               on_window) -> dict:
     """Quantize a copy of the model's first `blocks` blocks with `recipe`'s stages up to the windows."""
-    from .api import quantize
     with first_blocks(model, blocks):
         prefix = copy.deepcopy(model)
     stages = [s for s in recipe.stages if s.kind_name != "finetune"]
@@ -218,14 +220,3 @@ def run_prefix(model, tokenizer, recipe: Recipe, ids, blocks: int, device, progr
                          progress=progress, on_window=on_window)
     return report
 
-
-def auto_table(info: dict) -> str:
-    """The candidates as measured, ranked, and what the choice cost and reused."""
-    from .compare import compare_table
-    fid = info["fidelity"]
-    return "\n".join([
-        compare_table(info["candidates"]),
-        f"chose {info['chosen']}: comparison {info['compare_block_passes']:,} block passes "
-        f"({info['compare_block_passes'] / info['full_block_passes']:.1%} of the full run's "
-        f"{info['full_block_passes']:,}; budget {info['budget']:.0%}), {fid['iters']} steps on {fid['nsamples']} "
-        f"sequences, {info['compare_seconds']:.0f} s; reused {info['reused_windows']} window(s)"])

@@ -61,6 +61,18 @@ def recipe_from_args(args, name: str | None = None) -> Recipe:
     return Recipe.load(name, **overrides)
 
 
+def auto_table(info: dict) -> str:
+    """The candidates as measured, ranked, and what the choice cost and reused."""
+    from .compare import compare_table
+    fid = info["fidelity"]
+    return "\n".join([
+        compare_table(info["candidates"]),
+        f"chose {info['chosen']}: comparison {info['compare_block_passes']:,} block passes "
+        f"({info['compare_block_passes'] / info['full_block_passes']:.1%} of the full run's "
+        f"{info['full_block_passes']:,}; budget {info['budget']:.0%}), {fid['iters']} steps on {fid['nsamples']} "
+        f"sequences, {info['compare_seconds']:.0f} s; reused {info['reused_windows']} window(s)"])
+
+
 def cmd_quantize(args):
     from . import api
     report = api.quantize_folder(args.model, args.calib, args.out, recipe_from_args(args), format=args.format,
@@ -70,7 +82,6 @@ def cmd_quantize(args):
     if not report:  # a data-parallel rank other than 0, or a resumed run that was already complete
         return
     if report.get("auto"):
-        from .auto import auto_table
         print(auto_table(report["auto"]))
     elif report.get("recipe_chosen_by"):
         chosen = report["recipe_chosen_by"]
