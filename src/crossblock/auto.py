@@ -120,8 +120,8 @@ class AutoRecipe(Recipe):
                     states[name] = snapshot(state)
 
             t0 = time.time()
-            report = run_prefix(quantize, model, tokenizer, meas, ids[:meas.data.nsamples], blocks, device, progress,
-                                on_window)
+            rows_used = ids if fidelity == 1 else ids[:meas.data.nsamples]  # the full run's very sequences, or fewer
+            report = run_prefix(quantize, model, tokenizer, meas, rows_used, blocks, device, progress, on_window)
             last = report["blocks"][-1]
             rows.append({"recipe": cand.name, **{k: v for k, v in cand.to_flat().items() if k in SHAPE_FLAT + ("loss",)},
                          "rel_mse": last["rel_mse"], "token_rel_mse": last["token_rel_mse"],
