@@ -114,6 +114,8 @@ def test_whole_model_stages_and_formats_are_refused_before_work(tmp_path, capsys
     assert "--low-memory cannot run the rotate stage" in capsys.readouterr().err
     assert main([*base, "--recipe", "rtn", "--gguf-type", "Q8_0"]) == 2
     assert "--low-memory quantizes on the uniform grid only, not gguf" in capsys.readouterr().err
+    assert main([*base, "--recipe", "auto", "--wbits", "3"]) == 2
+    assert "--low-memory cannot run --recipe auto" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

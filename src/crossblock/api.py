@@ -182,8 +182,13 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
 
 def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
              checkpoint_dir: str | Path | None = None, offload: str = "ram", format: str = "fake",
-             save_dtype: torch.dtype | None = None, stream=None):
+             save_dtype: torch.dtype | None = None, on_window=None, stream=None):
     """Quantize `model` in place with `recipe`'s stages, in order; returns (model, report).
+
+    `recipe`: a Recipe; a preset name, YAML file or "auto" (auto.py: the window schedule is
+    measured on a prefix of the model and chosen); or a dict of flat settings naming no preset
+    (`dict(wbits=3, group_size=64)`), which runs the default recipe for those bits
+    (`Recipe.default`). `on_window(state)` is called after every window of the windows stage.
 
     `format` is the checkpoint format the model will be saved in: settings it cannot store are
     refused before any work, and scales are rounded to what it stores (see `for_format`), so
@@ -203,6 +208,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     not in `model`.
     """
     t0 = time.time()
+    recipe = as_recipe(recipe)
     validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
     recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
@@ -211,14 +217,18 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     ids = calibration_ids(tokenizer, calib, recipe.data)
     device = device or default_device()
     model.eval().requires_grad_(False)
+    recipe, prefix_state, auto = choose_schedule(recipe, model, tokenizer, ids, device, progress)
     job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
-              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, stream=stream)
+              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, stream=stream)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         key = job.fingerprint = fingerprint(model, recipe, ids, sums)
-        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None)
+        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None) or job.resume
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)
+    if on_window is not None:
+        job.on_window = (lambda state, save=job.on_window: (save(state), on_window(state))) if job.on_window \
+            else on_window
     for stage in recipe.stages:
         stage.run(model, job)
     restore_quantized(model)
@@ -226,6 +236,8 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     report = {**job.report, **({"grid": finished} if finished else {}),
               "unquantized": stream.unquantized() if stream else unquantized_weights(model, recipe.skip),
               "recipe": recipe.to_dict(),
+              **({"recipe_chosen_by": recipe.chosen_by} if recipe.chosen_by else {}),
+              **({"auto": auto} if auto else {}),
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
               "device": str(device),
@@ -238,6 +250,29 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     if torch.cuda.is_available():
         report["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return model, report
+
+
+def as_recipe(recipe) -> Recipe:
+    """A Recipe from what `quantize` accepts (see there)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        if recipe == "auto":
+            from .auto import AutoRecipe
+            return AutoRecipe.build()
+        return Recipe.load(recipe)
+    if isinstance(recipe, dict):
+        return Recipe.default(**recipe)
+    raise CrossblockError(f"recipe must be a Recipe, a preset name, a YAML file, 'auto' or a dict of flat settings, "
+                          f"got {type(recipe).__name__}")
+
+
+def choose_schedule(recipe: Recipe, model, tokenizer, ids, device, progress):
+    """(recipe to run, engine state to continue from, auto report): --recipe auto's choice (auto.py)."""
+    from .auto import AutoRecipe
+    if not isinstance(recipe, AutoRecipe):
+        return recipe, None, None
+    return recipe.choose(quantize, model, tokenizer, ids, device=device, progress=progress)
 
 
 def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: str = "fake",

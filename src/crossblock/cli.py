@@ -16,8 +16,9 @@ FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS,
 def add_recipe_options(p: argparse.ArgumentParser):
     """One option per flat recipe setting (e.g. --wbits, --group-size, --lookahead); unset ones
     keep the recipe's value."""
-    p.add_argument("--recipe", default="best", help=f"a preset ({', '.join(PRESETS)}; default best, the best "
-                                                    "recipe measured) or a YAML file")
+    p.add_argument("--recipe", default=None, help=f"a preset ({', '.join(PRESETS)}), a YAML file, or auto (measure "
+                                                  "the window schedules on a prefix of the model and run the best); "
+                                                  "default: the best recipe measured for the bits (recipe.DEFAULTS)")
     hints = typing.get_type_hints(Flat)
     for f in dataclasses.fields(Flat):
         if f.name == "name":
@@ -39,10 +40,37 @@ def add_trust_remote_code(p: argparse.ArgumentParser):
                    help="run Python code a model folder names in its config (auto_map); without it, that code never runs")
 
 
+def add_auto_budget(p: argparse.ArgumentParser):
+    p.add_argument("--auto-budget", type=float, default=None,
+                   help="--recipe auto: the schedule comparison's planned cost as a fraction of the full run's "
+                        "(default 0.15)")
+
+
 def recipe_from_args(args, name: str | None = None) -> Recipe:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Flat)
                  if f.name != "name" and getattr(args, f.name, None) is not None}
-    return Recipe.load(name or args.recipe, **overrides)
+    name = name or args.recipe
+    budget = getattr(args, "auto_budget", None)
+    if budget is not None and name != "auto":
+        raise CrossblockError("--auto-budget applies to --recipe auto only")
+    if name == "auto":
+        from .auto import DEFAULT_BUDGET, AutoRecipe
+        return AutoRecipe.build(DEFAULT_BUDGET if budget is None else budget, **overrides)
+    if name is None:
+        return Recipe.default(**overrides)
+    return Recipe.load(name, **overrides)
+
+
+def auto_table(info: dict) -> str:
+    """The candidates as measured, ranked, and what the choice cost and reused."""
+    from .compare import compare_table
+    fid = info["fidelity"]
+    return "\n".join([
+        compare_table(info["candidates"]),
+        f"chose {info['chosen']}: comparison {info['compare_block_passes']:,} block passes "
+        f"({info['compare_block_passes'] / info['full_block_passes']:.1%} of the full run's "
+        f"{info['full_block_passes']:,}; budget {info['budget']:.0%}), {fid['iters']} steps on {fid['nsamples']} "
+        f"sequences, {info['compare_seconds']:.0f} s; reused {info['reused_windows']} window(s)"])
 
 
 def cmd_quantize(args):
@@ -54,6 +82,11 @@ def cmd_quantize(args):
                                  low_memory=args.low_memory)
     if not report:  # a data-parallel rank other than 0, or a resumed run that was already complete
         return
+    if report.get("auto"):
+        print(auto_table(report["auto"]))
+    elif report.get("recipe_chosen_by"):
+        chosen = report["recipe_chosen_by"]
+        print(f"recipe {report['recipe']['name']}: the default for {chosen['default_for']} ({chosen['why']})")
     last = report["blocks"][-1]
     print(f"wrote {args.out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
           + (f" (RTN {last['rtn']['rel_mse']:.4g})" if "rtn" in last else "")
@@ -80,12 +113,26 @@ def cmd_eval(args):
     from . import api
     from .data.text import read_texts
 
-    text = read_texts(args.ppl)
+    if not args.ppl and args.tasks is None:
+        raise CrossblockError("eval needs --ppl FILE(s) and/or --tasks NAME[,NAME...]")
+    tasks = None
+    if args.tasks is not None:  # checked before the model loads: lm-eval installed, every task known
+        from .eval import tasks as zero_shot
+        zero_shot.require_lm_eval()
+        if not args.tasks:
+            raise CrossblockError("--tasks needs at least one task name (comma-separated)")
+        zero_shot.task_specs(args.tasks, args.task_dir or ())
+    text = read_texts(args.ppl) if args.ppl else None
     model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype,
                      trust_remote_code=args.trust_remote_code)
     tokenizer = api.load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet)
-    print(f"perplexity {ppl:.4f}")
+    ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet) if text else None
+    if args.tasks is None:
+        print(f"perplexity {ppl:.4f}")
+        return
+    tasks = zero_shot.run_tasks(model, tokenizer, args.tasks, args.task_dir or (), batch_size=args.task_batch_size,
+                                limit=args.limit, num_fewshot=args.num_fewshot, progress=not args.quiet)
+    print(zero_shot.task_table(tasks, {Path(args.ppl[0]).name: ppl} if ppl is not None else None))
 
 
 def cmd_plan(args):
@@ -101,6 +148,10 @@ def cmd_plan(args):
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if not layers:
         raise CrossblockError(f"cannot tell the number of blocks of {args.model} from its config")
+    from .auto import AutoRecipe
+    if isinstance(recipe, AutoRecipe):
+        print(recipe.plan_text(layers))
+        recipe = recipe.candidates()[0]
     print(plan_table(recipe, layers))
 
 
@@ -148,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     add_trust_remote_code(q)
     add_recipe_options(q)
+    add_auto_budget(q)
     q.set_defaults(func=cmd_quantize)
 
     pp = sub.add_parser("preprocess", help="write the model after CBQ's coarse-to-fine preprocessing (CFP)")
@@ -169,9 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_remote_code(pp)
     pp.set_defaults(func=cmd_preprocess)
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol)")
+    e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol), zero-shot task accuracy")
     e.add_argument("--model", required=True)
-    e.add_argument("--ppl", nargs="+", required=True, help="text file(s)")
+    e.add_argument("--ppl", nargs="+", default=None, help="text file(s)")
+    e.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x], default=None,
+                   help="comma-separated lm-evaluation-harness tasks (pip install crossblock[eval]): tinystories_next "
+                        "(shipped, offline), hellaswag, arc_easy, piqa, winogrande, ...")
+    e.add_argument("--task-dir", action="append", default=None, help="a folder of lm-eval task YAML files (repeatable)")
+    e.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--task-batch-size", type=int, default=16)
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--tokenizer", default=None)
@@ -185,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True)
     add_trust_remote_code(pl)
     add_recipe_options(pl)
+    add_auto_budget(pl)
     pl.set_defaults(func=cmd_plan)
 
     c = sub.add_parser("compare", help="rank recipes by last-block output error, cheaply (a prefix of the model)")
@@ -203,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (pip install crossblock[demo])")
-    d.add_argument("--recipe", default="best")
+    d.add_argument("--recipe", default=None, help="default: the best recipe measured for the bits")
     d.add_argument("--wbits", type=int, default=3)
     d.add_argument("--group-size", type=int, default=64)
     d.add_argument("--iters", type=int, default=None)

@@ -93,7 +93,8 @@ def run_demo(args):
         overrides["iters"] = args.iters
     elif args.recipe not in ("rtn", "gptq"):
         overrides["iters"] = 20  # a short budget so the demo takes minutes on 2 CPU cores
-    recipe = Recipe.load(args.recipe, **overrides)
+    # no --recipe: the default for the bits (Recipe.default: `best` for weights only)
+    recipe = Recipe.default(**overrides) if args.recipe is None else Recipe.load(args.recipe, **overrides)
     seqlen = 128
 
     def ppl(m):

@@ -77,6 +77,9 @@ class Recipe(Config):
     activations: Activations = field(default_factory=Activations)
     skip: list[str] = field(default_factory=list)  # name substrings of layers left in full precision
     stages: list[Stage] = field(default_factory=lambda: [Windows()])
+    # how the recipe was chosen (Recipe.default, --recipe auto): recorded in crossblock.json, not part of
+    # the recipe itself (to_dict leaves it out, so checkpoints and fingerprints ignore it)
+    chosen_by: dict | None = field(default=None, compare=False, repr=False)
 
     def check(self):
         names = [s.kind_name for s in self.stages]
@@ -124,6 +127,18 @@ class Recipe(Config):
         if not isinstance(name, str) or name not in PRESETS:
             raise CrossblockError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)} (or a .yaml file)")
         return Flat.from_dict({**PRESETS[name], "name": name, **overrides}, "recipe").validated().recipe()
+
+    @classmethod
+    def default(cls, wbits: int = 4, abits: int = 16, group_size: int = 128, **overrides) -> "Recipe":
+        """The best recipe measured for this bit width (`DEFAULTS`), with flat overrides: what
+        `crossblock quantize` runs without --recipe. `recipe.chosen_by` says which entry and why."""
+        key, entry = default_entry(wbits, abits)
+        recipe = Flat.from_dict({**PRESETS[entry["preset"]], **entry.get("settings", {}), "name": entry.get("name", entry["preset"]),
+                                 "wbits": wbits, "abits": abits, "group_size": group_size, **overrides},
+                                "recipe").validated().recipe()
+        recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **entry.get("settings", {}),
+                            "why": entry["why"]}
+        return recipe
 
     @classmethod
     def flat(cls, **settings) -> "Recipe":
@@ -387,3 +402,33 @@ PRESETS: dict[str, dict] = {
     # tokens: bench/results/smollm2_w*g64_c128.md): the command line's default
     "best": dict(_TRAIN, window=1, stride=1, lookahead=0, loss="token-mse", iters=60, batch_size=2),
 }
+
+
+# Default recipe per bit width: what `crossblock quantize` runs without --recipe (and
+# `Recipe.default`). Keys: (wbits, abits), None = any; the most specific key wins. Each entry
+# cites the measurement that chose it; crossblock.json records the entry and its reason.
+DEFAULTS: dict[tuple, dict] = {
+    # weights only, any width: bench/results/smollm2_w3g64_c128.md (W3 g64: best 36.93 vs block
+    # 40.72, la 41.93, mb 45.26, cbq 58.96, GPTQ 78.10, AutoRound 45.11) and smollm2_w2g64_c128.md (W2 g64)
+    (None, 16): dict(preset="best", why="best measured weights-only recipe: SmolLM2-135M W3 g64 ppl 36.93 "
+                                        "(gptq 78.10, block 40.72, la 41.93, mb 45.26, cbq 58.96; "
+                                        "bench/results/smollm2_w3g64_c128.md), W2 g64 bench/results/smollm2_w2g64_c128.md"),
+    # W4A8: bench/results/rotate_smollm2.md (GPTQ + rotate W4A8 31.90, vs GPTQ W4A16 35.91)
+    (None, 8): dict(preset="gptq", name="gptq-rotate", settings=dict(rotate=True),
+                    why="GPTQ with Hadamard rotation: SmolLM2-135M W4A8 g64 ppl 31.90 (FP 28.74; "
+                        "bench/results/rotate_smollm2.md)"),
+    # W4A4 (and any abits below 8): bench/results/rotate_smollm2.md (GPTQ + rotate 54.31 = 1.89x FP;
+    # rtn + rotate 109.91, rtn 1351.69)
+    (None, None): dict(preset="gptq", name="gptq-rotate", settings=dict(rotate=True),
+                       why="GPTQ with Hadamard rotation: SmolLM2-135M W4A4 g64 ppl 54.31 = 1.89x FP "
+                           "(rtn 1351.69, rtn + rotate 109.91; bench/results/rotate_smollm2.md)"),
+}
+
+
+def default_entry(wbits: int, abits: int) -> tuple[str, dict]:
+    """(key as text, entry) of DEFAULTS for these bits: an exact key first, then any wbits, then any abits."""
+    for key in ((wbits, abits), (None, abits), (wbits, None), (None, None)):
+        if key in DEFAULTS:
+            w, a = key
+            return f"W{'*' if w is None else w}A{'*' if a is None else a}", DEFAULTS[key]
+    raise CrossblockError(f"no default recipe for W{wbits}A{abits}")  # unreachable: (None, None) is there

@@ -86,6 +86,9 @@ def loaded_bytes(model_path, dtype: str) -> int:
 
 def refuse_unsupported(recipe, format: str, model):
     """Everything the low-memory path cannot do, refused before any work (one place)."""
+    if getattr(recipe, "choose", None) is not None:  # auto.AutoRecipe: compares schedules on a copy of the model
+        raise CrossblockError("--low-memory cannot run --recipe auto: it compares schedules on a copy of the "
+                              "model's first blocks (name a recipe, or run without --low-memory)")
     for stage in recipe.stages:
         name = type(stage).__name__.lower()
         if name in WHOLE_MODEL_STAGES:

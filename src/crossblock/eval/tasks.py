@@ -1,0 +1,101 @@
+"""Zero-shot task accuracy through lm-evaluation-harness (`pip install crossblock[eval]`).
+
+The model object is handed to lm-eval as it is (`HFLM(pretrained=model)`), not re-loaded by name,
+so a folder loaded with `crossblock.load` keeps its activation quantizers. Tasks are lm-eval's
+(hellaswag, arc_easy, piqa, winogrande, ...: their datasets must be reachable, or in the
+Hugging Face cache with HF_DATASETS_OFFLINE=1), YAML files in `task_dirs` (lm-eval's
+include_path), or the ones shipped here (SHIPPED: YAML + JSON lines in eval/task_data/), which need
+no download.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CrossblockError
+
+SHIPPED_DIR = Path(__file__).with_name("task_data")
+SHIPPED = {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
+INSTALL = "zero-shot tasks need lm-evaluation-harness: pip install crossblock[eval]"
+
+
+def require_lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise CrossblockError(INSTALL) from None
+
+
+def shipped_config(name: str) -> dict:
+    """A shipped task's config, its data files made absolute (lm-eval reads them from the cwd)."""
+    import yaml
+    config = yaml.safe_load(SHIPPED[name].read_text())
+    files = config["dataset_kwargs"]["data_files"]
+    config["dataset_kwargs"]["data_files"] = {split: str(SHIPPED_DIR / f) for split, f in files.items()}
+    return config
+
+
+def task_specs(names: list[str], task_dirs=()):
+    """What lm-eval's simple_evaluate takes: shipped tasks as configs, others by name (checked here,
+    so an unknown task is one line before any work)."""
+    from lm_eval.tasks import TaskManager
+    for d in task_dirs:
+        if not Path(d).is_dir():
+            raise CrossblockError(f"task folder not found: {d}")
+    # lm-eval's own index reads thousands of YAML files (a minute on a busy CPU): only for names that
+    # are neither shipped nor in task_dirs
+    include = [str(d) for d in task_dirs] or None
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if any(n not in SHIPPED and n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include)
+    unknown = [n for n in names if n not in SHIPPED and n not in manager.all_tasks]
+    if unknown:
+        raise CrossblockError(f"unknown task(s) {', '.join(unknown)}: shipped {', '.join(SHIPPED)}, lm-eval's own "
+                              "(e.g. hellaswag, arc_easy, piqa, winogrande), or YAML files in --task-dir")
+    return [shipped_config(n) if n in SHIPPED else n for n in names], manager
+
+
+def run_tasks(model, tokenizer, names: list[str], task_dirs=(), batch_size: int = 16, limit: int | None = None,
+              num_fewshot: int | None = None, progress: bool = True) -> list[dict]:
+    """Rows {task, metric, value, stderr} of each task's metrics (zero-shot unless num_fewshot)."""
+    require_lm_eval()
+    import logging
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
+
+    if not names:
+        raise CrossblockError("--tasks needs at least one task name (comma-separated)")
+    specs, manager = task_specs(names, task_dirs)
+    # lm-eval warns that the model is an object (what we mean) and logs every step
+    logging.getLogger("lm_eval").setLevel(logging.ERROR if not progress else logging.WARNING)
+    init = tqdm.__init__
+    if not progress:  # lm-eval has no switch for its progress bars
+        tqdm.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "disable": True})
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                              log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                              torch_random_seed=0, fewshot_random_seed=0)
+    finally:
+        tqdm.__init__ = init
+    rows = []
+    for task, metrics in out["results"].items():
+        for key, value in metrics.items():
+            metric, _, _filter = key.partition(",")
+            if metric in ("alias", "samples", "sample_len") or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{_filter}")
+            rows.append({"task": task, "metric": metric, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None})
+    return rows
+
+
+def task_table(rows: list[dict], ppl: dict[str, float] | None = None) -> str:
+    """Task, metric, value; perplexities (file -> value) first, as rows of the same table."""
+    lines = [f"{'task':<28} {'metric':<12} {'value':>10}"]
+    for name, value in (ppl or {}).items():
+        lines.append(f"{name.replace(' ', '_'):<28} {'perplexity':<12} {value:>10.4f}")
+    for r in rows:
+        lines.append(f"{r['task']:<28} {r['metric']:<12} {r['value']:>10.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""`crossblock eval --tasks`: zero-shot accuracy through lm-evaluation-harness, offline, on the shipped task."""
+import sys
+
+import pytest
+import yaml
+
+from crossblock.cli import main
+from crossblock.eval.tasks import SHIPPED, SHIPPED_DIR
+from conftest import CALIB_FILE, EVAL_FILE, STORIES
+
+pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def accuracy(capsys, model, *extra) -> dict:
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model), "--tasks", "tinystories_next", "--quiet", *extra]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    return {(r[0], r[-2]): float(r[-1]) for r in rows}
+
+
+def test_same_accuracy_twice_and_rtn_w2_lower_than_fp(tmp_path, capsys):
+    fp = accuracy(capsys, STORIES, "--ppl", str(EVAL_FILE), "--seqlen", "128", "--max-windows", "4")
+    assert fp == accuracy(capsys, STORIES, "--ppl", str(EVAL_FILE), "--seqlen", "128", "--max-windows", "4")
+    assert fp[(EVAL_FILE.name, "perplexity")] > 1 and 0.25 < fp[("tinystories_next", "acc")] <= 1
+    out = tmp_path / "rtn2"
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",
+                 "--recipe", "rtn", "--wbits", "2", "--group-size", "-1"]) == 0
+    rtn = accuracy(capsys, out)
+    # 300 items: a difference of 0.1 is over 3 standard errors (FP 0.48, RTN W2 0.23 when written)
+    for metric in ("acc", "acc_norm"):
+        assert rtn[("tinystories_next", metric)] < fp[("tinystories_next", metric)] - 0.1
+
+
+def test_a_task_folder_of_ones_own(tmp_path, capsys):
+    config = yaml.safe_load(SHIPPED["tinystories_next"].read_text())
+    config["task"] = "my_stories"
+    config["dataset_kwargs"]["data_files"] = {"test": str(SHIPPED_DIR / "tinystories_next.jsonl")}
+    (tmp_path / "my_stories.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(STORIES), "--tasks", "my_stories", "--task-dir", str(tmp_path),
+                 "--limit", "20", "--quiet"]) == 0
+    assert "my_stories" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "no_such_task_anywhere"], "unknown task(s) no_such_task_anywhere"),
+    (["--tasks", ","], "--tasks needs at least one task name"),
+    ([], "eval needs --ppl FILE(s) and/or --tasks"),
+])
+def test_bad_task_input_exits_2(extra, message, capsys):
+    assert main(["eval", "--model", str(STORIES), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_without_lm_eval_one_line_how_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    assert main(["eval", "--model", str(STORIES), "--tasks", "tinystories_next"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install crossblock[eval]" in err and len(err.splitlines()) == 1
