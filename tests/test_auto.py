@@ -29,7 +29,8 @@ def test_default_recipe_follows_the_bits_and_says_why():
     w4a8 = cb.Recipe.default(wbits=4, abits=8, group_size=64)
     assert [s.kind_name for s in w4a8.stages] == ["rotate", "windows"] and w4a8.windows.init == "gptq"
     assert w4a8.activations.bits == 8 and w4a8.chosen_by["default_for"] == "W*A8"
-    assert cb.Recipe.default(wbits=4, abits=4).chosen_by["default_for"] == "W*A*"
+    w4a4 = cb.Recipe.default(wbits=4, abits=4)
+    assert w4a4.chosen_by["default_for"] == "W*A*" and w4a4.name == "best-rotate" and w4a4.stage("rotate").online
     assert all("why" in entry and entry["preset"] in cb.PRESETS for entry in DEFAULTS.values())
     # a more specific entry wins (the lead adjusts the table: the mechanism must pick it up)
     DEFAULTS[(2, 16)] = dict(preset="gptq", why="test")

@@ -417,11 +417,11 @@ DEFAULTS: dict[tuple, dict] = {
     (None, 8): dict(preset="gptq", name="gptq-rotate", settings=dict(rotate=True),
                     why="GPTQ with Hadamard rotation: SmolLM2-135M W4A8 g64 ppl 31.90 (FP 28.74; "
                         "bench/results/rotate_smollm2.md)"),
-    # W4A4 (and any abits below 8): bench/results/rotate_smollm2.md (GPTQ + rotate 54.31 = 1.89x FP;
-    # rtn + rotate 109.91, rtn 1351.69)
-    (None, None): dict(preset="gptq", name="gptq-rotate", settings=dict(rotate=True),
-                       why="GPTQ with Hadamard rotation: SmolLM2-135M W4A4 g64 ppl 54.31 = 1.89x FP "
-                           "(rtn 1351.69, rtn + rotate 109.91; bench/results/rotate_smollm2.md)"),
+    # W4A4 (and any abits below 8): bench/results/rotate_smollm2.md (best + rotate 44.37 = 1.54x FP;
+    # GPTQ + rotate 54.31, rtn + rotate 109.91, rtn 1351.69)
+    (None, None): dict(preset="best", name="best-rotate", settings=dict(rotate=True),
+                       why="best schedule with Hadamard rotation: SmolLM2-135M W4A4 g64 ppl 44.37 = 1.54x FP "
+                           "(gptq + rotate 54.31, rtn + rotate 109.91, rtn 1351.69; bench/results/rotate_smollm2.md)"),
 }
 
 
