@@ -4,7 +4,8 @@ scores every file, and llama.cpp's own quantizer makes the files crossblock is c
 
 Runs in crossblock's venv. llama.cpp is llama-cpp-python, built by bench/llamacpp/setup.sh into
 bench/llamacpp/.venv; that venv's site-packages is appended to sys.path at run time, so neither
-venv gets the other's packages. One thread everywhere (torch and llama.cpp). Not run in CI.
+venv gets the other's packages. One thread for the quantizers (timed) and, by default,
+for scoring (EVAL_THREADS). Not run in CI.
 
     python bench/llamacpp.py fp                          # FP model -> F32 GGUF (crossblock's writer), scored
     python bench/llamacpp.py imatrix                     # importance matrix of the FP model (calibration windows)
@@ -94,8 +95,10 @@ def llama_quantize(src: Path, dst: Path, ftype: str, pure: bool, imatrix: dict[s
 def llama_ppl(path: Path, ids: np.ndarray) -> float:
     """Perplexity by llama.cpp's forward pass: non-overlapping windows, each from an empty cache."""
     lc = llama_cpp()
+    # EVAL_THREADS (default 1): on a loaded machine ggml's spinning worker threads cost more than they give
+    threads = int(os.environ.get("EVAL_THREADS", "1"))
     llm = lc.Llama(model_path=str(path), n_ctx=SEQLEN, n_batch=SEQLEN, n_ubatch=SEQLEN, logits_all=True,
-                   n_threads=1, n_threads_batch=1, verbose=False)
+                   n_threads=threads, n_threads_batch=threads, verbose=False)
     n = min(len(ids) // SEQLEN, WINDOWS)
     nll, count = 0.0, 0
     for w in range(n):
@@ -107,6 +110,9 @@ def llama_ppl(path: Path, ids: np.ndarray) -> float:
         lse = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))
         nll += float((lse - logits[np.arange(SEQLEN - 1), window[1:]]).sum())
         count += SEQLEN - 1
+        if (w + 1) % 10 == 0:
+            print(f"  {path.parent.name}: {w + 1}/{n} windows, ppl so far {math.exp(nll / count):.3f}",
+                  file=sys.stderr, flush=True)
     llm.close() if hasattr(llm, "close") else None
     return math.exp(nll / count)
 
@@ -262,14 +268,18 @@ def cmd_fidelity(args):
     """llama.cpp's perplexity of a crossblock GGUF vs crossblock's own evaluation of it."""
     import torch
     from crossblock import api
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("EVAL_THREADS", "1")))
     out = WORK / args.row
     tok = tokenizer()
     model = api.load(str(out))
     text = TEXTS["wikitext2"]
     from crossblock.data.text import read_texts
     ours = api.evaluate(model, tok, read_texts(text), SEQLEN, WINDOWS, progress=False)
-    theirs = llama_ppl(out / "model.gguf", eval_ids(text, tok))
+    print(f"crossblock eval of {out.name}: {ours:.4f}", flush=True)
+    # llama.cpp's side: the row's own score when it was scored already (same ids, same file)
+    rows = [json.loads(line) for line in JSONL.read_text().splitlines()] if JSONL.exists() else []
+    scored = [r["ppl_wikitext2"] for r in rows if r["row"] == args.row]
+    theirs = scored[-1] if scored else llama_ppl(out / "model.gguf", eval_ids(text, tok))
     row = {"fidelity": args.row, "crossblock_eval": round(ours, 4), "llama_cpp": round(theirs, 4),
            "rel_diff": round(theirs / ours - 1, 5), "command": this_command()}
     with open(JSONL.with_name(NAME + ".fidelity.jsonl"), "a") as f:
