@@ -202,3 +202,29 @@ def test_flat_flag_and_yaml():
     args = build_parser().parse_args(["quantize", "--model", str(STORIES), "--calib", "x", "--out", "o",
                                       "--gguf-type", "Q3_K_M"])
     assert args.gguf_type == "Q3_K_M"
+
+
+def byte_level_bpe(pre_tokenizer, text):
+    """A small byte-level BPE tokenizer (the gpt2 kind of tokenizer.ggml.model) with a chosen pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer, t.decoder = pre_tokenizer, decoders.ByteLevel()
+    t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("kind,expected", [("plain", "gpt-2"), ("split", "default")])
+def test_byte_level_bpe_names_the_pre_tokenizer_llama_cpp_must_use(kind, expected, calib_text, tmp_path):
+    """llama.cpp splits text with the regex tokenizer.ggml.pre names: GPT-2's for a plain ByteLevel
+    pre-tokenizer (SmolLM2's); "default" (another regex) made llama.cpp tokenize WikiText
+    differently from transformers (bench/results/gguf_llamacpp_smollm2.md)."""
+    from tokenizers import Regex, pre_tokenizers
+    from crossblock.export.gguf import save_gguf
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False) if kind == "plain" else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\p{N}{1,3}| ?\p{L}+|\s+"), "isolated"), pre_tokenizers.ByteLevel(use_regex=False)])
+    save_gguf(tiny(), byte_level_bpe(pre, calib_text[:20000]), tmp_path)
+    fields = GGUFReader(str(tmp_path / FILE)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == expected

@@ -14,6 +14,7 @@ are whole blocks, so the packed rows are permuted, and the loaders permute back.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -220,12 +221,28 @@ def write_tokenizer(writer, tokenizer, config, family: str):
             types.append(gguf.TokenType.UNUSED)
         writer.add_tokenizer_model(vocab.tokenizer_model)
         if vocab.tokenizer_model == "gpt2":
-            writer.add_tokenizer_pre("qwen2" if family.startswith("qwen") else "default")
+            writer.add_tokenizer_pre(bpe_pre(tokenizer, family))
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         special = gguf.SpecialVocab(Path(tmp), load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
         special.add_to_gguf(writer, quiet=True)
+
+
+def bpe_pre(tokenizer, family: str) -> str:
+    """tokenizer.ggml.pre of a byte-level BPE: which pre-tokenizer regex llama.cpp splits text
+    with before the merges. Qwen -> "qwen2"; a plain ByteLevel pre-tokenizer (GPT-2's regex, e.g.
+    SmolLM2) -> "gpt-2"; anything else "default", llama.cpp's own regex, which may split
+    differently (then llama.cpp's token ids differ from transformers', hence the warning)."""
+    if family.startswith("qwen"):
+        return "qwen2"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    log.warning("gguf: byte-level BPE with pre-tokenizer %s: written as llama.cpp's \"default\", whose "
+                "splitting may differ from this tokenizer's", (pre or {}).get("type"))
+    return "default"
 
 
 def load_gguf(path, device: str = "cpu", dtype: torch.dtype | None = None):

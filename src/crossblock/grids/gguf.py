@@ -6,8 +6,9 @@ optimizes exactly what llama.cpp dequantizes.
 
 `quant` is one type for every block linear, or a llama.cpp mixture (`MIXTURES`: which layers
 get which type, as llama.cpp's quantizer chooses for dense models). Layers whose width a type
-cannot hold fall back as llama.cpp's converter does (`FALLBACK`; IQ4_NL, llama.cpp's choice
-for Q2_K/Q3_K, is not implemented, Q4_0 has its size), and to full precision when no type
+cannot hold fall back as llama.cpp's quantizer does (`FALLBACK`: the table of its
+`tensor_type_fallback`, checked against llama.cpp 0c1e570 in bench/llamacpp.py; older llama.cpp
+gave Q2_K/Q3_K IQ4_NL, same size, not implemented here), and to full precision when no type
 fits (width not a multiple of 32). The token embeddings and output head are rounded to their
 types (`output`, `embeddings`; llama.cpp's defaults) after the stages, so the fake-quant model
 is the file. What fell back is logged once and recorded in crossblock.json (`grid` section).
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MIXTURES = {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K"}   # mixture -> its base type
 DENSE = ("F32", "F16")                            # output / embeddings may stay dense
-# llama.cpp's converter, for widths a type's block does not divide (IQ4_NL -> Q4_0 here)
+# llama.cpp's quantizer, for widths a type's block does not divide
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # HF linear names -> llama.cpp's tensor categories (the ones the mixtures treat apart)
 CATEGORIES = {"v_proj": "attn_v", "o_proj": "attn_output", "down_proj": "ffn_down"}
