@@ -413,10 +413,10 @@ DEFAULTS: dict[tuple, dict] = {
     (None, 16): dict(preset="best", why="best measured weights-only recipe: SmolLM2-135M W3 g64 ppl 36.93 "
                                         "(gptq 78.10, block 40.72, la 41.93, mb 45.26, cbq 58.96; "
                                         "bench/results/smollm2_w3g64_c128.md), W2 g64 bench/results/smollm2_w2g64_c128.md"),
-    # W4A8: bench/results/rotate_smollm2.md (GPTQ + rotate W4A8 31.90, vs GPTQ W4A16 35.91)
-    (None, 8): dict(preset="gptq", name="gptq-rotate", settings=dict(rotate=True),
-                    why="GPTQ with Hadamard rotation: SmolLM2-135M W4A8 g64 ppl 31.90 (FP 28.74; "
-                        "bench/results/rotate_smollm2.md)"),
+    # W4A8: bench/results/rotate_smollm2.md (best + rotate 30.77, GPTQ + rotate 31.90, GPTQ W4A16 35.91)
+    (None, 8): dict(preset="best", name="best-rotate", settings=dict(rotate=True),
+                    why="best schedule with Hadamard rotation: SmolLM2-135M W4A8 g64 ppl 30.77 (FP 28.74; "
+                        "gptq + rotate 31.90, gptq W4A16 35.91; bench/results/rotate_smollm2.md)"),
     # W4A4 (and any abits below 8): bench/results/rotate_smollm2.md (best + rotate 44.37 = 1.54x FP;
     # GPTQ + rotate 54.31, rtn + rotate 109.91, rtn 1351.69)
     (None, None): dict(preset="best", name="best-rotate", settings=dict(rotate=True),
