@@ -1,4 +1,6 @@
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,14 @@ def calib_text():
 @pytest.fixture(scope="session")
 def eval_text():
     return EVAL_FILE.read_text()
+
+
+def kill_when(proc, reached, timeout: float = 300):
+    """SIGKILL `proc` (a crossblock run) as soon as `reached()` holds; fail if it ends first."""
+    deadline = time.time() + timeout
+    while not reached():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -3,10 +3,8 @@ held-out slice picks the step, and it survives a kill, two ranks and every forma
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ import crossblock as cb
 from crossblock.errors import CrossblockError
 from crossblock.quant.grid import quantize_to_int
 from crossblock.output import partial_dir
-from conftest import CALIB_FILE, STORIES, load_stories
+from conftest import CALIB_FILE, STORIES, kill_when, load_stories
 
 SMALL = dict(wbits=2, group_size=32, nsamples=32, seqlen=128, batch_size=4, iters=10)
 
@@ -102,14 +100,7 @@ def test_sigkill_during_finetune_then_resume_is_bit_identical(tmp_path):
     ref = tmp_path / "ref"
     assert cli(ref).wait() == 0
     out = tmp_path / "out"
-    proc = cli(out)
-    deadline = time.time() + 300
-    while finetune_step(out) < 20:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cli(out), lambda: finetune_step(out) >= 20)
     resumed = cli(out, "--resume")
     assert resumed.wait() == 0, resumed.stderr.read()
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()

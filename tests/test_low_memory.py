@@ -5,15 +5,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import CALIB_FILE, STORIES
+from conftest import CALIB_FILE, STORIES, kill_when
 from crossblock import stream
 from crossblock.cli import main
 from crossblock.engine.checkpoint import CHECKPOINT_FILE
@@ -153,13 +151,7 @@ def test_low_memory_run_killed_midway_resumes_bit_identical(tmp_path):
     ref = tmp_path / "ref"
     assert cli(ref, "--no-low-memory").wait() == 0
     out = tmp_path / "out"
-    proc, deadline = cli(out, "--low-memory"), time.time() + 300
-    while windows_done(out) < 3:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cli(out, "--low-memory"), lambda: windows_done(out) >= 3)
     assert not out.exists()
     # the frozen blocks went to disk as they finished
     assert {"block0.safetensors", "block1.safetensors"} <= {p.name for p in (partial_dir(out) / stream.SPILL_DIR).iterdir()}

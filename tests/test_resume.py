@@ -4,11 +4,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from safetensors import safe_open
 
-from conftest import CALIB_FILE, STORIES
+from conftest import CALIB_FILE, STORIES, kill_when
 from crossblock.engine.checkpoint import CHECKPOINT_FILE
 from crossblock.output import partial_dir
 
@@ -36,14 +35,7 @@ def windows_done(out) -> int:
 
 
 def kill_after(out, windows: int):
-    proc = cli(out)
-    deadline = time.time() + 300
-    while windows_done(out) < windows:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cli(out), lambda: windows_done(out) >= windows)
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
