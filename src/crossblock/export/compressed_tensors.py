@@ -12,13 +12,13 @@ Conventions, theirs against ours (quant/grid.py):
   zp_ct = zero - 2**(bits-1); Ŵ = scale * (q_ct - zp_ct) = scale * (q - zero).
 - symmetric schemes store no zero point (ours is 2**(bits-1) there, i.e. zp_ct = 0).
 - scales have shape (out, groups), (out, 1) per channel, in the model dtype: the loader
-  creates them that way.
+  creates them that way. For float32 models the dequantized weights are bit-identical to the
+  fake-quant ones; for fp16/bf16 models they are iff the scales are representable in that dtype.
 - rotate's run-time rotation x -> x H before down_proj is the library's transform config: one
   `random-hadamard` scheme at location `input` per distinct H, its matrix stored as
   `<layer>.<scheme>_input.weight` = sqrt(n) H, since both compressed-tensors and vLLM apply
   x -> x W / sqrt(n) with the stored W (vLLM's `hadamard` type would ignore it and run its own
-  Sylvester kernel, so that type is not used). The weights are stored already rotated (W H). For float32 models the dequantized weights are bit-identical to the
-  fake-quant ones; for fp16/bf16 models they are iff the scales are representable in that dtype.
+  Sylvester kernel, so that type is not used). The weights are stored already rotated (W H).
 """
 from __future__ import annotations
 
