@@ -145,3 +145,39 @@ def test_gptq_output_error_is_below_rtn(act_order, clip_search):
     def out_err(w_hat):
         return ((x @ (w - w_hat).t()) ** 2).sum()
     assert out_err(w_gptq) < 0.8 * out_err(fake_quantize(w, 3, 16, False))
+
+
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_in_place_integers_and_decode_equal_the_differentiable_ones(group_size):
+    """Freezing and decoding without gradients run in place (one weight-sized tensor): the same
+    bits as the autograd expressions, and the caller's tensors untouched."""
+    w = rand_weight(cin=40)
+    scale, zero = minmax_grid(w, 3, group_size, False)
+    offset = torch.rand_like(w) - 0.5
+    for off in (None, offset):
+        with torch.no_grad():
+            q = quantize_to_int(w, scale, zero, 3, group_size, off)
+        q_grad = quantize_to_int(w, scale.requires_grad_(), zero, 3, group_size, off)
+        scale = scale.detach()
+        assert torch.equal(q, q_grad.detach())
+        with torch.no_grad():
+            qf = q.clone()
+            w_hat = dequantize(qf, scale, zero, group_size)
+        assert torch.equal(qf, q)  # float integers are not decoded in place of the caller's
+        assert torch.equal(w_hat, dequantize(q, scale.clone().requires_grad_(), zero, group_size).detach())
+        assert torch.equal(w_hat, dequantize(q.to(torch.uint8), scale, zero, group_size))
+
+
+def test_frozen_layer_keeps_integers_not_a_float_copy():
+    """A frozen layer holds its uint8 integers and per-group grid, decoded at each use: no
+    float32 weight-sized cache (a bf16 model's frozen blocks would take 3x their weights)."""
+    lin = torch.nn.Linear(64, 32, bias=False)
+    ql = QuantLinear(lin, UniformGrid(bits=4, group_size=16), Nearest())
+    ql.freeze()
+    tensors = [t for t in [*ql.parameters(), *ql.buffers()] if t is not None]
+    weight_sized = [t for t in tensors if t.numel() >= lin.weight.numel()]
+    assert [t.dtype for t in weight_sized] == [torch.uint8]
+    assert torch.equal(ql.quantized_weight(), ql.grid.decode(ql.q, ql.scale, ql.zero))
+    x = torch.randn(5, 64)
+    ql.mode = "hard"
+    assert torch.equal(ql(x), torch.nn.functional.linear(x, ql.restore().weight))

@@ -103,6 +103,9 @@ def test_streaming_safetensors_writer_matches_safetensors(tmp_path):
     stream.write_safetensors(mapped, tmp_path / "ours.safetensors", where, {"format": "pt"})
     save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    # from memory (the spill files): the same bytes, without save_file's copy of every tensor
+    stream.write_safetensors(tensors, tmp_path / "from_memory.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "from_memory.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
 
 
 def test_whole_model_stages_and_formats_are_refused_before_work(tmp_path, capsys):

@@ -11,6 +11,7 @@ torchrun-aware); the CLI only parses its flags and calls it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,6 +25,7 @@ import torch
 from . import output, validate
 from .data.text import calibration_windows, digest, tokenize
 from .distributed import barrier, is_main, rank_and_size
+from .engine.chains import large_allocations_mapped
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
 from .export import schema
@@ -298,36 +300,38 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
     calib = read_texts(calib_files)
     low_memory = streaming.choose(model_path, low_memory, dtype, quiet=not is_main())
-    model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, on_meta=low_memory)
-    stored = stored or checkpoint_dtype(model)
-    run = dict(device=device, offload=offload, format=format, save_dtype=stored)
-    for_format(recipe, model, format, stored)  # refuse what the format cannot store before any work
-    if low_memory:
-        streaming.refuse_unsupported(recipe, format, model)
-    if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
-        output.prepare_staging(out, resume, overwrite, needed=needed)
-    barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
-    work = partial_dir(out)
-    if not work.exists():  # resume of a run killed after its final rename
-        if is_main():
-            print(f"{out} is already complete: nothing to resume")
-        return {}
-    if low_memory:
-        run["stream"] = streaming.BlockStream(model, work, format, stored, recipe.skip, main=is_main())
-    if not is_main():
-        quantize(model, tokenizer, recipe, calib, progress=False, checkpoint_dir=work, **run)
-        barrier()
-        return {}
-    with staged_dir(out, keep_checkpoint=True) as work:
-        model, report = quantize(model, tokenizer, recipe, calib, progress=progress, checkpoint_dir=work, **run)
-        barrier()  # every rank has written its last checkpoint before the folder is renamed
-        report["model"] = str(model_path)
-        report["calibration"]["files"] = [str(c) for c in calib_files]
+    # low memory: freed weight-sized temporaries go back to the OS at once (engine/chains.py)
+    with large_allocations_mapped() if low_memory else contextlib.nullcontext():
+        model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code, on_meta=low_memory)
+        stored = stored or checkpoint_dtype(model)
+        run = dict(device=device, offload=offload, format=format, save_dtype=stored)
+        for_format(recipe, model, format, stored)  # refuse what the format cannot store before any work
         if low_memory:
-            write_streamed_folder(run["stream"], tokenizer, work, format, report)
-        else:
-            write_folder(model, tokenizer, work, format, report, stored)
-    return report
+            streaming.refuse_unsupported(recipe, format, model)
+        if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
+            output.prepare_staging(out, resume, overwrite, needed=needed)
+        barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
+        work = partial_dir(out)
+        if not work.exists():  # resume of a run killed after its final rename
+            if is_main():
+                print(f"{out} is already complete: nothing to resume")
+            return {}
+        if low_memory:
+            run["stream"] = streaming.BlockStream(model, work, format, stored, recipe.skip, main=is_main())
+        if not is_main():
+            quantize(model, tokenizer, recipe, calib, progress=False, checkpoint_dir=work, **run)
+            barrier()
+            return {}
+        with staged_dir(out, keep_checkpoint=True) as work:
+            model, report = quantize(model, tokenizer, recipe, calib, progress=progress, checkpoint_dir=work, **run)
+            barrier()  # every rank has written its last checkpoint before the folder is renamed
+            report["model"] = str(model_path)
+            report["calibration"]["files"] = [str(c) for c in calib_files]
+            if low_memory:
+                write_streamed_folder(run["stream"], tokenizer, work, format, report)
+            else:
+                write_folder(model, tokenizer, work, format, report, stored)
+        return report
 
 
 def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, weights: bool = False, data=None,

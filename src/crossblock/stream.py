@@ -442,8 +442,7 @@ def block_entries(format: str, prefix: str, block: nn.Module, dtype: torch.dtype
 
 # -- spill files and the streaming safetensors writer -------------------------------------------
 def save_spill(tensors: dict, path: Path, meta: dict):
-    from safetensors.torch import save_file
-    save_file(tensors, str(path), metadata={"crossblock": json.dumps(meta)})
+    write_safetensors(tensors, path, metadata={"crossblock": json.dumps(meta)})
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -493,9 +492,11 @@ def safetensors_order(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], filename, where: dict, metadata: dict | None = None):
+def write_safetensors(tensors: dict[str, torch.Tensor], filename, where: dict | None = None,
+                      metadata: dict | None = None):
     """What safetensors.torch.save_file(tensors, filename, metadata) writes, byte for byte, each
-    tensor's bytes copied from the file `where[key]` names (path, offset, length)."""
+    tensor's bytes copied from the file `where[key]` names (path, offset, length), or (no `where`)
+    straight from the tensor's memory (save_file would first copy every tensor to bytes)."""
     order = safetensors_order(tensors)
     header, offset = {}, 0
     if metadata:
@@ -510,6 +511,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], filename, where: dict, m
     with open(filename, "wb") as out:
         out.write(struct.pack("<Q", len(text)) + text)
         for key in order:
+            if where is None:
+                out.write(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+                continue
             path, start, nbytes = where[key]
             with open(path, "rb") as src:
                 copy_range(src, out, start, nbytes)

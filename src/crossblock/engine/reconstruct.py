@@ -486,8 +486,8 @@ class WindowEngine:
         """mse; rel_mse = squared error / squared norm of FP, summed over all tokens (a sink
         token can own most of both); token_rel_mse = the mean over tokens of that ratio."""
         sums = torch.zeros(5, dtype=torch.float64)
-        for i in range(0, len(x), self.batch_size):  # per batch: no chain-sized temporaries
-            a, b = x[i:i + self.batch_size].double(), ref[i:i + self.batch_size].double()
+        for i in range(len(x)):  # per sequence: no chain-sized float64 temporaries
+            a, b = x[i].double(), ref[i].double()
             err, norm = (a - b).pow(2).sum(-1), b.pow(2).sum(-1)
             sums += torch.stack([err.sum(), norm.sum(), torch.tensor(float(b.numel())),
                                  (err / norm.clamp_min(1e-30)).sum(), torch.tensor(float(err.numel()))])

@@ -80,7 +80,13 @@ def quantize_to_int(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bi
     x = group_view(w, group_size) / scale[..., None]
     if offset is not None:
         x = x + group_view(offset, group_size)
+    if not needs_grad(w, scale, zero, offset):  # (freezing) the same integers in one weight-sized tensor
+        return ungroup(x.round_().add_(zero[..., None]).clamp_(0, 2 ** bits - 1), w.shape[1])
     return ungroup((round_ste(x) + zero[..., None]).clamp(0, 2 ** bits - 1), w.shape[1])
+
+
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _RoundedWeight(torch.autograd.Function):
@@ -158,7 +164,10 @@ def search_clip(w: torch.Tensor, bits: int, group_size: int, sym: bool,
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    return ungroup(scale[..., None] * (group_view(q, group_size).float() - zero[..., None]), q.shape[1])
+    x = group_view(q, group_size)
+    if not needs_grad(q, scale, zero):  # the same values in place: one weight-sized tensor, not three
+        return ungroup(x.to(torch.float32, copy=True).sub_(zero[..., None]).mul_(scale[..., None]), q.shape[1])
+    return ungroup(scale[..., None] * (x.float() - zero[..., None]), q.shape[1])
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

@@ -49,7 +49,6 @@ class QuantLinear(nn.Module):
         # set by a stage that trains the grid of frozen integers (finetune): a module whose grid()
         # gives (scale, zero) for `q`; the weight is then decoded live instead of from the cache
         self.trained_grid: nn.Module | None = None
-        self.register_buffer("frozen_weight", None, persistent=False)  # the frozen integers' weight
         # What is rounded and on which grid; GPTQ initialization replaces both.
         self.register_buffer("base", None, persistent=False)
         self.register_buffer("fixed_scale", None, persistent=False)
@@ -106,9 +105,11 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self, hard: bool = False) -> torch.Tensor:
         if self.q is not None:
+            # decoded at every use, not cached: a float32 copy of every frozen layer would take
+            # twice a bf16 model's weights, and decoding costs ~1/1000 of the matmul it feeds
             if self.trained_grid is not None:  # a later stage trains the grid of the frozen integers
                 return self.grid.decode(self.q, *self.trained_grid.grid())
-            return self.frozen_weight
+            return self.grid.decode(self.q, self.scale, self.zero)
         return self.rounding.quantized_weight(self, hard)
 
     def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,12 +157,6 @@ class QuantLinear(nn.Module):
         self.q = frozen.q.to(dev)
         self.scale = nn.Parameter(frozen.scale.to(dev), requires_grad=False)
         self.zero = nn.Parameter(frozen.zero.to(dev), requires_grad=False)
-        self.refresh()
-
-    @torch.no_grad()
-    def refresh(self):
-        """Recompute the frozen weight from the integers and the (possibly trained) grid."""
-        self.frozen_weight = self.grid.decode(self.q, self.scale, self.zero)
 
     @property
     def frozen(self) -> QuantizedWeight | None:
@@ -187,8 +182,7 @@ class QuantLinear(nn.Module):
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Everything a resumed run needs to continue exactly: the integers and grid once frozen,
         else every learnable parameter and initialization buffer (never the FP weight)."""
-        state = {k: v for k, v in [*self.named_parameters(), *self.named_buffers()]
-                 if k != "frozen_weight" and v is not None}
+        state = {k: v for k, v in [*self.named_parameters(), *self.named_buffers()] if v is not None}
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     @torch.no_grad()

@@ -266,7 +266,6 @@ def bake(layer: QuantLinear, zeros: bool, scale_dtype):
     layer.scale.copy_(scale)
     layer.zero.copy_(zero.round().clamp(0, layer.grid.qmax))
     layer.trained_grid = None
-    layer.refresh()
 
 
 # -- checkpoints: every eval_every steps, so that --resume continues the stage bit-identically ------
