@@ -373,23 +373,29 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
         model.to(dtype)
     from .preprocess.online import record_transforms
     activations = act_quant.record(model)  # the scheme the exports record, and per-layer steps
-    scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
     transforms = record_transforms(model)
     export.require_known_format(format).accepts_online_transforms(bool(transforms))
-    written = export.save(model, tokenizer, folder, format, act_scheme=scheme)
-    info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
-    (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    print_unquantized(info.get("unquantized"))
+    written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations))
+    write_report(folder, report, format, activations, transforms, written)
 
 
 def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: dict):
     """write_folder for the low-memory path: the weights come from the stream's spill files."""
     import shutil
     activations = stream.activations()
-    scheme = {k: v for k, v in activations.items() if k != "layers"} if activations else None
-    written = stream.write_folder(tokenizer, folder, scheme)
+    written = stream.write_folder(tokenizer, folder, scheme_of(activations))
     shutil.rmtree(stream.spill)
-    info = dict(report or {}, format=format, activations=activations, transforms=None, **(written or {}))
+    write_report(folder, report, format, activations, None, written)
+
+
+def scheme_of(activations: dict | None) -> dict | None:
+    """The activation scheme the formats record: act_quant.record's, without the per-layer steps."""
+    return {k: v for k, v in activations.items() if k != "layers"} if activations else None
+
+
+def write_report(folder: Path, report: dict | None, format: str, activations, transforms, written: dict | None):
+    """crossblock.json, written after the model files (its presence marks a complete folder)."""
+    info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
     print_unquantized(info.get("unquantized"))
 
@@ -431,9 +437,9 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
         from .preprocess.online import rebuild_transforms
         rebuild_transforms(model, info["transforms"])
         with torch.no_grad():
-            for m in model.modules():
+            for m in model.modules() if folded else ():
                 t = getattr(m, "crossblock_input_transform", None)
-                if t is not None and folded:  # back to W
+                if t is not None:  # back to W
                     m.weight.copy_((m.weight.double() @ t.matrix().to(m.weight.device)).to(m.weight.dtype))
     if recorded:
         prefix, blocks = find_blocks(model)

@@ -233,10 +233,10 @@ def transform_config(model: nn.Module):
     """(TransformConfig or None, {checkpoint name: stored matrix}) for the model's run-time input
     rotations. Layers sharing one H share a scheme: the loaders keep one matrix per scheme and size."""
     from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+    from ..preprocess.online import record_transforms
     groups: dict[tuple, list[str]] = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "crossblock_input_transform"):
-            groups.setdefault(tuple(module.crossblock_input_transform.spec().items()), []).append(name)
+    for name, spec in (record_transforms(model) or {"layers": {}})["layers"].items():
+        groups.setdefault(tuple(spec.items()), []).append(name)
     if not groups:
         return None, {}
     log.warning("compressed-tensors with a run-time rotation (transform_config, %d layers): vLLM and "
