@@ -168,9 +168,12 @@ def test_in_place_integers_and_decode_equal_the_differentiable_ones(group_size):
         assert torch.equal(w_hat, dequantize(q.to(torch.uint8), scale, zero, group_size))
 
 
-def test_frozen_layer_keeps_integers_not_a_float_copy():
+def test_frozen_layer_keeps_integers_not_a_float_copy(monkeypatch):
     """A frozen layer holds its uint8 integers and per-group grid, decoded at each use: no
-    float32 weight-sized cache (a bf16 model's frozen blocks would take 3x their weights)."""
+    float32 weight-sized cache (a bf16 model's frozen blocks would take 3x their weights);
+    decoded a few rows at a time into a bf16 weight, the same bits as decoded whole."""
+    import crossblock.quant.linear as ql_module
+    monkeypatch.setattr(ql_module, "DECODE_ROWS_ELEMENTS", 64 * 5)  # 5 rows per slice: 7 slices, one short
     lin = torch.nn.Linear(64, 32, bias=False)
     ql = QuantLinear(lin, UniformGrid(bits=4, group_size=16), Nearest())
     ql.freeze()
@@ -178,6 +181,7 @@ def test_frozen_layer_keeps_integers_not_a_float_copy():
     weight_sized = [t for t in tensors if t.numel() >= lin.weight.numel()]
     assert [t.dtype for t in weight_sized] == [torch.uint8]
     assert torch.equal(ql.quantized_weight(), ql.grid.decode(ql.q, ql.scale, ql.zero))
+    assert torch.equal(ql.weight_as(torch.bfloat16), ql.quantized_weight().to(torch.bfloat16))
     x = torch.randn(5, 64)
     ql.mode = "hard"
     assert torch.equal(ql(x), torch.nn.functional.linear(x, ql.restore().weight))

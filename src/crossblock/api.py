@@ -25,7 +25,7 @@ import torch
 from . import output, validate
 from .data.text import calibration_windows, digest, tokenize
 from .distributed import barrier, is_main, rank_and_size
-from .engine.chains import large_allocations_mapped
+from .engine.chains import large_allocations_mapped, trim_heap
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
 from .export import schema
@@ -217,6 +217,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     from . import stream as streaming
     sums = streaming.weight_sums(model) if stream else check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, recipe.data)
+    trim_heap()  # what tokenizing the text and summing the weights left in the heap, back to the OS
     device = device or default_device()
     model.eval().requires_grad_(False)
     recipe, prefix_state, auto = choose_schedule(recipe, model, tokenizer, ids, device, progress)

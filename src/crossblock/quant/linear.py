@@ -28,6 +28,9 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+DECODE_ROWS_ELEMENTS = 1 << 22  # weight_as decodes ~16 MiB of float32 at a time
+
+
 class QuantLinear(nn.Module):
     wraps_linear = True  # model/adapter.py still finds the blocks of a model whose layers are wrapped
     restores_module = True  # restore_quantized puts the original module in its place
@@ -112,6 +115,18 @@ class QuantLinear(nn.Module):
             return self.grid.decode(self.q, self.scale, self.zero)
         return self.rounding.quantized_weight(self, hard)
 
+    def weight_as(self, dtype: torch.dtype, hard: bool = False) -> torch.Tensor:
+        """quantized_weight(hard) in `dtype`. A frozen layer decodes into it a slice of rows at a
+        time: the whole float32 decode would be the largest temporary of a bf16 block's forward."""
+        if self.q is None or self.trained_grid is not None or dtype == torch.float32:
+            return self.quantized_weight(hard).to(dtype)
+        out = torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
+        rows = max(1, DECODE_ROWS_ELEMENTS // self.q.shape[1])
+        for lo in range(0, len(out), rows):
+            part = slice(lo, lo + rows)
+            out[part] = self.grid.decode(self.q[part], self.scale[part], self.zero[part])
+        return out
+
     def transformed_input(self, x: torch.Tensor) -> torch.Tensor:
         """x as the wrapped layer reads it: after its run-time rotation (preprocess/online.py), if any."""
         t = getattr(self.original, "crossblock_input_transform", None)
@@ -126,7 +141,7 @@ class QuantLinear(nn.Module):
         if self.mode == "rtn":
             w = self.grid.rtn(self.weight).to(x.dtype)
         else:
-            w = self.quantized_weight(hard=self.mode == "hard").to(x.dtype)
+            w = self.weight_as(x.dtype, hard=self.mode == "hard")
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     # -- training helpers -------------------------------------------------------------------
@@ -170,7 +185,7 @@ class QuantLinear(nn.Module):
         """Write the fake-quantized weight into the original module and return it."""
         assert self.q is not None, "freeze() first"
         module = self.original
-        w = self.quantized_weight().to(module.weight.dtype)
+        w = self.weight_as(module.weight.dtype)
         module.weight.data.copy_(w.t() if is_conv1d(module) else w)
         module.crossblock_qweight = self.frozen
         if self.act_quant is not None:
