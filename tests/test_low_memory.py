@@ -129,6 +129,22 @@ def test_moe_checkpoint_same_files_both_paths(tmp_path, case):
         assert any(".experts.3." in k for k in f.keys())
 
 
+@pytest.mark.parametrize("fmt", ["fake", "compressed-tensors"])
+def test_moe_sharded_output_same_files_both_paths(tmp_path, monkeypatch, fmt):
+    """Small shards: save_pretrained counts a storage shared by views once (the per-expert views
+    of a fused parameter), so the spill files keep that sharing, and shard for shard the files
+    are the same."""
+    from transformers import PreTrainedModel
+    save = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda self, *a, **k: save(self, *a, **{**k, "max_shard_size": "40KB"}))
+    folder = moe_folder(tmp_path, "qwen3_moe")
+    memory, streamed = both_paths(tmp_path, folder, "--recipe", "rtn", "--format", fmt, "--wbits", "4",
+                                  "--group-size", "16", "--sym", "--dtype", "auto")
+    assert "model.safetensors.index.json" in memory and len(memory) > 8
+    assert streamed == memory
+
+
 def test_checkpoint_without_a_model_weight_is_refused_before_work(tmp_path, capsys):
     """A weight found neither under its name nor through transformers' conversion mapping (here
     one expert of a layer missing) is refused with the reason, before any work."""

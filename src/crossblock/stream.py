@@ -11,8 +11,16 @@ by `write_safetensors`, which produces the same bytes without holding a shard in
 finished model is never whole in memory: at any time RAM holds the blocks of one window (plus
 look-ahead), one block being written, and the activation chains.
 
-What needs the whole model (the rotate, cfp and finetune stages, the gguf grid and format, fused
-MoE experts stored under other names) is refused by `refuse_unsupported` before any work.
+Checkpoints whose names transformers converts at load (its conversion mapping: e.g. Mixtral's,
+Qwen2-MoE's and Qwen3-MoE's per-expert matrices merged into fused 3-D experts) are read through
+that mapping's own converters, one block's tensors at a time (`Source.follow_conversions`). On the
+way out, save_pretrained reverts the conversion (fused experts are saved per expert again): each
+finished block is spilled as save_pretrained will write it, and the output writer hands
+save_pretrained meta placeholders where its conversion would copy (`streamed_safetensors`).
+
+What needs the whole model (the rotate, cfp and finetune stages, the gguf grid and format, a
+conversion outside the blocks or one saved as strided pieces) is refused by `refuse_unsupported`
+before any work.
 """
 from __future__ import annotations
 
@@ -103,6 +111,10 @@ def refuse_unsupported(recipe, format: str, model):
     source = model.crossblock_source
     missing = [k for k in model.state_dict() if k not in source.where and k not in source.converted
                and k not in source.real_buffers]
+    if missing and missing[0] in source.unconverted:
+        raise CrossblockError(f"--low-memory runs transformers' conversion of checkpoint tensors into {missing[0]} "
+                              f"block by block, but it fails on the meta device ({source.unconverted[missing[0]]}): "
+                              "run without --low-memory")
     if missing:
         raise CrossblockError(f"--low-memory reads each weight from the checkpoint, under its model name or through "
                               f"transformers' conversion mapping for {type(model).__name__}, but {missing[0]} is "
@@ -151,6 +163,7 @@ class Source:
         self.real_buffers: set[str] = set()  # state-dict keys the skeleton already holds (buffers)
         self.alias: dict[str, str] = {}  # model name -> the checkpoint name it is stored under
         self.converted: dict[str, Conversion] = {}  # model name -> the conversion that builds it
+        self.unconverted: dict[str, str] = {}  # model name -> why its conversion cannot run ahead of time
         self.model = None
         self.headers: dict[str, dict] = {}
 
@@ -178,10 +191,15 @@ class Source:
                 conversions.setdefault(target, Conversion(by_pattern[pattern], target)).sources.append((pattern, key))
             elif target != key:
                 self.where[target], self.alias[target] = self.where[key], key
-        for conversion in conversions.values():
-            for name in conversion.run(self.model, self.placeholder):  # names only: on the meta device
-                self.converted[name] = conversion
+        for target, conversion in conversions.items():
+            try:
+                built = conversion.run(self.model, self.placeholder)  # names only: on the meta device
+            except Exception as e:  # noqa: BLE001 - an operation that needs values: refused (refuse_unsupported)
+                self.unconverted[target] = f"{type(e).__name__}: {e}"
+                continue
+            self.converted.update(dict.fromkeys(built, conversion))
         model._weight_conversions = [t for t in transforms if t.was_used()]
+        self.headers.clear()  # only the names needed them
 
     def placeholder(self, key: str) -> torch.Tensor:
         """A checkpoint tensor's dtype and shape on the meta device, from its file's header."""
@@ -216,10 +234,15 @@ class Source:
                 yield part[:] if lo is None else part[lo:lo + rows]
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, copied out of the file's mapping: a tensor that stayed a view of it would
-        keep the mapping, and every page of the shard read so far, resident (RSS grew with depth)."""
+        """One model tensor: read as stored, or built by its conversion."""
         if key in self.converted:
             return self.read_many([key], dtype)[key]
+        return self.read_stored(key, dtype)
+
+    def read_stored(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor as stored (`key`: a model name or a checkpoint name), copied out of the
+        file's mapping: a tensor that stayed a view of it would keep the mapping, and every page
+        of the shard read so far, resident (RSS grew with depth)."""
         from safetensors import safe_open
         file, key = self.where[key], self.alias.get(key, key)
         with safe_open(str(self.folder / file), framework="pt") as f:
@@ -228,14 +251,14 @@ class Source:
 
     def read_many(self, keys, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Several tensors; a conversion that builds several of them (one-to-many) runs once."""
-        out, done = {}, set()
+        out, done, keys = {}, set(), set(keys)
         for key in keys:
             conversion = self.converted.get(key)
             if conversion is None:
-                out[key] = self.read(key, dtype)
+                out[key] = self.read_stored(key, dtype)
             elif id(conversion) not in done:
                 done.add(id(conversion))
-                built = conversion.run(self.model, lambda k: self.read(k, dtype))
+                built = conversion.run(self.model, lambda k: self.read_stored(k, dtype))
                 out.update({k: v for k, v in built.items() if k in keys})
         return out
 
