@@ -90,6 +90,78 @@ def test_random_12_block_llama_same_files_both_paths(tmp_path, llama12, args):
     assert streamed == memory
 
 
+# -- mixture-of-experts checkpoints: per-expert matrices on disk, fused 3-D experts in the model ---
+def moe_folder(tmp_path, family):
+    """A tiny random MoE model (tests/test_moe.py's build, with the stories tokenizer's vocabulary)
+    saved by save_pretrained, which writes the experts unfused (Mixtral: block_sparse_moe.experts.E.w1/w2/w3)."""
+    import test_moe
+    folder = tmp_path / family
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(test_moe.COMMON, "vocab_size", 512)
+        test_moe.build(family).to(torch.bfloat16).save_pretrained(folder)
+    for f in STORIES.glob("tokenizer*"):
+        shutil.copy(f, folder)
+    return folder
+
+
+MOE_CASES = {
+    "mixtral-fake": ("mixtral", ["--recipe", "gptq", "--wbits", "3", "--group-size", "16"]),
+    "qwen3_moe-fake": ("qwen3_moe", ["--recipe", "block", "--iters", "3", "--wbits", "4", "--group-size", "16"]),
+    "mixtral-compressed-tensors": ("mixtral", ["--recipe", "rtn", "--format", "compressed-tensors", "--wbits", "4",
+                                               "--group-size", "16", "--sym"]),
+    "qwen2_moe-compressed-tensors": ("qwen2_moe", ["--recipe", "gptq", "--format", "compressed-tensors", "--wbits",
+                                                   "4", "--group-size", "16", "--sym"]),
+}
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_moe_checkpoint_same_files_both_paths(tmp_path, case):
+    """Fused experts are read through transformers' conversion mapping, one block at a time, and
+    written back per expert as save_pretrained writes them: the same bytes as in memory."""
+    family, args = MOE_CASES[case]
+    folder = moe_folder(tmp_path, family)
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        assert not any(k.endswith("gate_up_proj") for k in f.keys())  # the checkpoint holds per-expert matrices
+    memory, streamed = both_paths(tmp_path, folder, *args, "--dtype", "auto")
+    assert streamed == memory
+    with safe_open(str(tmp_path / "stream" / "model.safetensors"), framework="pt") as f:
+        assert any(".experts.3." in k for k in f.keys())
+
+
+@pytest.mark.parametrize("fmt", ["fake", "compressed-tensors"])
+def test_moe_sharded_output_same_files_both_paths(tmp_path, monkeypatch, fmt):
+    """Small shards: save_pretrained counts a storage shared by views once (the per-expert views
+    of a fused parameter), so the spill files keep that sharing, and shard for shard the files
+    are the same."""
+    from transformers import PreTrainedModel
+    save = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda self, *a, **k: save(self, *a, **{**k, "max_shard_size": "40KB"}))
+    folder = moe_folder(tmp_path, "qwen3_moe")
+    memory, streamed = both_paths(tmp_path, folder, "--recipe", "rtn", "--format", fmt, "--wbits", "4",
+                                  "--group-size", "16", "--sym", "--dtype", "auto")
+    assert "model.safetensors.index.json" in memory and len(memory) > 8
+    assert streamed == memory
+
+
+def test_checkpoint_without_a_model_weight_is_refused_before_work(tmp_path, capsys):
+    """A weight found neither under its name nor through transformers' conversion mapping (here
+    one expert of a layer missing) is refused with the reason, before any work."""
+    from safetensors.torch import load_file, save_file
+    folder = moe_folder(tmp_path, "qwen3_moe")
+    tensors = load_file(folder / "model.safetensors")
+    for k in [k for k in tensors if k.startswith("model.layers.1.mlp.experts.")]:
+        del tensors[k]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "o"
+    assert main(["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), "--out", str(out), "--low-memory",
+                 "--recipe", "rtn", "--wbits", "4", "--group-size", "16", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.experts.gate_up_proj is found neither way" in err
+    assert "transformers' conversion mapping" in err and not out.exists()
+
+
 def test_streaming_safetensors_writer_matches_safetensors(tmp_path):
     """write_safetensors (bytes copied file to file) == safetensors' save_file, any dtype mix."""
     from safetensors.torch import save_file
@@ -98,9 +170,9 @@ def test_streaming_safetensors_writer_matches_safetensors(tmp_path):
                "c": torch.arange(4, dtype=torch.int32).view(2, 2), "h": torch.randn(1, dtype=torch.float16),
                "scalar": torch.tensor(2.5), "q": torch.arange(6, dtype=torch.int64)}
     save_file(tensors, tmp_path / "spill.safetensors", metadata={"crossblock": json.dumps({"plain": [], "packed": {}})})
-    where, keep = {}, []
-    mapped, _ = stream.open_spill(tmp_path / "spill.safetensors", where, keep)
-    stream.write_safetensors(mapped, tmp_path / "ours.safetensors", where, {"format": "pt"})
+    files = stream.Mapped()
+    mapped, _ = stream.open_spill(tmp_path / "spill.safetensors", files)
+    stream.write_safetensors(mapped, tmp_path / "ours.safetensors", files, {"format": "pt"})
     save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
     # from memory (the spill files): the same bytes, without save_file's copy of every tensor

@@ -11,13 +11,22 @@ by `write_safetensors`, which produces the same bytes without holding a shard in
 finished model is never whole in memory: at any time RAM holds the blocks of one window (plus
 look-ahead), one block being written, and the activation chains.
 
-What needs the whole model (the rotate, cfp and finetune stages, the gguf grid and format, fused
-MoE experts stored under other names) is refused by `refuse_unsupported` before any work.
+Checkpoints whose names transformers converts at load (its conversion mapping: e.g. Mixtral's,
+Qwen2-MoE's and Qwen3-MoE's per-expert matrices merged into fused 3-D experts) are read through
+that mapping's own converters, one block's tensors at a time (`Source.follow_conversions`). On the
+way out, save_pretrained reverts the conversion (fused experts are saved per expert again): each
+finished block is spilled as save_pretrained will write it, and the output writer hands
+save_pretrained meta placeholders where its conversion would copy (`streamed_safetensors`).
+
+What needs the whole model (the rotate, cfp and finetune stages, the gguf grid and format, a
+conversion outside the blocks or one saved as strided pieces) is refused by `refuse_unsupported`
+before any work.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import json
 import mmap
@@ -99,17 +108,45 @@ def refuse_unsupported(recipe, format: str, model):
     if recipe.grid.kind_name != "uniform":
         raise CrossblockError(f"--low-memory quantizes on the uniform grid only, not {recipe.grid.kind_name} "
                               "(its finishing pass rounds the embeddings and head of the whole model)")
-    missing = [k for k in model.state_dict() if k not in model.crossblock_source.where
-               and k not in model.crossblock_source.real_buffers]
+    source = model.crossblock_source
+    missing = [k for k in model.state_dict() if k not in source.where and k not in source.converted
+               and k not in source.real_buffers]
+    if missing and missing[0] in source.unconverted:
+        raise CrossblockError(f"--low-memory runs transformers' conversion of checkpoint tensors into {missing[0]} "
+                              f"block by block, but it fails on the meta device ({source.unconverted[missing[0]]}): "
+                              "run without --low-memory")
     if missing:
-        raise CrossblockError(f"--low-memory reads weights under their model names, but {missing[0]} is not in "
-                              f"the checkpoint (stored under another name, e.g. fused MoE experts): run without "
-                              "--low-memory")
+        raise CrossblockError(f"--low-memory reads each weight from the checkpoint, under its model name or through "
+                              f"transformers' conversion mapping for {type(model).__name__}, but {missing[0]} is "
+                              f"found neither way: run without --low-memory")
+    from .model.adapter import find_blocks
+    prefix, _ = find_blocks(model)
+    outside = [k for k in source.converted if block_index(k, prefix) is None]
+    if outside:
+        raise CrossblockError(f"--low-memory converts checkpoint tensors one block at a time, but transformers builds "
+                              f"{outside[0]}, outside the blocks, from other checkpoint tensors: run without --low-memory")
+    copied = saved_copies(model)
+    if copied:
+        raise CrossblockError(f"--low-memory writes each saved tensor as a byte range of a spill file, but transformers "
+                              f"saves {copied[0]} as a strided piece of a model tensor (save_pretrained would copy a "
+                              f"whole shard of them in memory): run without --low-memory")
+
+
+def saved_copies(model) -> list[str]:
+    """Checkpoint names that transformers' save-time conversion (save_pretrained reverts the
+    load-time one, e.g. fused experts back to per-expert matrices) makes non-contiguous; found
+    on the meta skeleton, so only names and layouts are computed."""
+    from transformers.core_model_loading import revert_weight_conversion
+    saved = revert_weight_conversion(model, dict(model.state_dict()))
+    return [k for k, t in saved.items() if not t.is_contiguous()]
 
 
 # -- the model on the meta device and its weights on disk ---------------------------------------
 class Source:
-    """The model's safetensors shards: which file holds each tensor, read one tensor at a time."""
+    """The model's safetensors shards: which file holds each tensor, read one tensor at a time.
+    Model names differ from checkpoint names where transformers converts at load (its conversion
+    mapping: renamed keys, and e.g. per-expert matrices merged into fused 3-D experts); those are
+    read the way from_pretrained reads them (`follow_conversions`)."""
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -124,7 +161,53 @@ class Source:
                     files.update(dict.fromkeys(st.keys(), f.name))
         self.where: dict[str, str] = files
         self.real_buffers: set[str] = set()  # state-dict keys the skeleton already holds (buffers)
-        self.alias: dict[str, str] = {}
+        self.alias: dict[str, str] = {}  # model name -> the checkpoint name it is stored under
+        self.converted: dict[str, Conversion] = {}  # model name -> the conversion that builds it
+        self.unconverted: dict[str, str] = {}  # model name -> why its conversion cannot run ahead of time
+        self.model = None
+        self.headers: dict[str, dict] = {}
+
+    def follow_conversions(self, model: nn.Module):
+        """Each checkpoint key renamed as from_pretrained renames it (transformers' rename_source_key
+        over the model's conversion mapping): a plain renaming becomes an alias, a converter's
+        sources are gathered per model tensor into a Conversion. The transforms used are recorded
+        on the model as from_pretrained records them, so save_pretrained reverts the same ones."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+        self.model = model
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        names, base = model.state_dict(), model.base_model_prefix
+        conversions: dict[str, Conversion] = {}
+        for key in sorted(self.where, key=dot_natural_key):  # from_pretrained's order: experts 0, 1, ..., 10
+            target, pattern = rename_source_key(key, renamings, converters, base, names)
+            if target not in names and key in names:
+                target, pattern = rename_source_key(key, [], [], base, names)
+            if target not in names:
+                continue  # a key from_pretrained would report unexpected
+            if pattern is not None:
+                conversions.setdefault(target, Conversion(by_pattern[pattern], target)).sources.append((pattern, key))
+            elif target != key:
+                self.where[target], self.alias[target] = self.where[key], key
+        for target, conversion in conversions.items():
+            try:
+                built = conversion.run(self.model, self.placeholder)  # names only: on the meta device
+            except Exception as e:  # noqa: BLE001 - an operation that needs values: refused (refuse_unsupported)
+                self.unconverted[target] = f"{type(e).__name__}: {e}"
+                continue
+            self.converted.update(dict.fromkeys(built, conversion))
+        model._weight_conversions = [t for t in transforms if t.was_used()]
+        self.headers.clear()  # only the names needed them
+
+    def placeholder(self, key: str) -> torch.Tensor:
+        """A checkpoint tensor's dtype and shape on the meta device, from its file's header."""
+        file = self.where[key]
+        if file not in self.headers:
+            self.headers[file] = read_header(self.folder / file)[0]
+        h = self.headers[file][key]
+        return torch.empty(h["shape"], dtype=SAFETENSORS_DTYPES[h["dtype"]], device="meta")
 
     def tie(self, model: nn.Module):
         """Tied weights (lm_head = embeddings) are stored once: the other name reads that one."""
@@ -136,7 +219,7 @@ class Source:
             for k in keys:
                 if stored and k not in self.where:
                     self.where[k] = self.where[stored[0]]
-                    self.alias[k] = stored[0]
+                    self.alias[k] = self.alias.get(stored[0], stored[0])
 
     def chunks(self, key: str, rows: int):
         """The tensor `rows` rows at a time, the file mapped only while one chunk is read (the
@@ -151,13 +234,51 @@ class Source:
                 yield part[:] if lo is None else part[lo:lo + rows]
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, copied out of the file's mapping: a tensor that stayed a view of it would
-        keep the mapping, and every page of the shard read so far, resident (RSS grew with depth)."""
+        """One model tensor: read as stored, or built by its conversion."""
+        if key in self.converted:
+            return self.read_many([key], dtype)[key]
+        return self.read_stored(key, dtype)
+
+    def read_stored(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor as stored (`key`: a model name or a checkpoint name), copied out of the
+        file's mapping: a tensor that stayed a view of it would keep the mapping, and every page
+        of the shard read so far, resident (RSS grew with depth)."""
         from safetensors import safe_open
         file, key = self.where[key], self.alias.get(key, key)
         with safe_open(str(self.folder / file), framework="pt") as f:
             t = f.get_tensor(key)
             return t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+
+    def read_many(self, keys, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Several tensors; a conversion that builds several of them (one-to-many) runs once."""
+        out, done, keys = {}, set(), set(keys)
+        for key in keys:
+            conversion = self.converted.get(key)
+            if conversion is None:
+                out[key] = self.read_stored(key, dtype)
+            elif id(conversion) not in done:
+                done.add(id(conversion))
+                built = conversion.run(self.model, lambda k: self.read_stored(k, dtype))
+                out.update({k: v for k, v in built.items() if k in keys})
+        return out
+
+
+class Conversion:
+    """One model tensor (or several, for a one-to-many converter) that transformers builds from
+    checkpoint tensors with a WeightConverter, e.g. a layer's fused experts from its per-expert
+    matrices: the converter's own operations run on the sources, read when needed."""
+
+    def __init__(self, converter, target: str):
+        self.converter, self.target = converter, target
+        self.sources: list[tuple[str, str]] = []  # (the converter's source pattern, checkpoint key), in load order
+
+    def run(self, model, read) -> dict[str, torch.Tensor]:
+        """model name -> tensor; `read(checkpoint key)` gives each source."""
+        converter = copy.deepcopy(self.converter)  # as from_pretrained: a fresh instance per target
+        for pattern, key in self.sources:
+            converter.add_tensor(self.target, key, pattern, functools.partial(read, key))
+        built = converter.convert(self.target, model=model, config=model.config)
+        return {k: v[0] if isinstance(v, list) else v for k, v in built.items()}
 
 
 def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
@@ -177,6 +298,7 @@ def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
     model.tie_weights()  # as from_pretrained does (from_config leaves lm_head apart)
     model.config.dtype = dtype
     source = Source(path)
+    source.follow_conversions(model)
     source.real_buffers = {k for k, t in model.state_dict().items() if t.device.type != "meta"}
     source.tie(model)
     model.crossblock_source = source
@@ -185,8 +307,9 @@ def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
 
 def materialize(module: nn.Module, prefix: str, source: Source, dtype: torch.dtype):
     """Read `module`'s meta tensors (parameters, persistent buffers) from disk, in `dtype`."""
-    tensors = {k: source.read(f"{prefix}{k}", dtype) for k, t in module.state_dict().items() if t.device.type == "meta"}
-    module.load_state_dict(tensors, strict=False, assign=True)
+    keys = [k for k, t in module.state_dict().items() if t.device.type == "meta"]
+    tensors = source.read_many([f"{prefix}{k}" for k in keys], dtype)
+    module.load_state_dict({k: tensors[f"{prefix}{k}"] for k in keys}, strict=False, assign=True)
     module.requires_grad_(False)
 
 
@@ -198,7 +321,12 @@ def weight_sums(model, rows: int = 1024) -> dict[str, tuple[tuple, float]]:
     source, dtype = model.crossblock_source, next(model.parameters()).dtype
     sums = {}
     for name, t in model.state_dict().items():
-        parts = [t] if t.device.type != "meta" else source.chunks(name, rows)
+        if t.device.type != "meta":
+            parts = [t]
+        elif name in source.converted:  # built from several checkpoint tensors: one model tensor, as loaded
+            parts = [source.read(name, dtype)]
+        else:
+            parts = source.chunks(name, rows)
         total = 0.0
         for c in parts:
             c = c.to(dtype) if c.is_floating_point() else c
@@ -245,10 +373,11 @@ class BlockStream:
         if self.main:
             acts = self.info[j]["acts"]
             plain, packed = block_entries(self.format, f"{self.prefix}.{j}", block, self.save_dtype,
-                                          acts and {k: v for k, v in acts.items() if k != "layers"})
+                                          acts and {k: v for k, v in acts.items() if k != "layers"}, self.model)
+            given = {**plain, **{k: v for entries in packed.values() for k, v in entries.items()}}
             tmp = self.spill / f"block{j}.safetensors.tmp"
-            save_spill({**plain, **{k: v for entries in packed.values() for k, v in entries.items()}}, tmp,
-                       {"plain": list(plain), "packed": {layer: list(e) for layer, e in packed.items()}})
+            save_block_spill(given, reverted(self.model, given), tmp,
+                             {"plain": list(plain), "packed": {layer: list(e) for layer, e in packed.items()}})
             os.replace(tmp, self.spill / f"block{j}.safetensors")
         self.blocks[j] = copy.deepcopy(self.empty[j])
         gc.collect()  # what the block's window left in reference cycles would wait for a full collection
@@ -262,6 +391,7 @@ class BlockStream:
         name = f"{self.prefix}.{j}"
         acts = act_quant.record(block)
         return {"acts": acts and {**acts, "layers": {f"{name}.{k}": v for k, v in acts["layers"].items()}},
+                "experts": any(getattr(m, "crossblock_qexperts", None) for m in block.modules()),
                 "unquantized": block_unquantized(self.prefix, j, block, self.skip),
                 "linears": [f"{name}.{n}" for n in unquantized_linears(block)],
                 "settings": sorted({(m.crossblock_qweight.bits, m.crossblock_qweight.group_size,
@@ -327,29 +457,32 @@ class BlockStream:
         for the in-memory model; returns what the format records in crossblock.json."""
         from .export.common import save_folder, write_quantization_config
         skeleton = self.model.to(self.save_dtype)  # meta: free; sets the config's dtype as save_pretrained reads it
-        where: dict[str, tuple[Path, int, int]] = {}
-        keep = []  # the memory maps behind the state dict's tensors
-        state, packed = {}, {}
+        mapped = Mapped()  # the spill files and model shards the tensors below view
+        state, packed, saved = {}, {}, {}
         by_param: dict[int, torch.Tensor] = {}
-        params = skeleton.state_dict(keep_vars=True)
         blocks_done = set()
-        for key, p in params.items():
+        for key, p in skeleton.state_dict(keep_vars=True).items():
             j = block_index(key, self.prefix)
             if j is not None:
                 if j not in blocks_done:
                     blocks_done.add(j)
-                    tensors, meta = open_spill(self.spill / f"block{j}.safetensors", where, keep)
-                    state.update({k: tensors[k] for k in meta["plain"]})
-                    packed.update({layer: {k: tensors[k] for k in keys} for layer, keys in meta["packed"].items()})
+                    given, written, meta = open_block_spill(self.spill / f"block{j}.safetensors", mapped)
+                    saved.update(written)
+                    state.update({k: given[k] for k in meta["plain"]})
+                    packed.update({layer: {k: given[k] for k in keys} for layer, keys in meta["packed"].items()})
                 continue
             if id(p) not in by_param:  # tied weights (lm_head = embeddings) share one tensor, as in memory
-                by_param[id(p)] = self.spill_outside(key, p, where, keep)
+                by_param[id(p)] = self.spill_outside(key, p, mapped)
             state[key] = by_param[id(p)]
         for entries in packed.values():
             state.update(entries)
-        with streamed_safetensors(where):
+        if any(i["experts"] for i in self.info.values()) and self.format == "compressed-tensors":
+            # as save_compressed_tensors: the whole state in the checkpoint's layout first (the blocks' already is)
+            outside = {k: v for k, v in state.items() if block_index(k, self.prefix) is None}
+            state = {**reverted(skeleton, outside), **{k: v for k, v in state.items() if k not in outside}}
+        with streamed_safetensors(mapped, saved):
             save_folder(skeleton, tokenizer, folder, state)
-        del state, keep
+        del state, saved, mapped
         settings = sorted({tuple(s) for i in self.info.values() for s in i["settings"]})
         if self.format == "gptq":
             from .export.gptq import gptq_config
@@ -370,27 +503,31 @@ class BlockStream:
         inside = {n for j in self.info for n in self.info[j]["linears"]}
         ignore = [n for n, m in self.model.named_modules()  # unquantized_linears' order, over the skeleton
                   if n in inside or (is_linear(m) and block_index(n, self.prefix) is None)]
+        if any(i["experts"] for i in self.info.values()):  # as save_compressed_tensors: vLLM reads routers as Linear
+            routers = [w["name"].rpartition(".")[0] for w in self.unquantized() if w["why"] == "router"]
+            ignore += [n for n in routers if n not in ignore]
         config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format=scheme.format,
                                     quantization_status=QuantizationStatus.COMPRESSED)
         ModelCompressor(quantization_config=config).update_config(str(folder))
 
-    def spill_outside(self, key: str, p: torch.Tensor, where, keep) -> torch.Tensor:
-        """A non-block tensor in the saved dtype: copied straight from the model's own file when
-        it is stored in that dtype, else through its own spill file (one tensor at a time)."""
+    def spill_outside(self, key: str, p: torch.Tensor, mapped: Mapped) -> torch.Tensor:
+        """A non-block tensor in the saved dtype: a view of the model's own file when it is
+        stored there in that dtype, else of its own spill file (one tensor at a time)."""
         if p.device.type == "meta":
+            stored = self.source.alias.get(key, key)
             file = self.source.folder / self.source.where[key]
             header, _ = read_header(file)
-            if header[self.source.alias.get(key, key)]["dtype"] == DTYPE_NAMES[self.save_dtype]:
-                tensors, _ = open_spill(file, where, keep, rename={self.source.alias.get(key, key): key})
-                return tensors[key]
+            if header[stored]["dtype"] == DTYPE_NAMES[self.save_dtype]:
+                tensors, _ = open_spill(file, mapped, only=stored)
+                return tensors[stored]
         path = self.spill / f"outside.{key}.safetensors"
         if not path.is_file():
             t = p if p.device.type != "meta" else self.source.read(key)
             t = t.to(self.save_dtype) if t.is_floating_point() else t
-            save_spill({key: t.contiguous()}, path.with_suffix(".tmp"), {"plain": [key], "packed": {}})
+            save_spill({key: t.contiguous()}, path.with_suffix(".tmp"), {})
             os.replace(path.with_suffix(".tmp"), path)
             del t
-        tensors, _ = open_spill(path, where, keep)
+        tensors, _ = open_spill(path, mapped)
         return tensors[key]
 
 
@@ -413,10 +550,12 @@ def ct_scheme(setting: tuple, act_scheme: dict | None):
     return scheme
 
 
-def block_entries(format: str, prefix: str, block: nn.Module, dtype: torch.dtype, act_scheme: dict | None):
-    """(plain, packed) output tensors of a finished, restored block: its state dict without the
-    weights the format replaces, and per quantized layer the tensors that replace them, in the
-    order the format's writer puts them in the state dict."""
+def block_entries(format: str, prefix: str, block: nn.Module, dtype: torch.dtype, act_scheme: dict | None,
+                  model: nn.Module):
+    """(plain, packed) output tensors of a finished, restored block, as the format's writer hands
+    them to save_pretrained: its state dict without the weights the format replaces, and per
+    quantized layer the tensors that replace them, in the order the writer puts them in the state
+    dict. `model`: the skeleton (its conversion mapping, for fused experts)."""
     from .export.common import check_layers, quantized_layers
     state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
     if format == "fake":
@@ -430,7 +569,11 @@ def block_entries(format: str, prefix: str, block: nn.Module, dtype: torch.dtype
             check_zero_points(name, qw)
             packed[name] = gptq_tensors(qw)
     else:
-        from .export.compressed_tensors import compress_layer
+        from .export.compressed_tensors import compress_layer, expert_layers
+        experts = expert_layers(model, [(f"{prefix}.{n}", m) for n, m in block.named_modules()])
+        if experts:  # as save_compressed_tensors: the state in the checkpoint's per-expert layout
+            state = reverted(model, state)
+        layers.update({name: (None, qw) for name, qw in experts.items()})
         check_layers(format, layers)
         for name, (_, qw) in layers.items():
             packed[name] = compress_layer(qw, ct_scheme((qw.bits, qw.group_size, qw.sym), act_scheme), dtype)
@@ -441,8 +584,54 @@ def block_entries(format: str, prefix: str, block: nn.Module, dtype: torch.dtype
 
 
 # -- spill files and the streaming safetensors writer -------------------------------------------
+def reverted(model: nn.Module, state: dict) -> dict:
+    """What save_pretrained makes of `state`: transformers' save-time conversion (the reverse of
+    the load-time one: e.g. fused experts back to per-expert matrices, renamed keys back)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    return revert_weight_conversion(model, state)
+
+
 def save_spill(tensors: dict, path: Path, meta: dict):
     write_safetensors(tensors, path, metadata={"crossblock": json.dumps(meta)})
+
+
+def save_block_spill(given: dict, saved: dict, path: Path, layout: dict):
+    """A finished block's spill file: the tensors save_pretrained will write (`saved`, its
+    conversion of `given`), each storage once with every saved tensor a view of one (the
+    sharding counts a storage shared by views once, as in memory: e.g. the per-expert matrices
+    of a fused parameter); and the tensors the writer hands to save_pretrained (`given`): views
+    of those storages, or, where the conversion makes new tensors of them (fused experts split
+    and copied), only their dtype and shape (it runs on the meta device at write time)."""
+    storages, blobs = {}, {}
+
+    def view(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in storages:
+            storages[s.data_ptr()] = len(storages)
+            blobs[f"storage.{len(blobs)}"] = torch.empty(0, dtype=torch.uint8).set_(s)
+        return [storages[s.data_ptr()], DTYPE_NAMES[t.dtype], t.storage_offset(), list(t.shape), list(t.stride())]
+
+    views = {k: view(t) for k, t in saved.items()}
+    written = set(storages)
+    inputs = {k: view(t) if t.untyped_storage().data_ptr() in written else [DTYPE_NAMES[t.dtype], list(t.shape)]
+              for k, t in given.items()}
+    save_spill(blobs, path, {**layout, "saved": views, "given": inputs})
+
+
+def open_block_spill(path: Path, mapped: Mapped) -> tuple[dict, dict, dict]:
+    """(given, saved, layout) of `save_block_spill`: views of the file's mapping, and meta
+    tensors for what only has a dtype and shape."""
+    blobs, meta = open_spill(path, mapped)
+
+    def tensor(v):
+        if len(v) == 2:
+            return torch.empty(v[1], dtype=SAFETENSORS_DTYPES[v[0]], device="meta")
+        i, dtype, offset, shape, stride = v
+        return blobs[f"storage.{i}"].view(SAFETENSORS_DTYPES[dtype]).as_strided(shape, stride, offset)
+
+    saved = {k: tensor(v) for k, v in meta.pop("saved").items()}
+    given = {k: tensor(v) for k, v in meta.pop("given").items()}
+    return given, saved, meta
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -451,19 +640,42 @@ def read_header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def open_spill(path: Path, where: dict, keep: list, rename: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The file's tensors as views of a private memory map (no page is read until touched, and
-    the writer never touches them: it copies file to file), recorded in `where` (under
-    `rename`'s names: only those, if given)."""
+class Mapped:
+    """Files mapped privately into memory, for tensors that view them: the writer finds the file
+    range a tensor views and copies it file to file (no page of the mapping is touched)."""
+
+    def __init__(self):
+        self.maps: list[tuple[int, int, Path, mmap.mmap]] = []  # (address, length, file, mapping)
+
+    def map(self, path: Path) -> mmap.mmap | None:
+        size = path.stat().st_size
+        if not size:
+            return None
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+        self.maps.append((torch.frombuffer(mm, dtype=torch.uint8).data_ptr(), size, path, mm))
+        return mm
+
+    def file_range(self, t: torch.Tensor) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of a contiguous tensor viewing a mapped file; None otherwise."""
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+        for address, size, path, _ in self.maps:
+            if address <= start and start + nbytes <= address + size:
+                return path, start - address, nbytes
+        return None
+
+
+def open_spill(path: Path, mapped: Mapped, only: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The file's tensors (`only` that one, if given) as views of a private memory map (no page
+    is read until touched, and the writer never touches them: it copies file to file)."""
     header, start = read_header(path)
     meta = json.loads(header.pop("__metadata__", {}).get("crossblock", "{}"))
-    if rename is not None:
-        header = {rename[k]: h for k, h in header.items() if k in rename}
-    size = path.stat().st_size
+    if only is not None:
+        header = {only: header[only]}
+    mm = mapped.map(path)
     tensors = {}
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
-    keep.append(mm)
     for key, h in header.items():
         lo, hi = h["data_offsets"]
         dtype = SAFETENSORS_DTYPES[h["dtype"]]
@@ -473,7 +685,6 @@ def open_spill(path: Path, where: dict, keep: list, rename: dict | None = None) 
         else:
             t = torch.empty(h["shape"], dtype=dtype)
         tensors[key] = t
-        where[key] = (path, start + lo, hi - lo)
     return tensors, meta
 
 
@@ -492,11 +703,11 @@ def safetensors_order(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in json.loads(raw[8:8 + n]) if k != "__metadata__"]
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], filename, where: dict | None = None,
+def write_safetensors(tensors: dict[str, torch.Tensor], filename, mapped: Mapped | None = None,
                       metadata: dict | None = None):
     """What safetensors.torch.save_file(tensors, filename, metadata) writes, byte for byte, each
-    tensor's bytes copied from the file `where[key]` names (path, offset, length), or (no `where`)
-    straight from the tensor's memory (save_file would first copy every tensor to bytes)."""
+    tensor's bytes copied from the file range it views (`mapped`), or written straight from its
+    memory (save_file would first copy every tensor to bytes)."""
     order = safetensors_order(tensors)
     header, offset = {}, 0
     if metadata:
@@ -511,10 +722,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], filename, where: dict | 
     with open(filename, "wb") as out:
         out.write(struct.pack("<Q", len(text)) + text)
         for key in order:
-            if where is None:
-                out.write(tensors[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            t = tensors[key]
+            if t.device.type == "meta":
+                raise CrossblockError(f"low-memory writer: no bytes for {key} (a spill file does not hold it)")
+            found = mapped.file_range(t) if mapped is not None else None
+            if found is None:
+                out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
                 continue
-            path, start, nbytes = where[key]
+            path, start, nbytes = found
             with open(path, "rb") as src:
                 copy_range(src, out, start, nbytes)
 
@@ -530,12 +745,24 @@ def copy_range(src, dst, start: int, nbytes: int):
 
 
 @contextlib.contextmanager
-def streamed_safetensors(where: dict):
-    """transformers' save_pretrained writing each shard with write_safetensors."""
+def streamed_safetensors(mapped: Mapped, saved: dict[str, torch.Tensor]):
+    """transformers' save_pretrained writing each shard with write_safetensors, and its save-time
+    conversion run on the tensors it is given, where a tensor it converts into new ones is a meta
+    placeholder: each such result is the block spill's tensor of that name (`saved`), so no
+    converted copy of the whole model is made."""
     import transformers.modeling_utils as mu
-    original = mu.safe_save_file
-    mu.safe_save_file = lambda tensors, filename, metadata=None: write_safetensors(tensors, filename, where, metadata)
+    original_save, original_revert = mu.safe_save_file, mu.revert_weight_conversion
+
+    def revert(model, state):
+        out = original_revert(model, state)
+        missing = [k for k, t in out.items() if t.device.type == "meta" and k not in saved]
+        if missing:
+            raise CrossblockError(f"low-memory writer: save_pretrained saves {missing[0]}, which no spill file holds")
+        return {k: saved[k] if t.device.type == "meta" else t for k, t in out.items()}
+
+    mu.safe_save_file = lambda tensors, filename, metadata=None: write_safetensors(tensors, filename, mapped, metadata)
+    mu.revert_weight_conversion = revert
     try:
         yield
     finally:
-        mu.safe_save_file = original
+        mu.safe_save_file, mu.revert_weight_conversion = original_save, original_revert

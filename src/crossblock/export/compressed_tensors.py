@@ -160,9 +160,12 @@ def expert_rows(model: nn.Module, fused: dict[str, torch.Size]) -> dict[str, tup
     return mapping
 
 
-def expert_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
-    """Each quantized expert matrix as its own layer, under its checkpoint name."""
-    fused = {f"{name}.{param}": (getattr(module, param), qw) for name, module in model.named_modules()
+def expert_layers(model: nn.Module, modules=None) -> dict[str, QuantizedWeight]:
+    """Each quantized expert matrix as its own layer, under its checkpoint name; `modules`:
+    the (full name, module) pairs to look in, default all of `model`'s (the low-memory path
+    passes one block's, `model` being the skeleton whose conversion mapping names them)."""
+    modules = model.named_modules() if modules is None else modules
+    fused = {f"{name}.{param}": (getattr(module, param), qw) for name, module in modules
              for param, qw in (getattr(module, "crossblock_qexperts", None) or {}).items()}
     if not fused:
         return {}
