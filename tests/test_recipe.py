@@ -161,3 +161,9 @@ def test_steps_without_learnable_parameters_do_not_train():
     assert train(Recipe.preset("rtn", iters=10, lwc=True))
     assert train(Recipe.preset("rtn", iters=10, abits=8, act_dynamic=False))
     assert train(Recipe.preset("block")) and Recipe.preset("block", iters=0).windows.train is None
+
+
+def test_best_finetune_recipe_file_is_best_then_a_finetune_stage():
+    r = Recipe.load(str(RECIPES / "best-finetune.yaml"), wbits=3, group_size=64)
+    assert r == dataclasses.replace(Recipe.preset("best", wbits=3, group_size=64, finetune_steps=60), name="best-finetune")
+    assert [s.kind_name for s in r.stages] == ["windows", "finetune"] and r.stages[1].steps == 60
