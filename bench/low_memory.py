@@ -80,8 +80,19 @@ def run(cmd: list[str]) -> int:
 
 
 def digest(folder: Path) -> dict:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
-            if f.name != "crossblock.json"}
+    """sha256 of every file but crossblock.json, read in chunks: this process must stay small, since
+    a child's ru_maxrss starts from the RSS of the process it was forked from (Linux keeps the
+    high-water mark across exec). Reading whole shards here inflated every later row (session 6's
+    unexplained 2,175 MiB)."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.name != "crossblock.json":
+            h = hashlib.sha256()
+            with open(f, "rb") as src:
+                while chunk := src.read(1 << 24):
+                    h.update(chunk)
+            out[f.name] = h.hexdigest()
+    return out
 
 
 def main():
