@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import CALIB_FILE, STORIES, kill_when
-from crossblock import stream
+from crossblock import spill, stream
 from crossblock.cli import main
 from crossblock.engine.checkpoint import CHECKPOINT_FILE
 from crossblock.output import partial_dir
@@ -170,13 +170,13 @@ def test_streaming_safetensors_writer_matches_safetensors(tmp_path):
                "c": torch.arange(4, dtype=torch.int32).view(2, 2), "h": torch.randn(1, dtype=torch.float16),
                "scalar": torch.tensor(2.5), "q": torch.arange(6, dtype=torch.int64)}
     save_file(tensors, tmp_path / "spill.safetensors", metadata={"crossblock": json.dumps({"plain": [], "packed": {}})})
-    files = stream.Mapped()
-    mapped, _ = stream.open_spill(tmp_path / "spill.safetensors", files)
-    stream.write_safetensors(mapped, tmp_path / "ours.safetensors", files, {"format": "pt"})
+    files = spill.Mapped()
+    mapped, _ = spill.open_spill(tmp_path / "spill.safetensors", files)
+    spill.write_safetensors(mapped, tmp_path / "ours.safetensors", files, {"format": "pt"})
     save_file(tensors, tmp_path / "theirs.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
     # from memory (the spill files): the same bytes, without save_file's copy of every tensor
-    stream.write_safetensors(tensors, tmp_path / "from_memory.safetensors", metadata={"format": "pt"})
+    spill.write_safetensors(tensors, tmp_path / "from_memory.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "from_memory.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
 
 
