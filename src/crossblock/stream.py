@@ -136,9 +136,7 @@ def saved_copies(model) -> list[str]:
     """Checkpoint names that transformers' save-time conversion (save_pretrained reverts the
     load-time one, e.g. fused experts back to per-expert matrices) makes non-contiguous; found
     on the meta skeleton, so only names and layouts are computed."""
-    from transformers.core_model_loading import revert_weight_conversion
-    saved = revert_weight_conversion(model, dict(model.state_dict()))
-    return [k for k, t in saved.items() if not t.is_contiguous()]
+    return [k for k, t in reverted(model, dict(model.state_dict())).items() if not t.is_contiguous()]
 
 
 # -- the model on the meta device and its weights on disk ---------------------------------------
@@ -496,6 +494,7 @@ class BlockStream:
     def write_ct_config(self, folder, settings, act_scheme):
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+        from .export.compressed_tensors import routers
         from .model.adapter import is_linear
         if len(settings) != 1:
             raise CrossblockError("--low-memory writes compressed-tensors with one bits/group_size/sym setting")
@@ -504,8 +503,7 @@ class BlockStream:
         ignore = [n for n, m in self.model.named_modules()  # unquantized_linears' order, over the skeleton
                   if n in inside or (is_linear(m) and block_index(n, self.prefix) is None)]
         if any(i["experts"] for i in self.info.values()):  # as save_compressed_tensors: vLLM reads routers as Linear
-            routers = [w["name"].rpartition(".")[0] for w in self.unquantized() if w["why"] == "router"]
-            ignore += [n for n in routers if n not in ignore]
+            ignore += [n for n in routers(self.unquantized()) if n not in ignore]
         config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format=scheme.format,
                                     quantization_status=QuantizationStatus.COMPRESSED)
         ModelCompressor(quantization_config=config).update_config(str(folder))

@@ -123,9 +123,9 @@ def warn_if_asymmetric(layers: dict):
                     "with quantization_config=CompressedTensorsConfig(dequantize=True), or quantize with --sym "
                     "(sym: true) for a folder that loads plainly", len(asym))
 
-def routers(model: nn.Module) -> list[str]:
-    """Module names of the MoE routers (left in full precision)."""
-    return [w["name"].rpartition(".")[0] for w in unquantized_weights(model) if w["why"] == "router"]
+def routers(unquantized: list[dict]) -> list[str]:
+    """Module names of the MoE routers (left in full precision), from the unquantized-weights list."""
+    return [w["name"].rpartition(".")[0] for w in unquantized if w["why"] == "router"]
 
 
 def fused_expert_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -218,7 +218,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathL
         from transformers.core_model_loading import revert_weight_conversion
         state_dict = revert_weight_conversion(model, state_dict)
         # vLLM reads a MoE router as a Linear layer: a "Linear" target must not take it
-        ignore += [n for n in routers(model) if n not in ignore]
+        ignore += [n for n in routers(unquantized_weights(model)) if n not in ignore]
     for name, (_, qw) in layers.items():
         replace_layer_entries(state_dict, name, compress_layer(qw, scheme_of[name], dtype))
     transforms, matrices = transform_config(model)

@@ -50,7 +50,7 @@ class QuantLinear(nn.Module):
         self.mode = "quant"
         self.act_quant: nn.Module | None = None
         # set by a stage that trains the grid of frozen integers (finetune): a module whose grid()
-        # gives (scale, zero) for `q`; the weight is then decoded live instead of from the cache
+        # gives (scale, zero) for `q`, decoded from it instead of the layer's own scale and zero
         self.trained_grid: nn.Module | None = None
         # What is rounded and on which grid; GPTQ initialization replaces both.
         self.register_buffer("base", None, persistent=False)
