@@ -2,6 +2,10 @@
 """Wall time and peak GPU memory of the window engine on a model of SmolLM2-135M's shape.
 
     python bench/gpu_shape.py --rows rtn,gptq,block,cbq --iters 15 --nsamples 128 --seqlen 512
+    python bench/gpu_shape.py --rows best,best+ft60 --nsamples 128 --seqlen 512
+
+A row is a preset name, optionally `+ftN` (then N finetune steps); `best` keeps its own
+steps and batch (60 x 2), the other training presets take --iters and --batch-size.
 
 The GPU machine cannot hold SmolLM2's weights (its working tree is limited to 64 MiB), so the
 model is built from SmolLM2-135M's config with random weights and calibrated on random token
@@ -37,9 +41,11 @@ def main():
     results = []
     for row in a.rows.split(","):
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
-        recipe = cb.Recipe.preset(row, wbits=a.wbits, group_size=a.group_size, nsamples=a.nsamples,
-                                  seqlen=a.seqlen, batch_size=a.batch_size,
-                                  **({"iters": a.iters} if row not in ("rtn", "gptq") else {}))
+        preset, _, finetune = row.partition("+ft")
+        own = {} if preset == "best" else dict(batch_size=a.batch_size, **(
+            {"iters": a.iters} if preset not in ("rtn", "gptq") else {}))
+        recipe = cb.Recipe.preset(preset, wbits=a.wbits, group_size=a.group_size, nsamples=a.nsamples,
+                                  seqlen=a.seqlen, **own, **({"finetune_steps": int(finetune)} if finetune else {}))
         if a.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -51,7 +57,7 @@ def main():
         print(json.dumps(results[-1]), flush=True)
     name = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     print(f"\n{name}, SmolLM2-135M shape (random weights), W{a.wbits} g{a.group_size}, calibration "
-          f"{a.nsamples} x {a.seqlen}, {a.iters} steps per window, batch {a.batch_size}\n")
+          f"{a.nsamples} x {a.seqlen}, steps x batch per window: best 60 x 2, others {a.iters} x {a.batch_size}\n")
     print("| row | wall s | peak GPU MiB |\n|---|---|---|")
     for r in results:
         print(f"| {r['row']} | {r['wall_s']} | {r['peak_gpu_mib']} |")

@@ -3,6 +3,7 @@ import torch
 
 from crossblock.quant.grid import (CLIP_RATIOS, dequantize, fake_quantize, fake_quantize_weight, group_view,
                                   minmax_grid, num_groups, quantize_to_int, search_clip)
+from crossblock.errors import CrossblockError
 from crossblock.grids import UniformGrid
 from crossblock.quant.linear import QuantLinear
 from crossblock.roundings import LoraRound, Nearest, SignRound
@@ -185,3 +186,27 @@ def test_frozen_layer_keeps_integers_not_a_float_copy(monkeypatch):
     x = torch.randn(5, 64)
     ql.mode = "hard"
     assert torch.equal(ql(x), torch.nn.functional.linear(x, ql.restore().weight))
+
+
+def test_hessian_is_a_float32_product_inside_bf16_autocast():
+    """The engine's hooks fire inside its bf16 autocast on CUDA; a bf16 x xᵀ made GPTQ's Cholesky
+    fail on a bf16 model there."""
+    from crossblock.engine.gptq import HessianAccumulator
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    plain, autocast = HessianAccumulator(96, "cpu"), HessianAccumulator(96, "cpu")
+    plain.add(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast.add(x)
+    assert torch.equal(plain.h, autocast.h)
+
+
+def test_gptq_damps_an_indefinite_hessian_more_or_says_why():
+    from crossblock.engine.gptq import gptq_quantize
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    h = torch.eye(32)
+    h[5, 5] = -0.05  # not positive definite at 1% damping, positive at 10%
+    wq, scale, zero = gptq_quantize(w, h, 4, 16, False)
+    assert torch.isfinite(wq).all() and torch.isfinite(scale).all()
+    h[5, 5] = -100.0
+    with pytest.raises(CrossblockError, match="not positive definite even at damping 1"):
+        gptq_quantize(w, h, 4, 16, False)

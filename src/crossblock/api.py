@@ -437,16 +437,35 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
     if info.get("transforms") and (recorded or not folded):
         from .preprocess.online import rebuild_transforms
         rebuild_transforms(model, info["transforms"])
-        with torch.no_grad():
-            for m in model.modules() if folded else ():
-                t = getattr(m, "crossblock_input_transform", None)
-                if t is not None:  # back to W
-                    m.weight.copy_((m.weight.double() @ t.matrix().to(m.weight.device)).to(m.weight.dtype))
+        if folded:
+            unfold_weights(model, path)
     if recorded:
         prefix, blocks = find_blocks(model)
         quantizable = {f"{prefix}.{i}.{n}" for i, b in enumerate(blocks) for n, _ in block_linears(b)}
         act_quant.rebuild(model, schema.check_activations(recorded, report, quantizable))
     return model
+
+
+@torch.no_grad()
+def unfold_weights(model, path):
+    """W Hᵀ -> W for every layer with a run-time input transform of a fake folder: W exactly from
+    the file the fake format writes beside it for activation quantizers, else W Hᵀ H (to an ulp)."""
+    from .export.fake import UNFOLDED_FILE
+    unfolded = Path(path) / UNFOLDED_FILE
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        exact = load_file(unfolded) if unfolded.is_file() else {}
+    except (SafetensorError, OSError) as e:
+        raise CrossblockError(f"cannot load {unfolded}: {first_line(e)}") from None
+    for name, m in model.named_modules():
+        t = getattr(m, "crossblock_input_transform", None)
+        if t is None:
+            continue
+        w = exact.get(f"{name}.weight")
+        if w is not None and w.shape != m.weight.shape:
+            raise CrossblockError(f"{unfolded}: {name}.weight has shape {tuple(w.shape)}, the model {tuple(m.weight.shape)}")
+        m.weight.copy_(w if w is not None else (m.weight.double() @ t.matrix().to(m.weight.device)).to(m.weight.dtype))
 
 
 def has_transform_config(path) -> bool:

@@ -13,6 +13,7 @@ import torch
 
 from ..quant.grid import minmax_grid, num_groups, search_clip
 from ..distributed import all_reduce_
+from ..errors import CrossblockError
 
 
 class HessianAccumulator:
@@ -28,13 +29,28 @@ class HessianAccumulator:
         self.h *= self.count / (self.count + n)
         self.count += n
         x = x * (2 / self.count) ** 0.5
-        self.h += x.t() @ x
+        # the hooks fire inside the engine's bf16 autocast on CUDA: a bf16 x xᵀ is not positive
+        # definite enough for Cholesky (seen on an H200: a bf16 model's layer failed at order 54)
+        with torch.autocast(x.device.type, enabled=False):
+            self.h += x.t() @ x
 
     def all_reduce(self):
         """Combine the running means of every rank, weighted by their token counts."""
         total = all_reduce_(torch.tensor(float(self.count), device=self.h.device))
         self.h = all_reduce_(self.h * self.count) / total.clamp(min=1)
         self.count = int(total.item())
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H); a Hessian that is not positive
+    definite at that damping (too few tokens for the width) gets 10x and 100x the damping."""
+    eye = torch.eye(h.shape[0], device=h.device)
+    for factor in (1, 10, 100):
+        lower, info = torch.linalg.cholesky_ex(h + factor * damp * torch.mean(torch.diag(h)) * eye)
+        if info.item() == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    raise CrossblockError(f"GPTQ: the Hessian of a layer is not positive definite even at damping {100 * damp:g}; "
+                          "calibrate on more tokens")
 
 
 def _group_grid(w, bits, sym, scale_dtype, clip_search):
@@ -75,8 +91,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     else:
         perm = torch.arange(cin, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cin, device=w.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_cholesky(h, damp)
 
     wq = torch.zeros_like(w)
     unrounded = torch.zeros_like(w)

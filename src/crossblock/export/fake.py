@@ -3,13 +3,22 @@ activation quantizers are recorded in crossblock.json (api.write_folder), not he
 
 A run-time input rotation (the rotate stage's Hadamard before down_proj: y = (x H) Wᵀ) is folded
 into the saved dense weight, W H^T, so that plain transformers computes the same function with
-no hook; crossblock.load unfolds it (W H^T H = W) when activation quantizers must see x H."""
+no hook. When activation quantizers must see x H, crossblock.load needs W itself: W Hᵀ H in floating
+point is W only to about an ulp, and per-token 8-bit rounding of the activations turns such ulps into
+flipped integers at ties (seen: 20-78% of a reload's logits off by > 2e-3 for 3 of 6 rotation seeds), so
+those layers' W is also written, exactly, to UNFOLDED_FILE beside the model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 
 from .common import save_folder
 from .formats import FORMATS, Format
+
+
+UNFOLDED_FILE = "crossblock_unfolded.safetensors"
 
 
 def folded_weights(model) -> dict[str, torch.Tensor]:
@@ -31,4 +40,7 @@ class Fake(Format):
 
     def write(self, model, tokenizer, out_dir, act_scheme):
         folded = folded_weights(model)
-        save_folder(model, tokenizer, out_dir, {**model.state_dict(), **folded} if folded else None)
+        state = model.state_dict()
+        save_folder(model, tokenizer, out_dir, {**state, **folded} if folded else None)
+        if folded and act_scheme:
+            save_file({name: state[name].contiguous() for name in folded}, str(Path(out_dir) / UNFOLDED_FILE))
