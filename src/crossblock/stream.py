@@ -40,6 +40,7 @@ from .engine.chains import trim_heap
 from .spill import (DTYPE_NAMES, SAFETENSORS_DTYPES, Mapped, open_block_spill, open_spill, read_header,
                     save_block_spill, save_spill, streamed_safetensors)
 from .errors import CrossblockError
+from .export.fake import UNFOLDED_FILE
 
 RAM_FRACTION = 0.5   # automatic choice: stream when the weights exceed this share of available RAM
 SPILL_DIR = "stream"  # in the staging folder: one file per finished block, one per other tensor
@@ -155,6 +156,8 @@ class Source:
             from safetensors import safe_open
             files = {}
             for f in sorted(self.folder.glob("*.safetensors")):
+                if f.name == UNFOLDED_FILE:  # a fake folder's exact copy of rotated layers, not the model's
+                    continue
                 with safe_open(str(f), framework="pt") as st:
                     files.update(dict.fromkeys(st.keys(), f.name))
         self.where: dict[str, str] = files
