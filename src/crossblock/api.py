@@ -450,10 +450,10 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
 def unfold_weights(model, path):
     """W Hᵀ -> W for every layer with a run-time input transform of a fake folder: W exactly from
     the file the fake format writes beside it for activation quantizers, else W Hᵀ H (to an ulp)."""
-    from .export.fake import UNFOLDED_FILE
-    unfolded = Path(path) / UNFOLDED_FILE
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    from .export.fake import UNFOLDED_FILE
+    unfolded = Path(path) / UNFOLDED_FILE
     try:
         exact = load_file(unfolded) if unfolded.is_file() else {}
     except (SafetensorError, OSError) as e:
