@@ -3,6 +3,7 @@ keeps of the run-time rotation (fake folds it into the weights, compressed-tenso
 its transform config, gptq refuses it)."""
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import crossblock as cb
@@ -125,5 +126,8 @@ def test_fake_folder_with_activations_reloads_bit_identical_whatever_the_rotatio
     cb.save(model, tok, tmp_path / "q", report=report)
     assert (tmp_path / "q" / "crossblock_unfolded.safetensors").is_file()
     assert torch.equal(logits(cb.load(tmp_path / "q"), tok), logits(model, tok))
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)  # still plain transformers
-    assert theirs.model.layers[0].mlp.down_proj.weight.shape == model.model.layers[0].mlp.down_proj.weight.shape
+    # plain transformers reads model.safetensors only: W Hᵀ, the function without a hook
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    folded = load_file(tmp_path / "q" / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    assert torch.equal(theirs.model.layers[0].mlp.down_proj.weight, folded)
+    assert not torch.equal(folded, model.model.layers[0].mlp.down_proj.weight)
