@@ -1,112 +1,105 @@
 """Refactors keep every method's output to the bit.
 
-The hashes below were recorded from the code as it stood before the recipe became a pipeline of
-stages (commit aab7e9d): each case quantizes stories260k and hashes the integers, scales and zero
-points of every quantized layer and the whole state dict (CFP changes norms too). Float results
-depend on the CPU's kernels, so the hashes are compared only on the kind of CPU they were
-recorded on (the skip says so elsewhere); CI runs on that kind.
+Each case (bit_identity_cases.py) quantizes stories260k and hashes the result. The expected
+hashes are not a table recorded on some machine: float results depend on the CPU's kernels and on
+library releases (the same code gave 15 different hashes on a new machine of the same kind), so
+the reference is computed here, in this environment, by running the same cases on the source of
+REFERENCE_COMMIT (extracted with `git archive`, run in a subprocess with this interpreter). The
+test then fails exactly when the code changed an output, on any machine.
+
+Move REFERENCE_COMMIT only with a change that means to alter numbers, and say so in its commit.
+The reference's hashes are cached per environment (pytest's cache), so a rerun costs one pass.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-import crossblock as cb
-from conftest import load_stories
-from crossblock.quant.act import record
+from bit_identity_cases import CASES, case_hash, output_hash
+from conftest import CALIB_FILE, STORIES, load_stories
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(nsamples=8, seqlen=64, batch_size=4)
-TRAIN = dict(SMALL, iters=4)
-CBQ = dict(SMALL, iters=12, lr=0.3)  # LoRA-Rounding needs more than 4 steps to leave RTN
-RECORDED_ON = "AVX512"
-
-# (recipe: preset name or recipes/ file, overrides) -> sha256 prefix
-CASES = {
-    "rtn": ("rtn", dict(SMALL, wbits=3, group_size=32)),
-    "rtn-clip": ("rtn", dict(SMALL, wbits=2, group_size=32, clip_search=True, sym=True)),
-    "gptq": ("gptq", dict(SMALL, wbits=3, group_size=32)),
-    "gptq-order-clip": ("gptq", dict(SMALL, wbits=3, group_size=-1, act_order=True, clip_search=True)),
-    "block": ("block", dict(TRAIN, wbits=3, group_size=32)),
-    "mb": ("mb", dict(TRAIN, wbits=3, group_size=32)),
-    "la": ("la", dict(TRAIN, wbits=3, group_size=32)),
-    "cbq": ("cbq", dict(CBQ, wbits=3, group_size=32)),
-    "block-adaround": ("block", dict(TRAIN, wbits=2, group_size=-1, rounding="adaround", lwc=False)),
-    "block-adaround-soft": ("block", dict(TRAIN, wbits=2, group_size=32, rounding="adaround", ste=False)),
-    "block-gptq-init": ("block", dict(TRAIN, wbits=2, group_size=32, init="gptq")),
-    "block-lwc-only": ("block", dict(TRAIN, wbits=3, group_size=32, rounding="rtn", lr=0.01)),
-    "block-static-a8": ("block", dict(TRAIN, wbits=4, group_size=32, abits=8, act_dynamic=False)),
-    "cbq-cfp-a6": ("cbq", dict(CBQ, wbits=4, group_size=32, abits=6, cfp=True, cfp_weights=True)),
-    "la-token-kl": ("la", dict(TRAIN, wbits=3, group_size=32, loss="token-mse+kl", target="homologous",
-                               kl_weight=0.5, scale_dtype="float16")),
-    "yaml-block-60x2-token": ("recipes/block-60x2-token.yaml", dict(SMALL, group_size=32, batch_size=2, iters=4)),
-    "yaml-cbq-w4a4": ("recipes/activations/cbq-w4a4.yaml", dict(CBQ, group_size=32)),
-    "yaml-cbq-w4a8": ("recipes/activations/cbq-w4a8.yaml", dict(CBQ, group_size=32)),
-    "yaml-cbq-w6a6": ("recipes/activations/cbq-w6a6.yaml", dict(CBQ, group_size=32)),
-}
-for _name in ("rtn", "gptq", "block", "mb", "la", "cbq"):
-    CASES[f"yaml-{_name}"] = (f"recipes/{_name}.yaml", dict({"rtn": SMALL, "gptq": SMALL, "cbq": CBQ}.get(_name, TRAIN), wbits=3, group_size=32))
-
-HASHES = {
-    "block": "146d77d8fe1d8955",
-    "block-adaround": "197466054b6da683",
-    "block-adaround-soft": "704229bc560cc486",
-    "block-gptq-init": "cf418363f64985c0",
-    "block-lwc-only": "52f563984584b510",
-    "block-static-a8": "213298abaa6a94c4",
-    "cbq": "673308cc5748dbd5",
-    "cbq-cfp-a6": "040a0e22d045797d",
-    "gptq": "151a9141fa6b433a",
-    "gptq-order-clip": "54ee6c37385b12ec",
-    "la": "0d49ec2de9d9cbcc",
-    "la-token-kl": "5120d0bae22eac2c",
-    "mb": "bad3204208e38453",
-    "rtn": "75f1bcb213e0088e",
-    "rtn-clip": "244182f7e9e3079b",
-    "yaml-block": "146d77d8fe1d8955",
-    "yaml-block-60x2-token": "929791501189fc21",
-    "yaml-cbq": "673308cc5748dbd5",
-    "yaml-cbq-w4a4": "894d62441f40d17e",
-    "yaml-cbq-w4a8": "43ad029c25bde12f",
-    "yaml-cbq-w6a6": "e1f65cec3d2ea5ba",
-    "yaml-gptq": "151a9141fa6b433a",
-    "yaml-la": "0d49ec2de9d9cbcc",
-    "yaml-mb": "bad3204208e38453",
-    "yaml-rtn": "75f1bcb213e0088e",
-}
+REFERENCE_COMMIT = "7f399bf954caec327710aa49a90151127b5f3fc5"  # session 8's last commit
 
 
-def output_hash(model) -> str:
-    h = hashlib.sha256()
-    for name, module in sorted(model.named_modules(), key=lambda kv: kv[0]):
-        qw = getattr(module, "crossblock_qweight", None)
-        if qw is not None:
-            h.update(name.encode())
-            for t in (qw.q, qw.scale, qw.zero):
-                h.update(t.contiguous().numpy().tobytes())
-    h.update(json.dumps(record(model), sort_keys=True).encode())  # activation quantizers
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+def environment() -> dict:
+    """What float results depend on besides the code."""
+    import numpy
+    import safetensors
+    import tokenizers
+    import transformers
+    flags = ""
+    if Path("/proc/cpuinfo").exists():
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+        flags += next((line for line in info.splitlines() if line.startswith("model name")), "")
+    return dict(python=sys.version, machine=platform.machine(), torch=torch.__version__,
+                capability=torch.backends.cpu.get_cpu_capability(), transformers=transformers.__version__,
+                tokenizers=tokenizers.__version__, safetensors=safetensors.__version__,
+                numpy=numpy.__version__, cpu=hashlib.sha256(flags.encode()).hexdigest()[:16])
 
 
-def quantized_hash(case: str, calib: str) -> str:
-    recipe, overrides = CASES[case]
-    if recipe.startswith("recipes/"):
-        recipe = str(ROOT / recipe)
-    model, tok = load_stories()
-    model, _ = cb.quantize(model, tok, cb.Recipe.load(recipe, **overrides), calib=calib, progress=False)
-    return output_hash(model)
+def reference_source(dest: Path) -> Path:
+    """REFERENCE_COMMIT's src/ and recipes/ under dest, or a skip that says why not."""
+    git = shutil.which("git")
+    if git is None or not (ROOT / ".git").exists():
+        pytest.skip("bit identity not checked: no git checkout to take the reference commit from")
+    found = subprocess.run([git, "-C", str(ROOT), "cat-file", "-e", f"{REFERENCE_COMMIT}^{{commit}}"],
+                           capture_output=True)
+    if found.returncode != 0:
+        pytest.skip(f"bit identity not checked: reference commit {REFERENCE_COMMIT[:7]} is not in this "
+                    "clone (shallow?); `git fetch --unshallow` brings it")
+    archive = subprocess.run([git, "-C", str(ROOT), "archive", "--format=tar", REFERENCE_COMMIT, "src", "recipes"],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != RECORDED_ON,
-                    reason=f"hashes recorded on a {RECORDED_ON} CPU; this one is "
-                           f"{torch.backends.cpu.get_cpu_capability()}")
+@pytest.fixture(scope="session")
+def reference_hashes(request, tmp_path_factory) -> dict:
+    env = environment()
+    key = "crossblock/bit_identity/" + hashlib.sha256(
+        json.dumps([REFERENCE_COMMIT, env, sorted(CASES)], sort_keys=True).encode()).hexdigest()[:24]
+    cache = getattr(request.config, "cache", None)
+    if cache is not None and (cached := cache.get(key, None)) is not None:
+        return cached
+    ref = reference_source(tmp_path_factory.mktemp("reference"))
+    out = ref / "hashes.json"
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("bit_identity_cases.py")), "--model", str(STORIES),
+         "--calib", str(CALIB_FILE), "--root", str(ref), "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(ref / "src")}, capture_output=True, text=True,
+        timeout=900)
+    assert run.returncode == 0, f"the reference commit's run failed:\n{run.stderr[-3000:]}"
+    hashes = json.loads(out.read_text())
+    if cache is not None:
+        cache.set(key, hashes)
+    return hashes
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_output_is_bit_identical_to_before_the_refactor(case, calib_text):
-    assert quantized_hash(case, calib_text) == HASHES[case]
+def test_output_is_bit_identical_to_the_reference_commit(case, calib_text, reference_hashes):
+    assert case_hash(case, STORIES, calib_text, ROOT) == reference_hashes[case]
+
+
+def test_the_hash_sees_one_ulp(calib_text):
+    """The comparison can fail: one scale moved by one ulp changes the hash."""
+    import crossblock as cb
+    model, tok = load_stories()
+    cb.quantize(model, tok, cb.Recipe.load("rtn", **CASES["rtn"][1]), calib=calib_text, progress=False)
+    before = output_hash(model)
+    qw = next(m.crossblock_qweight for m in model.modules() if getattr(m, "crossblock_qweight", None) is not None)
+    qw.scale.view(-1)[0] = torch.nextafter(qw.scale.view(-1)[0], torch.tensor(float("inf"), dtype=qw.scale.dtype))
+    assert output_hash(model) != before
