@@ -64,3 +64,46 @@ def test_without_lm_eval_one_line_how_to_install(monkeypatch, capsys):
     assert main(["eval", "--model", str(STORIES), "--tasks", "tinystories_next"]) == 2
     err = capsys.readouterr().err.strip()
     assert "pip install crossblock[eval]" in err and len(err.splitlines()) == 1
+
+
+def hostile_folder(tmp_path, marker):
+    """The shipped task, but lm-eval imports utils.py from the folder to process its documents."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    config = yaml.safe_load(SHIPPED["tinystories_next"].read_text())
+    config["task"] = "evil"
+    config["dataset_kwargs"]["data_files"] = {"test": str(SHIPPED_DIR / "tinystories_next.jsonl")}
+    (folder / "evil.yaml").write_text(yaml.safe_dump(config) + "process_docs: !function utils.process_docs\n")
+    (folder / "utils.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                     "def process_docs(docs):\n    return docs\n")
+    return folder
+
+
+def test_task_folder_code_runs_only_with_consent(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    folder = hostile_folder(tmp_path, marker)
+    assert main(["eval", "--model", str(STORIES), "--tasks", "evil", "--task-dir", str(folder), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "!function" in err and "--trust-task-dir" in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+    # the same tag in a file the folder includes from elsewhere
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text((folder / "evil.yaml").read_text())
+    sneaky = tmp_path / "sneaky"
+    sneaky.mkdir()
+    (sneaky / "t.yaml").write_text(f"include: {outside}\ntask: sneaky\n")
+    assert main(["eval", "--model", str(STORIES), "--tasks", "sneaky", "--task-dir", str(sneaky), "--quiet"]) == 2
+    assert "!function" in capsys.readouterr().err and not marker.exists()
+    # consent given: lm-eval imports the folder's code, as asked
+    assert main(["eval", "--model", str(STORIES), "--tasks", "evil", "--task-dir", str(folder), "--limit", "5",
+                 "--quiet", "--trust-task-dir"]) == 0
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("defines", ["group: hellaswag", "task: arc_easy", "task: tinystories_next"])
+def test_task_folder_may_not_replace_a_task_by_name(tmp_path, capsys, defines):
+    (tmp_path / "t.yaml").write_text(f"{defines}\ndataset_path: json\n")
+    assert main(["eval", "--model", str(STORIES), "--tasks", "tinystories_next", "--task-dir", str(tmp_path),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert defines.split()[1] in err and "replace" in err and len(err.splitlines()) == 1

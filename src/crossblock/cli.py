@@ -121,7 +121,7 @@ def cmd_eval(args):
         zero_shot.require_lm_eval()
         if not args.tasks:
             raise CrossblockError("--tasks needs at least one task name (comma-separated)")
-        zero_shot.task_specs(args.tasks, args.task_dir or ())
+        zero_shot.task_specs(args.tasks, args.task_dir or (), args.trust_task_dir)
     text = read_texts(args.ppl) if args.ppl else None
     model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype,
                      trust_remote_code=args.trust_remote_code)
@@ -131,7 +131,8 @@ def cmd_eval(args):
         print(f"perplexity {ppl:.4f}")
         return
     tasks = zero_shot.run_tasks(model, tokenizer, args.tasks, args.task_dir or (), batch_size=args.task_batch_size,
-                                limit=args.limit, num_fewshot=args.num_fewshot, progress=not args.quiet)
+                                limit=args.limit, num_fewshot=args.num_fewshot, progress=not args.quiet,
+                                trust_task_dir=args.trust_task_dir)
     print(zero_shot.task_table(tasks, {Path(args.ppl[0]).name: ppl} if ppl is not None else None))
 
 
@@ -227,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated lm-evaluation-harness tasks (pip install crossblock[eval]): tinystories_next "
                         "(shipped, offline), hellaswag, arc_easy, piqa, winogrande, ...")
-    e.add_argument("--task-dir", action="append", default=None, help="a folder of lm-eval task YAML files (repeatable)")
+    e.add_argument("--task-dir", action="append", default=None, help="a folder of lm-eval task YAML files (repeatable); "
+                   "refused if it would run Python (!function) or replace a task by name, unless --trust-task-dir")
+    e.add_argument("--trust-task-dir", action="store_true",
+                   help="let --task-dir folders run their Python and replace lm-eval's or shipped tasks of the same name")
     e.add_argument("--limit", type=int, default=None, help="at most this many items per task")
     e.add_argument("--num-fewshot", type=int, default=None)
     e.add_argument("--task-batch-size", type=int, default=16)

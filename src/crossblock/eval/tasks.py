@@ -9,6 +9,8 @@ no download.
 """
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 from ..errors import CrossblockError
@@ -34,13 +36,53 @@ def shipped_config(name: str) -> dict:
     return config
 
 
-def task_specs(names: list[str], task_dirs=()):
-    """What lm-eval's simple_evaluate takes: shipped tasks as configs, others by name (checked here,
-    so an unknown task is one line before any work)."""
-    from lm_eval.tasks import TaskManager
+TRUST = "pass --trust-task-dir (API: trust_task_dir=True) if you trust the folder"
+INCLUDES = re.compile(r"^include\s*:\s*['\"]?([^'\"#\s]+)", re.M)
+DEFINES = re.compile(r"^(?:task|group|tag)\s*:\s*['\"]?([\w.-]+)['\"]?\s*(?:#.*)?$", re.M)
+
+
+@functools.cache
+def builtin_task_names() -> frozenset[str]:
+    """The task, group and tag names lm-eval's own YAML files define (a text scan: lm-eval's
+    index parses them all, a minute on a busy CPU)."""
+    import lm_eval.tasks
+    root = Path(lm_eval.tasks.__file__).parent
+    return frozenset(m for f in root.rglob("*.yaml") for m in DEFINES.findall(f.read_text(errors="replace")))
+
+
+def check_task_dirs(task_dirs, trust: bool = False) -> None:
+    """A task folder is data unless the user says otherwise: lm-eval imports Python named by a
+    `!function` tag, and a task or group named like one of lm-eval's silently replaces it."""
     for d in task_dirs:
         if not Path(d).is_dir():
             raise CrossblockError(f"task folder not found: {d}")
+    if trust or not task_dirs:
+        return
+    import lm_eval
+    installed = Path(lm_eval.__file__).resolve().parent  # lm-eval's own files are its code, trusted
+    files = sorted(f for d in task_dirs for f in Path(d).rglob("*") if f.suffix in (".yaml", ".yml"))
+    todo, seen = list(files), set()
+    while todo:  # the folder's files and every file they include, wherever it is
+        f = todo.pop()
+        if f.resolve() in seen or not f.is_file() or installed in f.resolve().parents:
+            continue
+        seen.add(f.resolve())
+        text = f.read_text(errors="replace")
+        if "!function" in text:
+            raise CrossblockError(f"{f} runs Python from the task folder (a !function tag): {TRUST}")
+        todo += [f.parent / inc for inc in INCLUDES.findall(text)]
+    defined = {name: f for f in files for name in DEFINES.findall(f.read_text(errors="replace"))}
+    shadowed = sorted(set(defined) & (builtin_task_names() | set(SHIPPED)))
+    if shadowed:
+        raise CrossblockError(f"{defined[shadowed[0]]} defines {shadowed[0]!r}, which would replace the task of "
+                              f"that name: rename it, or {TRUST}")
+
+
+def task_specs(names: list[str], task_dirs=(), trust_task_dir: bool = False):
+    """What lm-eval's simple_evaluate takes: shipped tasks as configs, others by name (checked here,
+    so an unknown task is one line before any work)."""
+    from lm_eval.tasks import TaskManager
+    check_task_dirs(task_dirs, trust_task_dir)
     # lm-eval's own index reads thousands of YAML files (a minute on a busy CPU): only for names that
     # are neither shipped nor in task_dirs
     include = [str(d) for d in task_dirs] or None
@@ -55,8 +97,9 @@ def task_specs(names: list[str], task_dirs=()):
 
 
 def run_tasks(model, tokenizer, names: list[str], task_dirs=(), batch_size: int = 16, limit: int | None = None,
-              num_fewshot: int | None = None, progress: bool = True) -> list[dict]:
-    """Rows {task, metric, value, stderr} of each task's metrics (zero-shot unless num_fewshot)."""
+              num_fewshot: int | None = None, progress: bool = True, trust_task_dir: bool = False) -> list[dict]:
+    """Rows {task, metric, value, stderr} of each task's metrics (zero-shot unless num_fewshot).
+    `trust_task_dir` lets task folders run their Python (`!function`) and replace tasks by name."""
     require_lm_eval()
     import logging
 
@@ -66,7 +109,7 @@ def run_tasks(model, tokenizer, names: list[str], task_dirs=(), batch_size: int 
 
     if not names:
         raise CrossblockError("--tasks needs at least one task name (comma-separated)")
-    specs, manager = task_specs(names, task_dirs)
+    specs, manager = task_specs(names, task_dirs, trust_task_dir)
     # lm-eval warns that the model is an object (what we mean) and logs every step
     logging.getLogger("lm_eval").setLevel(logging.ERROR if not progress else logging.WARNING)
     init = tqdm.__init__
