@@ -138,3 +138,10 @@ def test_auto_refuses_bad_input(extra, message, tmp_path, capsys):
                  "--nsamples", "8", "--seqlen", "64", "--group-size", "-1", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_compare_refuses_auto_as_a_candidate(capsys):
+    assert main(["compare", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--recipe", "rtn,auto",
+                 "--blocks", "2", "--nsamples", "8", "--seqlen", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "auto is itself a comparison" in err and "has 2 blocks" not in err and len(err.splitlines()) == 1

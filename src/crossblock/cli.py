@@ -163,6 +163,10 @@ def cmd_compare(args):
     recipes = [recipe_from_args(args, name) for name in args.recipe.split(",") if name]
     if not recipes:
         raise CrossblockError("--recipe needs at least one preset or YAML file (comma-separated)")
+    from .auto import AutoRecipe
+    if any(isinstance(r, AutoRecipe) for r in recipes):  # it would compare on a prefix of the cut model
+        raise CrossblockError("compare cannot run auto: auto is itself a comparison (of block, la, mb, cbq on a "
+                              "prefix); compare those directly, e.g. --recipe block,la,mb,cbq")
     rows = compare(args.model, recipes, read_texts(args.calib), args.blocks, args.device, progress=not args.quiet,
                    trust_remote_code=args.trust_remote_code)
     print(compare_table(rows))
