@@ -131,3 +131,38 @@ def test_fake_folder_with_activations_reloads_bit_identical_whatever_the_rotatio
     folded = load_file(tmp_path / "q" / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(theirs.model.layers[0].mlp.down_proj.weight, folded)
     assert not torch.equal(folded, model.model.layers[0].mlp.down_proj.weight)
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_preprocess_rotate_writes_the_rotated_fp_model(tmp_path, capsys, online):
+    """#26.12: the rotated FP model as a folder that plain transformers reads and that computes the
+    same function; with the run-time rotation, crossblock.json records it."""
+    from crossblock.cli import main
+    from conftest import STORIES
+    out = tmp_path / "rotated"
+    assert main(["preprocess", "--model", str(STORIES), "--rotate", "--no-cfp", "--out", str(out), "--quiet",
+                 *([] if online else ["--no-rotate-online"])]) == 0
+    assert "rotated" in capsys.readouterr().out and not (out / "cfp.json").exists()
+    fp, tok = load_stories()
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ref = logits(fp, tok)
+    assert (logits(plain, tok) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert not torch.allclose(plain.model.layers[0].self_attn.q_proj.weight, fp.model.layers[0].self_attn.q_proj.weight)
+    # the run-time rotation is recorded (its down_proj weights hold W Hᵀ, the same function)
+    import json
+    transforms = json.loads((out / "crossblock.json").read_text())["transforms"]
+    assert bool(transforms) == online
+    assert (logits(cb.load(out), tok) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no-cfp"], "nothing to do"),
+    ([], "CFP needs calibration text"),
+])
+def test_preprocess_refuses_nothing_to_do_and_cfp_without_text(tmp_path, capsys, extra, message):
+    from crossblock.cli import main
+    from conftest import STORIES
+    out = tmp_path / "pre"
+    assert main(["preprocess", "--model", str(STORIES), "--out", str(out), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()

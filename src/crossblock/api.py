@@ -337,26 +337,43 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
 
 def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, weights: bool = False, data=None,
                       skip=(), device: str | None = None, dtype: str = "float32", overwrite: bool = False,
-                      progress: bool = True, trust_remote_code: bool = False) -> list[dict]:
-    """`crossblock preprocess`: write the CFP-preprocessed FP model (and cfp.json) to `out`."""
+                      progress: bool = True, trust_remote_code: bool = False, rotate=None,
+                      cfp: bool = True) -> list[dict]:
+    """`crossblock preprocess`: write the FP model after the rotation `rotate` (a stages.Rotate, or
+    None) and then CFP (unless `cfp` is False) to `out`. CFP writes cfp.json; a rotation writes
+    the folder as the fake format does: a plain transformers model (a run-time down_proj
+    rotation is folded into its weight) whose crossblock.json records the rotation."""
     from .data.text import read_texts
     from .export.common import save_folder
-    from .preprocess import cfp
+    from .preprocess import cfp as run_cfp
     from .recipe import Data
 
+    if not cfp and rotate is None:
+        raise CrossblockError("preprocess has nothing to do: CFP is off and no rotation was asked for")
+    if cfp and not calib_files:
+        raise CrossblockError("CFP needs calibration text: pass --calib FILE (or --no-cfp with --rotate)")
     data = (data or Data()).validated()
-    output.check_output(out, overwrite, needed=[model_path, calib_files])
-    calib = read_texts(calib_files)
+    output.check_output(out, overwrite, needed=[model_path, calib_files or []])
+    calib = read_texts(calib_files) if cfp else None
     model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     check_weights_finite(model)
-    ids = calibration_ids(tokenizer, calib, data)
-    found = cfp(model, ids, alpha, weights, data.batch_size, list(skip), device or default_device(), progress)
+    info, found = {"model": str(model_path)}, []
+    if rotate is not None:
+        from .preprocess.rotate import rotate_model
+        info["rotate"] = rotate_model(model, seed=rotate.seed, online_down_proj=rotate.online, kind=rotate.kind)
+    if cfp:
+        ids = calibration_ids(tokenizer, calib, data)
+        found = run_cfp(model, ids, alpha, weights, data.batch_size, list(skip), device or default_device(), progress)
+        info.update({"cfp_alpha": alpha, "cfp_weights": weights, "skip": list(skip),
+                     "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
+                     "cfp": found})
     with staged_dir(out) as tmp:
-        save_folder(model, tokenizer, tmp)
-        info = {"model": str(model_path), "cfp_alpha": alpha, "cfp_weights": weights, "skip": list(skip),
-                "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
-                "cfp": found}
-        (tmp / "cfp.json").write_text(json.dumps(info, indent=1) + "\n")
+        if rotate is not None:
+            write_folder(model, tokenizer, tmp, "fake", {"preprocess": info, "versions": versions()})
+        else:
+            save_folder(model, tokenizer, tmp)
+        if cfp:
+            (tmp / "cfp.json").write_text(json.dumps(info, indent=1) + "\n")
     return found
 
 

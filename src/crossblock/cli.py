@@ -96,17 +96,24 @@ def cmd_quantize(args):
 def cmd_preprocess(args):
     from .api import preprocess_folder
     from .recipe import Data
-    from .stages import Cfp
+    from .stages import Cfp, Rotate
 
     data = Data(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=min(8, args.nsamples))
     cfp = Cfp(args.cfp_alpha, args.cfp_weights).validated()
+    rotate = Rotate(seed=args.rotate_seed, online=args.rotate_online).validated() if args.rotate else None
     found = preprocess_folder(args.model, args.calib, Path(args.out), cfp.alpha, cfp.weights, data, args.skip or [],
                               device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
-                              trust_remote_code=args.trust_remote_code)
-    channels = sum(sum(b["outlier_channels"].values()) for b in found)
-    weights = sum(sum(b["outlier_weights"].values()) for b in found)
-    print(f"wrote {args.out}: {channels} outlier channels scaled, {weights} outlier weights truncated "
-          f"over {len(found)} blocks (per block: {args.out}/cfp.json)")
+                              trust_remote_code=args.trust_remote_code, rotate=rotate, cfp=args.cfp)
+    done = []
+    if rotate is not None:
+        done.append("rotated" + (" (a run-time rotation before down_proj, folded for plain transformers)"
+                                 if rotate.online else ""))
+    if args.cfp:
+        channels = sum(sum(b["outlier_channels"].values()) for b in found)
+        weights = sum(sum(b["outlier_weights"].values()) for b in found)
+        done.append(f"{channels} outlier channels scaled, {weights} outlier weights truncated over {len(found)} "
+                    f"blocks (per block: {args.out}/cfp.json)")
+    print(f"wrote {args.out}: " + "; ".join(done))
 
 
 def cmd_eval(args):
@@ -207,9 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_auto_budget(q)
     q.set_defaults(func=cmd_quantize)
 
-    pp = sub.add_parser("preprocess", help="write the model after CBQ's coarse-to-fine preprocessing (CFP)")
+    pp = sub.add_parser("preprocess", help="write the FP model after CBQ's coarse-to-fine preprocessing (CFP) "
+                        "and/or QuaRot-style rotations (--rotate), for crossblock or other tools")
     pp.add_argument("--model", required=True, help="a local HF folder or a hub id")
-    pp.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
+    pp.add_argument("--calib", nargs="+", default=None, help="calibration text file(s) (needed by CFP)")
+    pp.add_argument("--cfp", action=argparse.BooleanOptionalAction, default=True,
+                    help="run CFP (default on; --no-cfp with --rotate writes the rotated model only)")
+    pp.add_argument("--rotate", action="store_true", help="rotate the hidden spaces first (Hadamard, as the rotate stage)")
+    pp.add_argument("--rotate-seed", type=int, default=0)
+    pp.add_argument("--rotate-online", action=argparse.BooleanOptionalAction, default=True,
+                    help="a run-time rotation before down_proj (read back by crossblock.load; plain transformers "
+                         "reads it folded); --no-rotate-online: nothing at run time, a plain model for any tool")
     pp.add_argument("--out", required=True)
     pp.add_argument("--nsamples", type=int, default=128)
     pp.add_argument("--seqlen", type=int, default=512)
