@@ -224,3 +224,22 @@ def test_plan_counts_the_block_passes_the_engine_runs(preset, monkeypatch):
     reverted = sum(recipe.data.nsamples * len(w.finished) for w, entry in zip(schedule, report["windows"])
                    if entry.get("reverted") and w.finishes_through_target)
     assert sum(passes) == plan.schedule_cost(recipe, len(model.model.layers)) + reverted
+
+
+def test_save_refuses_scales_the_packed_format_would_round(tmp_path, capsys):
+    """#26.9: cb.save(format="gptq") of a model quantized for another format would write other
+    scales than the model holds (fp16 rounding at save): refused with the fix, nothing written."""
+    model, tok = load_stories()
+    cb.quantize(model, tok, cb.Recipe.preset("rtn", wbits=8, group_size=-1, **CALIB), calib=_calib_text(), progress=False)
+    with pytest.raises(cb.CrossblockError, match=r"gptq stores scales in float16.*format='gptq'"):
+        cb.save(model, tok, tmp_path / "q", format="gptq")
+    assert not (tmp_path / "q").exists()
+    from crossblock.cli import main
+    from conftest import CALIB_FILE, STORIES
+    out = tmp_path / "cli"
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",
+                 "--recipe", "rtn", "--wbits", "8", "--group-size", "-1", "--format", "gptq",
+                 "--scale-dtype", "float32"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["crossblock: error: gptq stores scales in float16, not float32: drop scale_dtype (--scale-dtype) "
+                      "and the scales are trained on what it stores"] and not out.exists()

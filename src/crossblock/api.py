@@ -177,6 +177,10 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     rotate = recipe.stage("rotate")
     form.accepts_online_transforms(rotate is not None and rotate.online)
     stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
+    asked = getattr(grid, "scale_dtype", None)
+    if asked is not None and stored not in (None, torch.float32) and getattr(torch, asked) != stored:
+        raise CrossblockError(f"{format} stores scales in {str(stored).removeprefix('torch.')}, not {asked}: "
+                              f"drop scale_dtype (--scale-dtype) and the scales are trained on what it stores")
     if getattr(grid, "scale_dtype", "own") is not None or stored in (None, torch.float32):
         return recipe
     return dataclasses.replace(recipe, grid=dataclasses.replace(grid, scale_dtype=str(stored).removeprefix("torch.")))
@@ -393,6 +397,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     activations = act_quant.record(model)  # the scheme the exports record, and per-layer steps
     transforms = record_transforms(model)
     export.require_known_format(format).accepts_online_transforms(bool(transforms))
+    refuse_scales_off_the_stored_grid(model, format, None)  # after the cast: the dtype saved
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations))
     write_report(folder, report, format, activations, transforms, written)
 
@@ -427,6 +432,23 @@ def save(model, tokenizer, out, format: str = "fake", report: dict | None = None
     with staged_dir(out) as tmp:
         write_folder(model, tokenizer, tmp, format, report, dtype)
     return out
+
+
+def refuse_scales_off_the_stored_grid(model, format: str, dtype: torch.dtype | None):
+    """A packed file must hold the model that was evaluated: scales the format would round (fp16
+    for gptq; the saved dtype for compressed-tensors) are refused with the way to get them right."""
+    from . import export
+    from .export.common import quantized_layers as packed_layers
+    stored = export.require_known_format(format).stored_scale_dtype(dtype or checkpoint_dtype(model))
+    if stored in (None, torch.float32):
+        return
+    off = [name for name, (_, qw) in packed_layers(model).items()
+           if not torch.equal(qw.scale.to(stored).to(qw.scale.dtype), qw.scale)]
+    if off:
+        dt = str(stored).removeprefix("torch.")
+        raise CrossblockError(f"{format} stores scales in {dt}, and {len(off)} layer(s) (e.g. {off[0]}) have scales "
+                              f"that are not {dt} values, so the file would differ from this model: quantize with "
+                              f"format={format!r} (CLI: --format {format}), which trains the scales on {dt}")
 
 
 def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
