@@ -228,3 +228,23 @@ def test_byte_level_bpe_names_the_pre_tokenizer_llama_cpp_must_use(kind, expecte
     fields = GGUFReader(str(tmp_path / FILE)).fields
     assert fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert fields["tokenizer.ggml.pre"].contents() == expected
+
+
+def test_a_file_transformers_cannot_read_back_is_refused_in_one_line(tokenizer, calib_text, tmp_path, capsys):
+    """#26.9: Qwen3 with head_dim 64 is written as llama.cpp reads it, but transformers' GGUF reader
+    assumes Qwen3's default 128: load and eval say so instead of a shape error."""
+    from transformers import Qwen3Config, AutoModelForCausalLM
+    from crossblock.cli import main
+    config = Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128, head_dim=64)
+    torch.manual_seed(0)
+    model, report = quantize(AutoModelForCausalLM.from_config(config).eval(), tokenizer, calib_text, recipe("Q4_K_M"))
+    cb.save(model, tokenizer, tmp_path / "out", format="gguf", report=report)
+    with pytest.raises(cb.CrossblockError, match="head_dim is 64; transformers assumes 128"):
+        cb.load(tmp_path / "out")
+    text = tmp_path / "t.txt"
+    text.write_text(calib_text[:5000])
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "out"), "--ppl", str(text), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and "transformers assumes 128" in errors[0]

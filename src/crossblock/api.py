@@ -442,8 +442,8 @@ def refuse_scales_off_the_stored_grid(model, format: str, dtype: torch.dtype | N
     stored = export.require_known_format(format).stored_scale_dtype(dtype or checkpoint_dtype(model))
     if stored in (None, torch.float32):
         return
-    off = [name for name, (_, qw) in packed_layers(model).items()
-           if not torch.equal(qw.scale.to(stored).to(qw.scale.dtype), qw.scale)]
+    off = [name for name, (_, qw) in packed_layers(model).items()  # GGUF types keep their own scale codes
+           if qw.kind == "uniform" and not torch.equal(qw.scale.to(stored).to(qw.scale.dtype), qw.scale)]
     if off:
         dt = str(stored).removeprefix("torch.")
         raise CrossblockError(f"{format} stores scales in {dt}, and {len(off)} layer(s) (e.g. {off[0]}) have scales "

@@ -250,5 +250,27 @@ def load_gguf(path, device: str = "cpu", dtype: torch.dtype | None = None):
     decodes every tensor with the gguf package's dequantizers (float32) and undoes the rotary
     row permutation."""
     from transformers import AutoModelForCausalLM
+    check_transformers_reads(Path(path) / FILE)
     model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=FILE, dtype=dtype or torch.float32)
     return model.to(device).eval()
+
+
+def check_transformers_reads(file: Path):
+    """transformers' GGUF reader does not read attention.key_length for the families written here:
+    it takes the config class's head_dim (Qwen3: 128) or hidden / heads. A file whose heads are
+    otherwise is refused with where it can be read, instead of a shape error."""
+    import gguf
+    from transformers import AutoConfig
+    field = gguf.GGUFReader(str(file)).fields
+    arch_field = field["general.architecture"]
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    key = field.get(f"{arch}.attention.key_length")
+    if key is None:
+        return
+    written = int(key.parts[key.data[0]][0])
+    config = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
+    assumed = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if written != assumed:
+        raise CrossblockError(f"{file}: transformers' GGUF reader cannot load this {arch} file (its head_dim is "
+                              f"{written}; transformers assumes {assumed}); llama.cpp reads it, or evaluate the model "
+                              "quantized with --format fake")
