@@ -147,7 +147,8 @@ def test_moe_sharded_output_same_files_both_paths(tmp_path, monkeypatch, fmt):
 
 def test_checkpoint_without_a_model_weight_is_refused_before_work(tmp_path, capsys):
     """A weight found neither under its name nor through transformers' conversion mapping (here
-    one expert of a layer missing) is refused with the reason, before any work."""
+    the experts of a layer missing) is refused as missing, as the in-memory path refuses it, before
+    any work: not as something to retry without --low-memory (issue 26.1)."""
     from safetensors.torch import load_file, save_file
     folder = moe_folder(tmp_path, "qwen3_moe")
     tensors = load_file(folder / "model.safetensors")
@@ -155,11 +156,15 @@ def test_checkpoint_without_a_model_weight_is_refused_before_work(tmp_path, caps
         del tensors[k]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "o"
+    capsys.readouterr()  # moe_folder's progress bars
     assert main(["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), "--out", str(out), "--low-memory",
                  "--recipe", "rtn", "--wbits", "4", "--group-size", "16", *SMALL]) == 2
-    err = capsys.readouterr().err
-    assert "model.layers.1.mlp.experts.gate_up_proj is found neither way" in err
-    assert "transformers' conversion mapping" in err and not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weight model.layers.1.mlp.experts.down_proj (and 1 more) is missing" in err
+    assert "without --low-memory" not in err and not out.exists()
+    assert main(["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), "--out", str(out), "--no-low-memory",
+                 "--recipe", "rtn", "--wbits", "4", "--group-size", "16", *SMALL]) == 2
+    assert capsys.readouterr().err.strip() == err  # the same line as the in-memory load
 
 
 def test_streaming_safetensors_writer_matches_safetensors(tmp_path):

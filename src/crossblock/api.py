@@ -31,6 +31,7 @@ from .errors import CrossblockError
 from .export import schema
 from .eval.perplexity import perplexity
 from .model.adapter import block_experts, block_linears, find_blocks, unquantized_weights
+from .model.loading import from_pretrained_exactly
 from .quant.experts import expert_params
 from .output import partial_dir, staged_dir
 from .quant import act as act_quant
@@ -68,9 +69,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_re
             model, stored = load_skeleton(path, dtype, trust_remote_code)
         else:
             stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = from_pretrained_exactly(AutoModelForCausalLM, name_or_path, source, dtype=dtype,
+                                            trust_remote_code=trust_remote_code)
         model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None  # see checkpoint_dtype
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except CrossblockError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
         raise CrossblockError(f"cannot load model {name_or_path}: {first_line(e)}") from None
     return model.eval(), tokenizer
