@@ -215,6 +215,7 @@ def run_prefix(quantize, model, tokenizer, recipe: Recipe, ids, blocks: int, dev
     """Quantize a copy of the model's first `blocks` blocks with `recipe`'s stages up to the windows."""
     with first_blocks(model, blocks):
         prefix = copy.deepcopy(model)
+    prefix.crossblock_prefix = True  # its skip patterns were checked on the whole model (api.for_format)
     stages = [s for s in recipe.stages if s.kind_name != "finetune"]
     _, report = quantize(prefix, tokenizer, dataclasses.replace(recipe, stages=stages), ids, device=device,
                          progress=progress, on_window=on_window)

@@ -75,7 +75,7 @@ class Recipe(Config):
     data: Data = field(default_factory=Data)
     grid: Config = field(default_factory=UniformGrid)
     activations: Activations = field(default_factory=Activations)
-    skip: list[str] = field(default_factory=list)  # name substrings of layers left in full precision
+    skip: list[str] = field(default_factory=list)  # layers left in full precision: names, globs (adapter.is_skipped)
     stages: list[Stage] = field(default_factory=lambda: [Windows()])
     # how the recipe was chosen (Recipe.default, --recipe auto): recorded in crossblock.json, not part of
     # the recipe itself (to_dict leaves it out, so checkpoints and fingerprints ignore it)
