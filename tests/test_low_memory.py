@@ -145,6 +145,23 @@ def test_moe_sharded_output_same_files_both_paths(tmp_path, monkeypatch, fmt):
     assert streamed == memory
 
 
+def test_distinct_head_under_a_tied_config_is_written_as_in_memory(tmp_path, capsys):
+    """config.json says tied, but the files hold an lm_head.weight of its own: transformers keeps
+    the two apart, and so does the low-memory path (it wrote the embeddings only; issue 26.4)."""
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "head"
+    shutil.copytree(STORIES, folder)
+    tensors = load_file(folder / "model.safetensors")
+    torch.manual_seed(0)
+    head = tensors["model.embed_tokens.weight"] + 0.01 * torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file({**tensors, "lm_head.weight": head}, folder / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    memory, streamed = both_paths(tmp_path, folder, "--recipe", "rtn", "--wbits", "4", "--group-size", "32")
+    assert streamed == memory
+    assert load_file(tmp_path / "stream" / "model.safetensors")["lm_head.weight"].equal(head)
+    assert "kept apart" in capsys.readouterr().err
+
+
 def test_checkpoint_without_a_model_weight_is_refused_before_work(tmp_path, capsys):
     """A weight found neither under its name nor through transformers' conversion mapping (here
     the experts of a layer missing) is refused as missing, as the in-memory path refuses it, before

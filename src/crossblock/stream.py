@@ -232,6 +232,26 @@ class Source:
         self.headers.clear()
         refuse_unloaded(self.folder, info.missing_keys, info.unexpected_keys, mismatched)
 
+    def untie_distinct(self, model: nn.Module, rows: int = 4096):
+        """A tied pair (lm_head = embeddings) that the checkpoint stores under both names with
+        different values (a config that says tied, files that are not) is untied, as from_pretrained
+        unties it, so that the head written is the checkpoint's, as on the in-memory path. The two
+        are compared `rows` rows at a time, in the model's dtype."""
+        dtype = next(model.parameters()).dtype
+        for target, origin in list(getattr(model, "all_tied_weights_keys", {}).items()):
+            if target not in self.where or origin not in self.where:
+                continue
+            pairs = zip(self.chunks(target, rows), self.chunks(origin, rows))
+            if all(a.to(dtype).equal(b.to(dtype)) for a, b in pairs):
+                continue
+            print(f"crossblock: {self.folder}: config.json ties {target} to {origin}, but the checkpoint holds both "
+                  f"with different values: kept apart, as transformers keeps them", file=sys.stderr)
+            parent, _, name = target.rpartition(".")
+            module = model.get_submodule(parent) if parent else model
+            tied = getattr(module, name)
+            setattr(module, name, nn.Parameter(torch.empty_like(tied, device="meta"), requires_grad=tied.requires_grad))
+            model.all_tied_weights_keys.pop(target)  # as from_pretrained: save_pretrained writes both
+
     def tie(self, model: nn.Module):
         """Tied weights (lm_head = embeddings) are stored once: the other name reads that one."""
         groups: dict[int, list[str]] = {}
@@ -323,6 +343,7 @@ def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
     source = Source(path)
     source.follow_conversions(model)
     source.real_buffers = {k for k, t in model.state_dict().items() if t.device.type != "meta"}
+    source.untie_distinct(model)
     source.tie(model)
     source.check_complete(model)
     model.crossblock_source = source
