@@ -119,8 +119,10 @@ def cmd_eval(args):
     if not args.ppl and args.tasks is None:
         raise CrossblockError("eval needs --ppl FILE(s) and/or --tasks NAME[,NAME...]")
     tasks = None
-    if args.tasks is not None:  # checked before the model loads: lm-eval installed, every task known
+    if args.tasks is not None:  # checked before the model loads: the numbers, lm-eval installed, every task known
         from .eval import tasks as zero_shot
+        from .validate import check_task_options
+        check_task_options(args.limit, args.num_fewshot, args.task_batch_size)
         zero_shot.require_lm_eval()
         if not args.tasks:
             raise CrossblockError("--tasks needs at least one task name (comma-separated)")

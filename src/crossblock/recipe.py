@@ -41,8 +41,11 @@ class Data(Config):
 
     def check(self):
         self.refuse(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
-        self.refuse(1 <= self.batch_size <= self.nsamples,
-                    f"batch_size must be in 1..nsamples ({self.nsamples}), got {self.batch_size}")
+        self.refuse(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        # either may be the one the user set (e.g. --nsamples 2 under a preset's batch_size 8): both named
+        self.refuse(self.batch_size <= self.nsamples,
+                    f"nsamples {self.nsamples} is fewer than batch_size {self.batch_size} (sequences per step): "
+                    f"set nsamples >= {self.batch_size} or batch_size <= {self.nsamples} (--nsamples, --batch-size)")
 
 
 @dataclass
