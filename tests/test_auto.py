@@ -127,7 +127,7 @@ def test_cli_default_recipe_is_recorded(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--recipe", "auto", "--auto-budget", "0"], "--auto-budget must be > 0"),
-    (["--recipe", "auto", "--auto-budget", "0.001"], "--auto-budget is too small"),
+    (["--recipe", "auto", "--auto-budget", "0.001"], "--auto-budget 0.001 is too small"),
     (["--recipe", "block", "--auto-budget", "0.1"], "--auto-budget applies to --recipe auto only"),
     (["--recipe", "auto", "--window", "2"], "--recipe auto chooses window itself"),
     (["--recipe", "auto", "--iters", "0"], "--recipe auto compares trained schedules"),
@@ -145,3 +145,20 @@ def test_compare_refuses_auto_as_a_candidate(capsys):
                  "--blocks", "2", "--nsamples", "8", "--seqlen", "64", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "auto is itself a comparison" in err and "has 2 blocks" not in err and len(err.splitlines()) == 1
+
+
+def test_too_small_budget_names_one_that_runs(tmp_path, capsys):
+    """stories260k at the default budget: the refusal names the --auto-budget that fits (issue 26.6),
+    and `plan` with it measures the comparison within it."""
+    import re
+    settings = ["--recipe", "auto", "--wbits", "4", "--group-size", "32", "--nsamples", "8", "--seqlen", "64",
+                "--batch-size", "2"]
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",
+                 *settings]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--auto-budget 0.15 is too small" in err and not out.exists()
+    enough = re.search(r"--auto-budget ([0-9.]+) runs it", err).group(1)
+    assert main(["plan", "--model", str(STORIES), *settings, "--auto-budget", enough]) == 0
+    planned = re.search(r"= ([0-9.]+)% of the full run", capsys.readouterr().out)
+    assert float(planned.group(1)) <= 100 * float(enough)

@@ -3,6 +3,7 @@ silent no-op (issue 13.5 and 13.7, the parts outside recipe validation)."""
 import errno
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ FAST = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--group-size"
 
 def quantize_args(out, *extra):
     return ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), *FAST, *extra]
+
+
+TASK = ["--tasks", "tinystories_next"]
 
 
 def eval_args(*extra, model=STORIES):
@@ -59,6 +63,17 @@ CASES = {
     "eval --device tpu": (lambda t: eval_args("--device", "tpu"), "device 'tpu'"),
     "eval of a folder without tokenizer": (no_tokenizer, "cannot load a tokenizer"),
     "eval of a pickled .bin": (pickle_bin, "model.safetensors"),
+    # eval --tasks: numbers no task runs with, refused before the model loads (issue 26.5)
+    "eval --limit 0": (lambda t: eval_args(*TASK, "--limit", "0"), "limit must be a positive integer"),
+    "eval --limit -1": (lambda t: eval_args(*TASK, "--limit", "-1"), "limit must be a positive integer"),
+    "eval --num-fewshot -1": (lambda t: eval_args(*TASK, "--num-fewshot", "-1"), "num fewshot must be an integer >= 0"),
+    "eval --task-batch-size 0": (lambda t: eval_args(*TASK, "--task-batch-size", "0"), "task batch size must be a positive"),
+    "eval --task-batch-size -3": (lambda t: eval_args(*TASK, "--task-batch-size", "-3"), "task batch size must be a positive"),
+    "--nsamples 2 under a batch size of 8": (lambda t: quantize_args(t / "out", "--nsamples", "2", "--batch-size", "8"),
+                                             "nsamples 2 is fewer than batch_size 8"),
+    "--nsamples 2 under the recipe's batch size": (
+        lambda t: ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(t / "out"), "--recipe",
+                   "rtn", "--nsamples", "2"], "nsamples 2 is fewer than batch_size 8 (sequences per step): set nsamples >= 8"),
 }
 
 
@@ -97,6 +112,25 @@ def test_report_on_a_read_only_folder_is_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "cannot write" in err and "--no-plot" in err
     finally:
         os.chmod(out, 0o755)
+
+
+def test_task_numbers_are_refused_before_the_model_loads(monkeypatch, capsys):
+    import crossblock.api as api
+    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("loaded first"))
+    assert main(eval_args(*TASK, "--limit", "0")) == 2
+    assert "limit must be" in capsys.readouterr().err
+
+
+def test_report_without_matplotlib_prints_the_table_and_says_no_plot(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert main(quantize_args(out, "--recipe", "rtn")) == 0
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["block", "rel.", "MSE", "RTN", "rel.", "MSE", "ratio", "per-token"]
+    assert len(printed) == 1 + 5 + 1 and "not written" in printed[-1] and "crossblock[plot]" in printed[-1]
+    assert not (out / "error_by_block.png").exists()
 
 
 def test_full_disk_in_safetensors_is_one_line(tmp_path, monkeypatch, capsys):

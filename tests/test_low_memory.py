@@ -145,9 +145,27 @@ def test_moe_sharded_output_same_files_both_paths(tmp_path, monkeypatch, fmt):
     assert streamed == memory
 
 
+def test_distinct_head_under_a_tied_config_is_written_as_in_memory(tmp_path, capsys):
+    """config.json says tied, but the files hold an lm_head.weight of its own: transformers keeps
+    the two apart, and so does the low-memory path (it wrote the embeddings only; issue 26.4)."""
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "head"
+    shutil.copytree(STORIES, folder)
+    tensors = load_file(folder / "model.safetensors")
+    torch.manual_seed(0)
+    head = tensors["model.embed_tokens.weight"] + 0.01 * torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file({**tensors, "lm_head.weight": head}, folder / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    memory, streamed = both_paths(tmp_path, folder, "--recipe", "rtn", "--wbits", "4", "--group-size", "32")
+    assert streamed == memory
+    assert load_file(tmp_path / "stream" / "model.safetensors")["lm_head.weight"].equal(head)
+    assert "kept apart" in capsys.readouterr().err
+
+
 def test_checkpoint_without_a_model_weight_is_refused_before_work(tmp_path, capsys):
     """A weight found neither under its name nor through transformers' conversion mapping (here
-    one expert of a layer missing) is refused with the reason, before any work."""
+    the experts of a layer missing) is refused as missing, as the in-memory path refuses it, before
+    any work: not as something to retry without --low-memory (issue 26.1)."""
     from safetensors.torch import load_file, save_file
     folder = moe_folder(tmp_path, "qwen3_moe")
     tensors = load_file(folder / "model.safetensors")
@@ -155,11 +173,15 @@ def test_checkpoint_without_a_model_weight_is_refused_before_work(tmp_path, caps
         del tensors[k]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "o"
+    capsys.readouterr()  # moe_folder's progress bars
     assert main(["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), "--out", str(out), "--low-memory",
                  "--recipe", "rtn", "--wbits", "4", "--group-size", "16", *SMALL]) == 2
-    err = capsys.readouterr().err
-    assert "model.layers.1.mlp.experts.gate_up_proj is found neither way" in err
-    assert "transformers' conversion mapping" in err and not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weight model.layers.1.mlp.experts.down_proj (and 1 more) is missing" in err
+    assert "without --low-memory" not in err and not out.exists()
+    assert main(["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), "--out", str(out), "--no-low-memory",
+                 "--recipe", "rtn", "--wbits", "4", "--group-size", "16", *SMALL]) == 2
+    assert capsys.readouterr().err.strip() == err  # the same line as the in-memory load
 
 
 def test_streaming_safetensors_writer_matches_safetensors(tmp_path):

@@ -67,13 +67,59 @@ def test_overwrite_never_removes_what_crossblock_did_not_write(case, tmp_path, m
     assert not list(tmp_path.rglob(".*.partial"))
 
 
-def test_overwrite_replaces_a_crossblock_output(tmp_path, capsys):
+@pytest.mark.parametrize("first", [["--format", "fake"], ["--format", "compressed-tensors"], ["preprocess"]])
+def test_overwrite_replaces_a_crossblock_output(first, tmp_path, capsys):
+    out = tmp_path / "out"
+    if first == ["preprocess"]:
+        assert main(["preprocess", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out),
+                     "--nsamples", "8", "--seqlen", "64", "--quiet"]) == 0
+    else:
+        assert main(quantize_args(out, *first)) == 0
+        assert main(["report", str(out), "--no-plot"]) == 0
+    (out / "checkpoint.safetensors").write_bytes(b"")  # as a kill just after the final rename leaves it
+    assert main(quantize_args(out, "--overwrite")) == 0
+    assert (out / "crossblock.json").is_file() and not (out / "cfp.json").exists()
+    assert not partial_dir(out).exists() and not list(out.glob("checkpoint*")) and not (out / "crossblock.lock").exists()
+
+
+def project(tmp_path, marker: str):
+    """A user's folder that holds a file named like crossblock's marker (issue 26.2)."""
+    out = tmp_path / "proj"
+    (out / "src").mkdir(parents=True)
+    (out / ".git").mkdir()
+    (out / "src" / "important.py").write_text("x")
+    (out / marker).write_text("{}")
+    return out
+
+
+FOREIGN = {  # what OUT holds -> the reason the one line gives
+    "an empty crossblock.json": (lambda t: project(t, "crossblock.json"), "its crossblock.json is not one crossblock wrote"),
+    "an empty cfp.json": (lambda t: project(t, "cfp.json"), "its cfp.json is not one crossblock wrote"),
+    "a crossblock.json with crossblock's keys": (
+        lambda t: (project(t, "crossblock.json") / "crossblock.json").write_text('{"format": "fake", "activations": null}')
+        and t / "proj", "it holds .git, which crossblock does not write"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN)
+def test_overwrite_refuses_a_folder_with_a_marker_it_did_not_write(case, tmp_path, capsys):
+    make, why = FOREIGN[case]
+    out = make(tmp_path)
+    assert main(quantize_args(out, "--overwrite")) == 2
+    one_line_error(capsys, f"output folder {out} is not a crossblock output ({why})")
+    assert (out / "src" / "important.py").read_text() == "x" and (out / ".git").is_dir()
+    assert not partial_dir(out).exists()
+
+
+def test_overwrite_refuses_a_crossblock_output_holding_a_users_file(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(quantize_args(out)) == 0
-    (out / "extra.txt").write_text("from the first run")
-    assert main(quantize_args(out, "--overwrite")) == 0
-    assert (out / "crossblock.json").is_file() and not (out / "extra.txt").exists()
-    assert not partial_dir(out).exists() and not list(out.glob("checkpoint*")) and not (out / "crossblock.lock").exists()
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert main(quantize_args(out, "--overwrite")) == 2
+    one_line_error(capsys, "it holds notes.txt, which crossblock does not write")
+    assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == before
 
 
 def test_second_run_on_the_same_out_refuses_while_the_first_runs(tmp_path, capsys):

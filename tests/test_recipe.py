@@ -91,7 +91,9 @@ def test_flags_override_a_sectioned_recipe_and_a_pipeline_without_flat_form_says
     ("stride", 3, "stride must be in 1..window"),
     ("target", "nope", "target must be one of"),
     ("rounding", "stochastic", "rounding must be one of"),
-    ("batch_size", 512, "batch_size must be in 1..nsamples"),
+    ("batch_size", 512, r"nsamples 128 is fewer than batch_size 512"),
+    ("batch_size", 0, "batch_size must be >= 1"),
+    ("nsamples", 2, r"nsamples 2 is fewer than batch_size 8 \(sequences per step\): set nsamples >= 8"),
 ])
 def test_invalid_settings_are_refused_with_the_reason(field, value, message):
     with pytest.raises(CrossblockError, match=message):

@@ -59,6 +59,13 @@ def test_bad_task_input_exits_2(extra, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_more_fewshot_examples_than_the_task_holds_is_one_line(capsys):
+    assert main(["eval", "--model", str(STORIES), "--tasks", "tinystories_next", "--num-fewshot", "400", "--limit", "2",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "num fewshot 400 is more examples than the task(s) tinystories_next" in err
+
+
 def test_without_lm_eval_one_line_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     assert main(["eval", "--model", str(STORIES), "--tasks", "tinystories_next"]) == 2

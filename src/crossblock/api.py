@@ -30,7 +30,9 @@ from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
 from .export import schema
 from .eval.perplexity import perplexity
-from .model.adapter import block_experts, block_linears, find_blocks, unquantized_weights
+from .model.adapter import (block_experts, block_linears, find_blocks, is_skipped, refuse_unmatched_skip,
+                            unquantized_weights)
+from .model.loading import from_pretrained_exactly
 from .quant.experts import expert_params
 from .output import partial_dir, staged_dir
 from .quant import act as act_quant
@@ -68,9 +70,12 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_re
             model, stored = load_skeleton(path, dtype, trust_remote_code)
         else:
             stored = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).dtype
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = from_pretrained_exactly(AutoModelForCausalLM, name_or_path, source, dtype=dtype,
+                                            trust_remote_code=trust_remote_code)
         model.crossblock_stored_dtype = str(stored).removeprefix("torch.") if stored else None  # see checkpoint_dtype
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except CrossblockError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here means the model cannot be used
         raise CrossblockError(f"cannot load model {name_or_path}: {first_line(e)}") from None
     return model.eval(), tokenizer
@@ -100,14 +105,14 @@ def quantized_layers(model, skip=()) -> dict[str, torch.nn.Module]:
     """The linear layers of every block that a recipe with `skip` quantizes, by full name."""
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks)
-            for n, m in block_linears(b) if not any(s in n for s in skip)}
+            for n, m in block_linears(b) if not is_skipped(skip, prefix, i, n)}
 
 
 def quantized_experts(model, skip=()) -> dict[str, torch.Tensor]:
     """The fused 3-D expert parameters a recipe with `skip` quantizes (E, out, in), by full name."""
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}.{p}": t for i, b in enumerate(blocks) for n, m in block_experts(b)
-            if not any(s in n for s in skip) for p, t in expert_params(m).items()}
+            if not is_skipped(skip, prefix, i, n) for p, t in expert_params(m).items()}
 
 
 def matrix_shapes(model, skip=()) -> dict[str, tuple[int, int]]:
@@ -160,6 +165,8 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     to exactly the fake-quantized weights. A grid with its own scale_dtype keeps it."""
     from . import export
     form = export.require_known_format(format)
+    if not getattr(model, "crossblock_prefix", False):  # a prefix (auto, compare): checked on the whole model
+        refuse_unmatched_skip(model, recipe.skip)
     layers = list(quantized_layers(model, recipe.skip).values())
     shapes = matrix_shapes(model, recipe.skip).values()
     experts = quantized_experts(model, recipe.skip)
@@ -360,6 +367,7 @@ def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, wei
     output.check_output(out, overwrite, needed=[model_path, calib_files or []])
     calib = read_texts(calib_files) if cfp else None
     model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    refuse_unmatched_skip(model, skip)
     check_weights_finite(model)
     info, found = {"model": str(model_path)}, []
     if rotate is not None:

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -93,7 +94,7 @@ class AutoRecipe(Recipe):
         """What `choose` will measure on a model of `num_blocks` blocks (nothing runs)."""
         candidates = self.candidates()
         full = schedule_cost(candidates[0], num_blocks)
-        blocks, f, measured, cost = measurement_plan(candidates, num_blocks, self.budget * full)
+        blocks, f, measured, cost = measurement_plan(candidates, num_blocks, self.budget, full)
         return (f"auto: {', '.join(c.name for c in candidates)} on the first {blocks} blocks, "
                 f"{measured[0].windows.train.iters} steps on {measured[0].data.nsamples} sequences: {cost:,} block "
                 f"passes = {cost / full:.1%} of the full run (budget {self.budget:.0%}); the full run of "
@@ -109,7 +110,7 @@ class AutoRecipe(Recipe):
                                   f"on a prefix; this one has {num_blocks} (name a recipe)")
         candidates = self.candidates()
         full = schedule_cost(candidates[0], num_blocks)
-        blocks, fidelity, measured, cost = measurement_plan(candidates, num_blocks, self.budget * full)
+        blocks, fidelity, measured, cost = measurement_plan(candidates, num_blocks, self.budget, full)
         reusable = fidelity == 1 and self.stages[0].quantizes  # nothing (rotate, cfp) runs before the windows
         rows, states, t_all = [], {}, time.time()
         for cand, meas in zip(candidates, measured):
@@ -152,10 +153,11 @@ class AutoRecipe(Recipe):
         return chosen, state, info
 
 
-def measurement_plan(candidates: list[Recipe], num_blocks: int, allowed: float):
+def measurement_plan(candidates: list[Recipe], num_blocks: int, budget: float, full: int):
     """(prefix blocks, fidelity divisor, the recipes as measured, their planned cost): the full
-    settings on the deepest prefix that fits `allowed` block passes, else fewer steps and sequences."""
-    cheapest = None
+    settings on the deepest prefix that fits `budget` times `full` block passes (the full run's),
+    else fewer steps and sequences."""
+    allowed, cheapest = budget * full, None
     for f in FIDELITIES:
         measured = [c if f == 1 else reduced(c, f) for c in candidates]
         for k in range(num_blocks - 1, MIN_PREFIX - 1, -1):
@@ -163,9 +165,10 @@ def measurement_plan(candidates: list[Recipe], num_blocks: int, allowed: float):
             if cost <= allowed:
                 return k, f, measured, cost
             cheapest = cost
-    raise CrossblockError(f"--auto-budget is too small for this model: the cheapest comparison ({MIN_PREFIX} blocks, "
-                          f"1/{FIDELITIES[-1]} of the steps and sequences) costs {cheapest:,} block passes, "
-                          f"{cheapest / allowed:.1f}x the budget")
+    enough = math.ceil(cheapest / full * 100 + 1e-9) / 100  # rounded up: the budget named must fit
+    raise CrossblockError(f"--auto-budget {budget:g} is too small for this model: the cheapest comparison ({MIN_PREFIX} "
+                          f"blocks, 1/{FIDELITIES[-1]} of the steps and sequences) costs {cheapest:,} block passes, "
+                          f"{cheapest / allowed:.1f}x the budget: --auto-budget {enough:g} runs it (or name a recipe)")
 
 
 def reduced(recipe: Recipe, f: int) -> Recipe:
@@ -215,6 +218,7 @@ def run_prefix(quantize, model, tokenizer, recipe: Recipe, ids, blocks: int, dev
     """Quantize a copy of the model's first `blocks` blocks with `recipe`'s stages up to the windows."""
     with first_blocks(model, blocks):
         prefix = copy.deepcopy(model)
+    prefix.crossblock_prefix = True  # its skip patterns were checked on the whole model (api.for_format)
     stages = [s for s in recipe.stages if s.kind_name != "finetune"]
     _, report = quantize(prefix, tokenizer, dataclasses.replace(recipe, stages=stages), ids, device=device,
                          progress=progress, on_window=on_window)

@@ -11,6 +11,9 @@ from .errors import CrossblockError
 from .recipe import PRESETS, Flat, Recipe
 
 FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS, without importing the exports
+SKIP_HELP = ("comma-separated layers to leave in full precision: full names as crossblock.json lists them "
+             "(model.layers.0.self_attn.q_proj, or a block: model.layers.0), block-relative names or parts of them "
+             "(q_proj, mlp), or globs (layers.0.*); a pattern that matches no layer is refused")
 
 
 def add_recipe_options(p: argparse.ArgumentParser):
@@ -29,7 +32,7 @@ def add_recipe_options(p: argparse.ArgumentParser):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif kind == list[str]:
             p.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], default=None,
-                           help="comma-separated")
+                           help=SKIP_HELP if f.name == "skip" else "comma-separated")
         else:
             base = float if "float" in str(kind) else int if "int" in str(kind) else str
             p.add_argument(flag, type=base, default=None)
@@ -123,8 +126,10 @@ def cmd_eval(args):
     if not args.ppl and args.tasks is None:
         raise CrossblockError("eval needs --ppl FILE(s) and/or --tasks NAME[,NAME...]")
     tasks = None
-    if args.tasks is not None:  # checked before the model loads: lm-eval installed, every task known
+    if args.tasks is not None:  # checked before the model loads: the numbers, lm-eval installed, every task known
         from .eval import tasks as zero_shot
+        from .validate import check_task_options
+        check_task_options(args.limit, args.num_fewshot, args.task_batch_size)
         zero_shot.require_lm_eval()
         if not args.tasks:
             raise CrossblockError("--tasks needs at least one task name (comma-separated)")
@@ -233,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--cfp-weights", action=argparse.BooleanOptionalAction, default=Flat.cfp_weights,
                     help="also truncate outlier weights (CBQ; default off: only scale channels, the function is kept)")
     pp.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=None,
-                    help="comma-separated name substrings of layers whose weights are not truncated")
+                    help="layers whose weights are not truncated, as quantize --skip names them")
     pp.add_argument("--dtype", default="float32")
     pp.add_argument("--device", default=None)
     pp.add_argument("--overwrite", action="store_true")

@@ -15,12 +15,13 @@ from torch import nn
 
 from .errors import CrossblockError
 from .engine.plan import schedule_cost
-from .model.adapter import find_blocks
+from .model.adapter import find_blocks, refuse_unmatched_skip
 from .recipe import Recipe
 
 
 def keep_first_blocks(model, blocks: int):
-    """Cut `model` to its first `blocks` decoder blocks, in place (the head stays)."""
+    """Cut `model` to its first `blocks` decoder blocks, in place (the head stays); marked as a
+    prefix, whose skip patterns were checked on the whole model (api.for_format)."""
     prefix, layers = find_blocks(model)
     if not 1 <= blocks <= len(layers):
         raise CrossblockError(f"--blocks must be in 1..{len(layers)} for this model, got {blocks}")
@@ -29,6 +30,7 @@ def keep_first_blocks(model, blocks: int):
     for key in ("num_hidden_layers", "n_layer"):
         if hasattr(model.config, key):
             setattr(model.config, key, blocks)
+    model.crossblock_prefix = True
     return model
 
 
@@ -39,6 +41,7 @@ def compare(model_name: str, recipes: list[Recipe], calib, blocks: int | None = 
     rows = []
     for recipe in recipes:
         model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
+        refuse_unmatched_skip(model, recipe.skip)
         if blocks is not None:
             keep_first_blocks(model, blocks)
         n = len(find_blocks(model)[1])

@@ -7,8 +7,9 @@ deleted only after the rename, so a kill at any instant of the final save leaves
 resumable staging folder or a complete OUT.
 
 What OUT may be: never a folder that holds the working directory or a file the run reads (the
-model, the calibration texts); `--overwrite` replaces only a folder crossblock wrote (it holds
-one of MARKERS) or an empty one. A quantize run holds an exclusive lock (flock) on its staging
+model, the calibration texts); `--overwrite` replaces only an empty folder or one crossblock
+wrote: one of MARKERS holds what crossblock writes there, and the folder holds nothing else than
+the files crossblock writes (`foreign_entry`). A quantize run holds an exclusive lock (flock) on its staging
 folder, so a second run with the same OUT refuses instead of sharing or deleting it.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +26,17 @@ from pathlib import Path
 from .engine.checkpoint import checkpoint_files
 from .errors import CrossblockError
 
-MARKERS = ("crossblock.json", "cfp.json")  # what quantize / preprocess write last
+# what quantize / preprocess write last, and the keys every one of them holds
+MARKERS = {"crossblock.json": ("format", "activations"), "cfp.json": ("cfp_alpha", "cfp")}
+# the other files of an output folder: the model's (every format; `crossblock report` adds its
+# plot, a kill just after the final rename leaves checkpoints), then the tokenizer's
+WRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+           "model.safetensors.index.json", "crossblock_unfolded.safetensors", "model.gguf", "error_by_block.png",
+           "checkpoint*.safetensors*",
+           "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+           "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+           "spiece.model", "*.tiktoken")
+CHAT_TEMPLATES = "additional_chat_templates"  # a folder of *.jinja the tokenizer may write
 LOCK_FILE = "crossblock.lock"  # in the staging folder: the pid of the run holding the lock
 _held: dict[Path, int] = {}  # staging folder -> the open descriptor carrying its lock
 
@@ -38,8 +51,53 @@ def _os_error(out: Path, e: OSError) -> CrossblockError:
     return CrossblockError(f"cannot write output folder {out}: {why}")
 
 
+def is_marker(path: Path) -> bool:
+    """`path` is one of MARKERS holding what crossblock writes there (not any file of that name)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(info, dict) and all(k in info for k in MARKERS[path.name])
+
+
+def custom_code_files(folder: Path) -> set[str]:
+    """The Python files save_pretrained copies for a model or tokenizer with custom code: the
+    modules their auto_map names ("module.Class" or "repo--module.Class")."""
+    names = set()
+    for config in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / config).read_text(encoding="utf-8")).get("auto_map") or {}
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError):
+            continue
+        for refs in auto_map.values() if isinstance(auto_map, dict) else ():
+            for ref in refs if isinstance(refs, list) else [refs]:
+                if isinstance(ref, str) and "." in ref:
+                    names.add(ref.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return names
+
+
+def foreign_entry(folder: Path) -> str | None:
+    """Why `folder` is not a complete crossblock output (None if it is): no genuine marker, or
+    an entry crossblock never writes there (named)."""
+    folder = Path(folder)
+    markers = [folder / m for m in MARKERS if (folder / m).is_file() and not (folder / m).is_symlink()]
+    if not markers:
+        return f"no {' or '.join(MARKERS)}"
+    if not any(is_marker(m) for m in markers):
+        return f"its {markers[0].name} is not one crossblock wrote"
+    code = custom_code_files(folder)
+    for entry in sorted(folder.iterdir()):
+        if entry.name == CHAT_TEMPLATES and entry.is_dir() and not entry.is_symlink() \
+                and all(f.suffix == ".jinja" and f.is_file() for f in entry.iterdir()):
+            continue
+        known = entry.name in MARKERS or entry.name in code or any(fnmatch.fnmatchcase(entry.name, w) for w in WRITTEN)
+        if not known or entry.is_symlink() or not entry.is_file():
+            return f"it holds {entry.name}, which crossblock does not write"
+    return None
+
+
 def written_by_crossblock(folder: Path) -> bool:
-    return any((Path(folder) / m).is_file() for m in MARKERS)
+    return foreign_entry(folder) is None
 
 
 def check_output(out: Path, overwrite: bool = False, needed=(), resume: bool = False):
@@ -68,8 +126,9 @@ def check_output(out: Path, overwrite: bool = False, needed=(), resume: bool = F
         return
     if not overwrite:
         raise CrossblockError(f"output folder {out} exists and is not empty (pass overwrite / --overwrite)")
-    if not written_by_crossblock(out):
-        raise CrossblockError(f"output folder {out} is not a crossblock output (no {' or '.join(MARKERS)}): "
+    why = foreign_entry(out)
+    if why:
+        raise CrossblockError(f"output folder {out} is not a crossblock output ({why}): "
                               "--overwrite replaces only those; remove it yourself or choose another folder")
 
 

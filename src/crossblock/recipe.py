@@ -41,8 +41,11 @@ class Data(Config):
 
     def check(self):
         self.refuse(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
-        self.refuse(1 <= self.batch_size <= self.nsamples,
-                    f"batch_size must be in 1..nsamples ({self.nsamples}), got {self.batch_size}")
+        self.refuse(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        # either may be the one the user set (e.g. --nsamples 2 under a preset's batch_size 8): both named
+        self.refuse(self.batch_size <= self.nsamples,
+                    f"nsamples {self.nsamples} is fewer than batch_size {self.batch_size} (sequences per step): "
+                    f"set nsamples >= {self.batch_size} or batch_size <= {self.nsamples} (--nsamples, --batch-size)")
 
 
 @dataclass
@@ -75,7 +78,7 @@ class Recipe(Config):
     data: Data = field(default_factory=Data)
     grid: Config = field(default_factory=UniformGrid)
     activations: Activations = field(default_factory=Activations)
-    skip: list[str] = field(default_factory=list)  # name substrings of layers left in full precision
+    skip: list[str] = field(default_factory=list)  # layers left in full precision: names, globs (adapter.is_skipped)
     stages: list[Stage] = field(default_factory=lambda: [Windows()])
     # how the recipe was chosen (Recipe.default, --recipe auto): recorded in crossblock.json, not part of
     # the recipe itself (to_dict leaves it out, so checkpoints and fingerprints ignore it)

@@ -116,7 +116,7 @@ def refuse_unsupported(recipe, format: str, model):
         raise CrossblockError(f"--low-memory runs transformers' conversion of checkpoint tensors into {missing[0]} "
                               f"block by block, but it fails on the meta device ({source.unconverted[missing[0]]}): "
                               "run without --low-memory")
-    if missing:
+    if missing:  # a weight the model may lack (transformers initializes it): load_skeleton refused all others
         raise CrossblockError(f"--low-memory reads each weight from the checkpoint, under its model name or through "
                               f"transformers' conversion mapping for {type(model).__name__}, but {missing[0]} is "
                               f"found neither way: run without --low-memory")
@@ -165,6 +165,7 @@ class Source:
         self.alias: dict[str, str] = {}  # model name -> the checkpoint name it is stored under
         self.converted: dict[str, Conversion] = {}  # model name -> the conversion that builds it
         self.unconverted: dict[str, str] = {}  # model name -> why its conversion cannot run ahead of time
+        self.unexpected: set[str] = set()  # checkpoint keys that are no part of the model
         self.model = None
         self.headers: dict[str, dict] = {}
 
@@ -187,7 +188,8 @@ class Source:
             if target not in names and key in names:
                 target, pattern = rename_source_key(key, [], [], base, names)
             if target not in names:
-                continue  # a key from_pretrained would report unexpected
+                self.unexpected.add(key)  # as from_pretrained reports it
+                continue
             if pattern is not None:
                 conversions.setdefault(target, Conversion(by_pattern[pattern], target)).sources.append((pattern, key))
             elif target != key:
@@ -209,6 +211,46 @@ class Source:
             self.headers[file] = read_header(self.folder / file)[0]
         h = self.headers[file][key]
         return torch.empty(h["shape"], dtype=SAFETENSORS_DTYPES[h["dtype"]], device="meta")
+
+    def check_complete(self, model: nn.Module):
+        """Refuse, as the in-memory load does (model/loading.py), a weight of the model found in no
+        checkpoint tensor, a checkpoint tensor of no model weight, or one of another shape.
+        Run after `tie`: a tied weight stored under either name is found."""
+        from types import SimpleNamespace
+        from .model.loading import refuse_unloaded
+        state = model.state_dict()
+        info = SimpleNamespace(unexpected_keys=set(self.unexpected), missing_keys={
+            k for k in state if k not in self.where and k not in self.converted and k not in self.unconverted
+            and k not in self.real_buffers})
+        model._adjust_missing_and_unexpected_keys(info)  # transformers' own exceptions (e.g. old inv_freq keys)
+        mismatched = []
+        for k, t in state.items():
+            if k in self.where and k not in self.real_buffers:
+                stored = self.placeholder(self.alias.get(k, k)).shape
+                if stored != t.shape:
+                    mismatched.append((k, stored, t.shape))
+        self.headers.clear()
+        refuse_unloaded(self.folder, info.missing_keys, info.unexpected_keys, mismatched)
+
+    def untie_distinct(self, model: nn.Module, rows: int = 4096):
+        """A tied pair (lm_head = embeddings) that the checkpoint stores under both names with
+        different values (a config that says tied, files that are not) is untied, as from_pretrained
+        unties it, so that the head written is the checkpoint's, as on the in-memory path. The two
+        are compared `rows` rows at a time, in the model's dtype."""
+        dtype = next(model.parameters()).dtype
+        for target, origin in list(getattr(model, "all_tied_weights_keys", {}).items()):
+            if target not in self.where or origin not in self.where:
+                continue
+            pairs = zip(self.chunks(target, rows), self.chunks(origin, rows))
+            if all(a.to(dtype).equal(b.to(dtype)) for a, b in pairs):
+                continue
+            print(f"crossblock: {self.folder}: config.json ties {target} to {origin}, but the checkpoint holds both "
+                  f"with different values: kept apart, as transformers keeps them", file=sys.stderr)
+            parent, _, name = target.rpartition(".")
+            module = model.get_submodule(parent) if parent else model
+            tied = getattr(module, name)
+            setattr(module, name, nn.Parameter(torch.empty_like(tied, device="meta"), requires_grad=tied.requires_grad))
+            model.all_tied_weights_keys.pop(target)  # as from_pretrained: save_pretrained writes both
 
     def tie(self, model: nn.Module):
         """Tied weights (lm_head = embeddings) are stored once: the other name reads that one."""
@@ -301,7 +343,9 @@ def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
     source = Source(path)
     source.follow_conversions(model)
     source.real_buffers = {k for k, t in model.state_dict().items() if t.device.type != "meta"}
+    source.untie_distinct(model)
     source.tie(model)
+    source.check_complete(model)
     model.crossblock_source = source
     return model, stored
 

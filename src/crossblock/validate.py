@@ -41,11 +41,24 @@ def check_device(device) -> str | None:
 
 def check_windows(seqlen, max_windows):
     """Evaluation windows: at least 2 tokens each (one prediction), a positive window count."""
-    if not (isinstance(seqlen, int) and not isinstance(seqlen, bool) and seqlen >= 2):
+    if not is_count(seqlen, 2):
         raise CrossblockError(f"seqlen must be an integer >= 2, got {seqlen!r}")
-    if max_windows is not None and not (isinstance(max_windows, int) and not isinstance(max_windows, bool)
-                                        and max_windows >= 1):
+    if max_windows is not None and not is_count(max_windows, 1):
         raise CrossblockError(f"max windows must be a positive integer (or None: all), got {max_windows!r}")
+
+
+def is_count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_task_options(limit, num_fewshot, batch_size):
+    """eval --tasks: values no task can run with, refused before the model loads."""
+    if limit is not None and not is_count(limit, 1):
+        raise CrossblockError(f"limit must be a positive integer (items per task; omit it for all), got {limit!r}")
+    if num_fewshot is not None and not is_count(num_fewshot, 0):
+        raise CrossblockError(f"num fewshot must be an integer >= 0 (examples before each item), got {num_fewshot!r}")
+    if not is_count(batch_size, 1):
+        raise CrossblockError(f"task batch size must be a positive integer, got {batch_size!r}")
 
 
 def check_calib(calib, vocab_size: int | None):

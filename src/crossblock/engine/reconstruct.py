@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..model.adapter import BlockCall, block_experts, block_linears, set_submodule
+from ..model.adapter import BlockCall, block_experts, block_linears, is_skipped, set_submodule
 from ..quant.act import act_quantizer, observing
 from ..quant.experts import ExpertInputs, QuantExperts, QuantExpertWeight
 from ..quant.linear import QuantLinear, weight_of
@@ -75,13 +75,15 @@ def window_loss(out: torch.Tensor, target: torch.Tensor, train) -> torch.Tensor:
 class WindowEngine:
     def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], stage, grid, activations, data,
                  skip: list[str] = (), device: torch.device | str = "cpu", progress: bool = True,
-                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None):
+                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None, prefix: str = ""):
         """`stage`: the windows stage's settings (schedule, init, train); `grid`, `activations`,
-        `data`: the recipe's sections; `skip`: name substrings of layers left in full precision;
+        `data`: the recipe's sections; `skip`: patterns of layers left in full precision, matched
+        against the full names under `prefix`, the blocks' name in the model (adapter.is_skipped);
         `stream`: the low-memory path's BlockStream (stream.py), which reads a block from disk
         when a window needs it and writes and drops it once it is frozen."""
         self.blocks, self.calls = blocks, calls
         self.stage, self.train_cfg, self.grid, self.acts, self.skip = stage, stage.train, grid, activations, skip
+        self.prefix = prefix
         self.batch_size, self.seed = data.batch_size, data.seed
         self.static_acts = activations.static
         self.trains = stage.trains(self.static_acts)
@@ -144,15 +146,16 @@ class WindowEngine:
         return QuantExperts(module, lambda experts, param: QuantExpertWeight(
             experts, param, self.grid, *self.learned(), generator, self.stage.clip_search))
 
-    def targets(self, block: nn.Module) -> list[tuple[str, nn.Module, bool]]:
-        """(name, module, is fused experts) of everything in the block that gets quantized."""
-        return [(n, m, False) for n, m in block_linears(block) if not any(s in n for s in self.skip)] + \
-               [(n, m, True) for n, m in block_experts(block) if not any(s in n for s in self.skip)]
+    def targets(self, j: int) -> list[tuple[str, nn.Module, bool]]:
+        """(name, module, is fused experts) of everything in block j that gets quantized."""
+        block = self.blocks[j]
+        return [(n, m, False) for n, m in block_linears(block) if not is_skipped(self.skip, self.prefix, j, n)] + \
+               [(n, m, True) for n, m in block_experts(block) if not is_skipped(self.skip, self.prefix, j, n)]
 
     def wrap(self, j: int, block_input, generator: torch.Generator):
         """Wrap block j's linears and fused experts; `block_input()` gives its calibration input,
         computed only if the initialization needs it (GPTQ, static activation steps)."""
-        for name, module, fused in self.targets(self.blocks[j]):
+        for name, module, fused in self.targets(j):
             if fused:
                 set_submodule(self.blocks[j], name, self.new_experts(module, generator))
                 continue
@@ -426,7 +429,7 @@ class WindowEngine:
         """Re-wrap the blocks a checkpoint had wrapped and load their state."""
         blocks = sorted({block_of(key) for key in states})
         for j in blocks:
-            for name, module, fused in self.targets(self.blocks[j]):
+            for name, module, fused in self.targets(j):
                 if fused:
                     wrapper = self.new_experts(module, None)
                     layers = {f"{j}.{name}.weights.{p}": m for p, m in wrapper.weights.items()}

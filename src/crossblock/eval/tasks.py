@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import CrossblockError
+from ..validate import check_task_options
 
 SHIPPED_DIR = Path(__file__).with_name("task_data")
 SHIPPED = {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
@@ -100,6 +101,7 @@ def run_tasks(model, tokenizer, names: list[str], task_dirs=(), batch_size: int 
               num_fewshot: int | None = None, progress: bool = True, trust_task_dir: bool = False) -> list[dict]:
     """Rows {task, metric, value, stderr} of each task's metrics (zero-shot unless num_fewshot).
     `trust_task_dir` lets task folders run their Python (`!function`) and replace tasks by name."""
+    check_task_options(limit, num_fewshot, batch_size)
     require_lm_eval()
     import logging
 
@@ -120,6 +122,11 @@ def run_tasks(model, tokenizer, names: list[str], task_dirs=(), batch_size: int 
         out = simple_evaluate(model=lm, tasks=specs, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                               log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                               torch_random_seed=0, fewshot_random_seed=0)
+    except ValueError as e:  # lm-eval's sampler: random.sample of more examples than the task holds
+        if num_fewshot and "larger than population" in str(e):
+            raise CrossblockError(f"num fewshot {num_fewshot} is more examples than the task(s) "
+                                  f"{', '.join(names)} hold to draw from: use fewer") from None
+        raise
     finally:
         tqdm.__init__ = init
     rows = []

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import CrossblockError
 from ..model.adapter import is_linear
+from ..model.loading import from_pretrained_exactly
 from ..quant.grid import QuantizedWeight
 from ..quant.linear import is_conv1d
 from .formats import check_format
@@ -128,7 +129,7 @@ def dense_weight(qweight: QuantizedWeight, module: nn.Module, dtype: torch.dtype
 
 
 def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], device: str,
-                trust_remote_code: bool = False):
+                trust_remote_code: bool = False, where="the checkpoint"):
     """A plain transformers model with dense weights, `crossblock_qweight` re-attached.
 
     `state_dict` holds the unquantized tensors; each quantized layer's dense weight is
@@ -144,7 +145,7 @@ def build_model(config, state_dict: dict, qweights: dict[str, QuantizedWeight], 
         state_dict[f"{name}.weight"] = dense_weight(qweight, layout.get_submodule(name), dtype)
     for name, qweight in experts.items():
         state_dict[name] = qweight.dequantize().to(dtype).reshape(layout.get_parameter(name).shape)
-    model = type(layout).from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype)
+    model = from_pretrained_exactly(type(layout), where, None, config=config, state_dict=state_dict, dtype=dtype)
     model.to(device).eval()
     for name, qweight in qweights.items():
         model.get_submodule(name).crossblock_qweight = qweight

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import CrossblockError
+from ..model.loading import from_pretrained_exactly
 from ..quant import gguf as gq
 from ..quant.grid import QuantizedWeight
 from .common import model_dtype
@@ -251,7 +252,7 @@ def load_gguf(path, device: str = "cpu", dtype: torch.dtype | None = None):
     row permutation."""
     from transformers import AutoModelForCausalLM
     check_transformers_reads(Path(path) / FILE)
-    model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=FILE, dtype=dtype or torch.float32)
+    model = from_pretrained_exactly(AutoModelForCausalLM, path, str(path), gguf_file=FILE, dtype=dtype or torch.float32)
     return model.to(device).eval()
 
 

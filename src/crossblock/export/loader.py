@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CrossblockError
+from ..model.loading import from_pretrained_exactly
 from .common import build_model, read_config, read_tensors, skeleton
 
 
@@ -43,8 +44,8 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
     quantization = read_config(path).get("quantization_config")
     if quantization is None:
         # safetensors only: a pickled .bin is never unpickled (crossblock writes safetensors)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+        model = from_pretrained_exactly(AutoModelForCausalLM, path, path, dtype="auto",
+                                        trust_remote_code=trust_remote_code, use_safetensors=True)
         model = model.to(device).eval()
         return model if dtype is None else model.to(dtype)
     method = quantization.get("quant_method")
@@ -62,4 +63,4 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         raise CrossblockError(f"{path}: cannot load quant_method {method!r} "
                               f"(crossblock loads fake-quant, compressed-tensors and gptq folders)")
     return build_model(config, {k: v.to(config.dtype) if v.is_floating_point() else v for k, v in tensors.items()},
-                       qweights, device, trust_remote_code)
+                       qweights, device, trust_remote_code, where=path)

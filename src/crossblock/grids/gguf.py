@@ -22,7 +22,7 @@ import torch
 
 from ..config import Config
 from ..errors import CrossblockError
-from ..model.adapter import block_linears, find_blocks
+from ..model.adapter import block_linears, find_blocks, is_skipped
 from ..quant import gguf as gq
 from ..quant.grid import QuantizedWeight
 from ..quant.linear import weight_of
@@ -178,7 +178,7 @@ class GgufGrid(Config):
         types, fallbacks = {}, {}
         for i, block in enumerate(blocks):
             for name, module in block_linears(block):
-                if any(s in name for s in skip):
+                if is_skipped(skip, prefix, i, name):
                     continue
                 width = weight_of(module).shape[1]
                 asked = mixture_type(self.quant, name, i, len(blocks))

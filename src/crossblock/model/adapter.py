@@ -8,6 +8,7 @@ embeddings only, however large the model.
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 
@@ -70,6 +71,38 @@ def block_experts(block: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in block.named_modules() if is_fused_experts(m)]
 
 
+def skip_matches(pattern: str, full: str, relative: str) -> bool:
+    """Whether a skip pattern names the layer `full` (block-relative: `relative`): a substring of
+    the block-relative name (q_proj, mlp), whole dotted parts of the full name (model.layers.0,
+    layers.0.mlp, model.layers.0.self_attn.q_proj: the names crossblock.json lists), or a glob
+    (* ? [...]) matching the full name or a dotted tail of it (layers.0.*, *.mlp.*, model.layers.1?.*).
+    A name as the report's "unquantized" list gives it, with ".weight", names its layer."""
+    if any(c in pattern for c in "*?["):
+        parts = full.split(".")
+        return any(fnmatch.fnmatchcase(".".join(parts[k:]), pattern) for k in range(len(parts)))
+    return pattern in relative or f".{pattern.removesuffix('.weight')}." in f".{full}."
+
+
+def is_skipped(skip, prefix: str, i: int, name: str) -> bool:
+    """Whether layer `name` of block i (under `prefix`) is left in full precision by `skip`."""
+    full = ".".join(part for part in (prefix, str(i), name) if part)
+    return any(skip_matches(pattern, full, name) for pattern in skip)
+
+
+def refuse_unmatched_skip(model: nn.Module, skip):
+    """A skip pattern that names no layer crossblock would quantize is a mistake: refused."""
+    if not skip:
+        return
+    prefix, blocks = find_blocks(model)
+    names = [(i, n) for i, b in enumerate(blocks) for n, _ in [*block_linears(b), *block_experts(b)]]
+    for pattern in skip:
+        if not any(is_skipped([pattern], prefix, i, n) for i, n in names):
+            example = f"{prefix}.0.{names[0][1]}" if names else f"{prefix}.0"
+            raise CrossblockError(f"skip pattern {pattern!r} matches no quantized layer: give full names as "
+                                  f"crossblock.json lists them ({example}, or a block {prefix}.0), block-relative "
+                                  f"names ({names[0][1] if names else 'q_proj'}), or globs ({prefix}.0.*)")
+
+
 def quantized_params(module: nn.Module) -> set[str]:
     """Names of the module's own parameters that a finished quantization replaced by integers."""
     done = set(getattr(module, "crossblock_qexperts", None) or ())
@@ -92,7 +125,7 @@ def block_unquantized(prefix: str, i: int, block: nn.Module, skip=()) -> list[di
         for pname, p in module.named_parameters(recurse=False):
             if pname in done:
                 continue
-            if any(s in mname for s in skip):
+            if is_skipped(skip, prefix, i, mname):
                 why = "skip pattern"
             elif is_router(mname, moe):
                 why = "router"

@@ -21,7 +21,7 @@ import json
 import torch
 from tqdm.auto import tqdm
 
-from ..model.adapter import block_linears, capture, find_blocks, is_linear
+from ..model.adapter import block_linears, capture, find_blocks, is_linear, is_skipped
 from ..quant.linear import weight_of
 from .fold import NORM_OFFSET, consumer_channels, fold_pairs, fold_scale
 from .outliers import find_outliers
@@ -53,7 +53,7 @@ def cfp(model, ids: torch.Tensor, alpha: float = 0.7, weights: bool = False, bat
     """Preprocess `model` in place; returns, per block, the outlier channels found behind each
     norm and the outlier weights truncated in each layer (none with `weights` off). Layers whose
     name contains a `skip` substring keep their weights."""
-    _, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model)
     pairs = fold_pairs(model, blocks[0])  # refuses unknown architectures before any work
     offset = NORM_OFFSET.get(getattr(model.config, "model_type", None), 0.0)
     x, calls = capture(model, ids, batch_size=batch_size)
@@ -62,7 +62,7 @@ def cfp(model, ids: torch.Tensor, alpha: float = 0.7, weights: bool = False, bat
         block = blocks[i].to(device)
         truncated = {}
         for name, m in block_linears(block) if weights else ():
-            if not any(s in name for s in skip):
+            if not is_skipped(skip, prefix, i, name):
                 out = find_outliers(m.weight.abs())
                 if out.count:
                     m.weight.clamp_(-out.threshold, out.threshold)

@@ -104,10 +104,10 @@ class Windows(Stage):
         with job.stream.before_blocks(ids) if job.stream else contextlib.nullcontext():
             x0, calls = capture(model, ids, batch_size=job.data.batch_size, empty=store.empty)
         store.release(x0)
-        _, blocks = find_blocks(model)
+        prefix, blocks = find_blocks(model)
         engine = WindowEngine(blocks, calls, self, job.grid, job.activations, job.data, job.skip, device=job.device,
                               progress=job.progress and is_main(), num_sequences=job.ids.shape[0], store=store,
-                              stream=job.stream)
+                              stream=job.stream, prefix=prefix)
         inputs = [x0]
         del x0  # the engine frees the block-0 inputs once every chain has moved past block 0
         try:
