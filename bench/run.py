@@ -99,8 +99,10 @@ def run_row(row, args, work, log):
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
     second = {"ppl_tinystories": evaluate(out, args, log, SECOND)} if args.second_text else {}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     return {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss,
-            "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")}
+            "commit": commit, "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")}
 
 
 def portable(command: str) -> str:
@@ -127,7 +129,8 @@ def write_table(jsonl: Path, args):
                      f"{r.get('peak_rss_mib', '-')} |")
     lines += ["", "Commands, from the repository root (`$SMOLLM2` = the folder prepare.py prints, "
               "`$CROSSBLOCK_SHARED` = ../shared):", ""]
-    lines += [f"- {r['row']}: `{portable(r['command'])}`" for r in rows]
+    lines += [f"- {r['row']}" + (f" (commit {r['commit']})" if r.get("commit") else "") + f": `{portable(r['command'])}`"
+              for r in rows]
     notes = jsonl.with_name(jsonl.stem + ".notes.md")  # hand-written findings, kept across rewrites
     if notes.exists():
         lines += ["", notes.read_text().strip()]
