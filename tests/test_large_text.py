@@ -9,7 +9,7 @@ from conftest import CALIB_FILE, STORIES
 from crossblock.data.text import WHOLE_CHARS, tokenize
 
 PROBE = textwrap.dedent("""
-    import resource, sys, time
+    import resource, sys
     import torch
     torch.set_num_threads(1)
     import crossblock as cb
@@ -17,10 +17,9 @@ PROBE = textwrap.dedent("""
     model, tok = cb.load_model(sys.argv[1])
     text = read_texts(sys.argv[2])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.time()
     ids = cb.api.calibration_ids(tok, text, cb.Recipe.preset("rtn", nsamples=128, seqlen=512).data)
     grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    print(tuple(ids.shape), int(ids.min()), int(ids.max()), grew // 1024, round(time.time() - t0, 1))
+    print(tuple(ids.shape), int(ids.min()), int(ids.max()), grew // 1024)
 """)
 
 
@@ -32,10 +31,11 @@ def test_a_32_mb_calibration_file_costs_little(tmp_path):
             f.write(chunk)
     out = subprocess.run([sys.executable, "-c", PROBE, str(STORIES), str(big)], capture_output=True, text=True,
                          timeout=300, check=True).stdout.split()
-    shape, grew_mib, seconds = out[0] + out[1], int(out[4]), float(out[5])
+    shape, grew_mib = out[0] + out[1], int(out[4])
     assert shape == "(128,512)" and 0 <= int(out[2]) and int(out[3]) < 512
-    assert grew_mib < 800, f"tokenizing grew RSS by {grew_mib} MiB"  # the whole file: ~4.5 GB
-    assert seconds < 60
+    # tokenizing the whole file would take ~4.5 GB: the bound shows only a prefix was read (no
+    # wall-clock bound here: speed belongs in benchmarks)
+    assert grew_mib < 800, f"tokenizing grew RSS by {grew_mib} MiB"
 
 
 def test_texts_that_fit_are_tokenized_as_before(tokenizer, calib_text):
