@@ -29,7 +29,7 @@ from .engine.chains import large_allocations_mapped, trim_heap
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
 from .export import schema
-from .eval.perplexity import perplexity
+from .eval.perplexity import against_reference, perplexity
 from .model.adapter import (block_experts, block_linears, find_blocks, is_skipped, refuse_unmatched_skip,
                             unquantized_weights)
 from .model.loading import from_pretrained_exactly
@@ -529,7 +529,12 @@ def load_tokenizer(path, trust_remote_code: bool = False):
 
 
 def evaluate(model, tokenizer, text: str, seqlen: int = 512, max_windows: int | None = None,
-             progress: bool = True) -> float:
+             progress: bool = True, reference=None) -> float | dict:
+    """Perplexity of `model` on `text`; with `reference` (the full-precision model it came from),
+    a dict: kl (mean KL(reference || model) per token, nats), top1 (agreement of the top-1
+    predictions), ppl, ppl_reference, tokens."""
     validate.check_windows(seqlen, max_windows)
     ids = tokenize(tokenizer, text, enough=None if max_windows is None else max_windows * seqlen)
+    if reference is not None:
+        return against_reference(model, reference, ids, seqlen, max_windows, progress=progress)
     return perplexity(model, ids, seqlen, max_windows, progress=progress)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -123,6 +124,8 @@ def cmd_eval(args):
     from . import api
     from .data.text import read_texts
 
+    if args.reference and not args.ppl:
+        raise CrossblockError("--reference compares on a text: add --ppl FILE")
     if not args.ppl and args.tasks is None:
         raise CrossblockError("eval needs --ppl FILE(s) and/or --tasks NAME[,NAME...]")
     tasks = None
@@ -135,17 +138,29 @@ def cmd_eval(args):
             raise CrossblockError("--tasks needs at least one task name (comma-separated)")
         zero_shot.task_specs(args.tasks, args.task_dir or (), args.trust_task_dir)
     text = read_texts(args.ppl) if args.ppl else None
-    model = api.load(args.model, device=args.device or api.default_device(), dtype=args.dtype,
-                     trust_remote_code=args.trust_remote_code)
+    device = args.device or api.default_device()
+    model = api.load(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = api.load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    ppl = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet) if text else None
-    if args.tasks is None:
+    reference = api.load(args.reference, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code) \
+        if args.reference else None
+    figures = api.evaluate(model, tokenizer, text, args.seqlen, args.max_windows, progress=not args.quiet,
+                           reference=reference) if text else None
+    ppl = figures["ppl"] if isinstance(figures, dict) else figures
+    if args.tasks is not None:
+        tasks = zero_shot.run_tasks(model, tokenizer, args.tasks, args.task_dir or (), batch_size=args.task_batch_size,
+                                    limit=args.limit, num_fewshot=args.num_fewshot, progress=not args.quiet,
+                                    trust_task_dir=args.trust_task_dir)
+    if args.json:
+        result = dict(figures) if isinstance(figures, dict) else ({"ppl": ppl} if ppl is not None else {})
+        print(json.dumps({**result, **({"tasks": tasks} if tasks is not None else {})}))
+    elif isinstance(figures, dict):
+        print(f"{'text':<24} {'ppl':>10} {'ppl FP':>10} {'KL(FP||Q)':>10} {'top-1':>7} {'tokens':>8}")
+        print(f"{Path(args.ppl[0]).name:<24} {figures['ppl']:>10.4f} {figures['ppl_reference']:>10.4f} "
+              f"{figures['kl']:>10.5f} {figures['top1']:>7.4f} {figures['tokens']:>8}")
+    elif tasks is None:
         print(f"perplexity {ppl:.4f}")
-        return
-    tasks = zero_shot.run_tasks(model, tokenizer, args.tasks, args.task_dir or (), batch_size=args.task_batch_size,
-                                limit=args.limit, num_fewshot=args.num_fewshot, progress=not args.quiet,
-                                trust_task_dir=args.trust_task_dir)
-    print(zero_shot.task_table(tasks, {Path(args.ppl[0]).name: ppl} if ppl is not None else None))
+    if tasks is not None and not args.json:
+        print(zero_shot.task_table(tasks, {Path(args.ppl[0]).name: ppl} if ppl is not None else None))
 
 
 def cmd_plan(args):
@@ -249,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model on a text file (GPTQ protocol), zero-shot task accuracy")
     e.add_argument("--model", required=True)
     e.add_argument("--ppl", nargs="+", default=None, help="text file(s)")
+    e.add_argument("--reference", default=None,
+                   help="the full-precision model the quantized one came from: adds mean KL(FP || quantized) per "
+                        "token, top-1 agreement and the reference's perplexity on the --ppl text")
+    e.add_argument("--json", action="store_true", help="print one JSON object (keys ppl, and with --reference "
+                   "kl, top1, ppl_reference, tokens; tasks) instead of a table")
     e.add_argument("--tasks", type=lambda s: [x for x in s.split(",") if x], default=None,
                    help="comma-separated lm-evaluation-harness tasks (pip install crossblock[eval]): tinystories_next "
                         "(shipped, offline), hellaswag, arc_easy, piqa, winogrande, ...")
