@@ -408,6 +408,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     refuse_scales_off_the_stored_grid(model, format, None)  # after the cast: the dtype saved
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations))
     write_report(folder, report, format, activations, transforms, written)
+    add_to_report(folder, save_check=check_reload(model, folder, format))
 
 
 def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: dict):
@@ -417,6 +418,45 @@ def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: 
     written = stream.write_folder(tokenizer, folder, scheme_of(activations))
     shutil.rmtree(stream.spill)
     write_report(folder, report, format, activations, None, written)
+    add_to_report(folder, save_check={"skipped": "low-memory: the model is never whole in memory to compare with"})
+
+
+RELOAD_IDS = (2, 32)  # what the save check runs through both models: cheap, and every layer sees it
+
+
+@torch.no_grad()
+def check_reload(model, folder: Path, format: str) -> dict:
+    """The written folder, read back as `crossblock.load` reads it, must give the model's logits
+    within the format's stated tolerance (relative to the largest logit): a packing or loader bug
+    fails the save with one line, and the staging folder is never renamed into place."""
+    from . import export
+    form = export.require_known_format(format)
+    if getattr(model.config, "auto_map", None):
+        return {"skipped": "the model's code comes from its folder (trust_remote_code): not run again"}
+    if why := form.unreadable(folder):
+        return {"skipped": why}
+    tolerance = form.reload_tolerance
+    param = next(model.parameters())
+    back = load(folder, device=str(param.device), dtype=param.dtype)
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, RELOAD_IDS,
+                        generator=torch.Generator().manual_seed(0)).to(param.device)
+    training = model.training
+    model.eval()
+    expected = model(input_ids=ids, use_cache=False).logits.float()
+    model.train(training)
+    got = back(input_ids=ids, use_cache=False).logits.float()
+    del back
+    diff = ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+    if not diff <= tolerance:  # NaN fails too
+        (Path(folder) / REPORT_FILE).unlink()  # what is left (a checkpoint to resume) is not a finished folder
+        raise CrossblockError(f"the written {format} folder does not reproduce the model: its logits differ by "
+                              f"{diff:.3g} of the largest (the format's tolerance is {tolerance:g}); nothing was written")
+    return {"max_rel_logit_diff": diff, "tolerance": tolerance, "ids": list(RELOAD_IDS)}
+
+
+def add_to_report(folder: Path, **entries):
+    path = Path(folder) / REPORT_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}, indent=1) + "\n")
 
 
 def scheme_of(activations: dict | None) -> dict | None:

@@ -105,10 +105,15 @@ def write_quantization_config(out_dir: str | os.PathLike, quantization_config: d
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's safetensors files (one file or shards)."""
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise CrossblockError(f"{path} holds no .safetensors weights")
+    """All tensors of a folder's model weights: model.safetensors, or the shards its index names
+    (never other .safetensors files beside them: a run's checkpoints, side files)."""
+    index = Path(path) / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({Path(path) / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [Path(path) / "model.safetensors"]
+    if not all(f.is_file() for f in files):
+        raise CrossblockError(f"{path} holds no model.safetensors (or shards its index names)")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         tensors.update(load_file(file))

@@ -34,6 +34,14 @@ class Format:
     format is one file in export/ and one `@FORMATS.register` line."""
     bits: tuple[int, ...] = ()
     online_transforms = False  # whether it can keep a run-time input rotation (rotate's down_proj Hadamard)
+    # the save check (api.check_reload): the written folder, read back, gives the model's logits to
+    # this share of the largest logit (float order of the dequantization; a packing bug is far above)
+    reload_tolerance: float = 1e-4
+
+    def unreadable(self, folder) -> str | None:
+        """Why a valid folder of this format cannot be read back here (the save check is skipped,
+        saying so), or None."""
+        return None
 
     def stored_scale_dtype(self, save_dtype: torch.dtype) -> torch.dtype | None:
         """The dtype its scales are stored in (None: no packed scales)."""

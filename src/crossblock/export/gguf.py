@@ -52,6 +52,9 @@ def check_family(model):
 class Gguf(Format):
     bits = tuple(UNIFORM_TYPES)
 
+    def unreadable(self, folder: Path) -> str | None:
+        return why_transformers_cannot_read(Path(folder) / FILE)
+
     def stored_scale_dtype(self, save_dtype):
         return torch.float16  # ggml's d
 
@@ -257,9 +260,15 @@ def load_gguf(path, device: str = "cpu", dtype: torch.dtype | None = None):
 
 
 def check_transformers_reads(file: Path):
+    why = why_transformers_cannot_read(file)
+    if why:
+        raise CrossblockError(f"{file}: {why}; llama.cpp reads it, or evaluate the model quantized with --format fake")
+
+
+def why_transformers_cannot_read(file: Path) -> str | None:
     """transformers' GGUF reader does not read attention.key_length for the families written here:
     it takes the config class's head_dim (Qwen3: 128) or hidden / heads. A file whose heads are
-    otherwise is refused with where it can be read, instead of a shape error."""
+    otherwise cannot be loaded by it (a shape error): say so instead."""
     import gguf
     from transformers import AutoConfig
     field = gguf.GGUFReader(str(file)).fields
@@ -267,11 +276,11 @@ def check_transformers_reads(file: Path):
     arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
     key = field.get(f"{arch}.attention.key_length")
     if key is None:
-        return
+        return None
     written = int(key.parts[key.data[0]][0])
     config = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)
     assumed = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if written != assumed:
-        raise CrossblockError(f"{file}: transformers' GGUF reader cannot load this {arch} file (its head_dim is "
-                              f"{written}; transformers assumes {assumed}); llama.cpp reads it, or evaluate the model "
-                              "quantized with --format fake")
+        return (f"transformers' GGUF reader cannot load this {arch} file (its head_dim is {written}; "
+                f"transformers assumes {assumed})")
+    return None
