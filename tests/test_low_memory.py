@@ -22,9 +22,12 @@ VOLATILE = {"wall_seconds", "peak_rss_mib", "peak_cuda_mib", "low_memory", "resu
 
 
 def hashes(folder) -> dict[str, str]:
-    """sha256 of every file of an output folder; crossblock.json without its timings."""
+    """sha256 of every file of an output folder; crossblock.json without its timings, and not the
+    model card (README.md: written from crossblock.json, timings and the save check included)."""
     out = {}
     for f in sorted(folder.iterdir()):
+        if f.name == "README.md":
+            continue
         if f.name == "crossblock.json":
             info = {k: v for k, v in json.loads(f.read_text()).items() if k not in VOLATILE}
             for w in info.get("windows", []):

@@ -29,6 +29,7 @@ from .engine.chains import large_allocations_mapped, trim_heap
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
 from .export import schema
+from .export.card import write_card
 from .eval.perplexity import against_reference, perplexity
 from .model.adapter import (block_experts, block_linears, find_blocks, is_skipped, refuse_unmatched_skip,
                             unquantized_weights)
@@ -409,6 +410,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations))
     write_report(folder, report, format, activations, transforms, written)
     add_to_report(folder, save_check=check_reload(model, folder, format))
+    write_card(folder)
 
 
 def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: dict):
@@ -419,6 +421,7 @@ def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: 
     shutil.rmtree(stream.spill)
     write_report(folder, report, format, activations, None, written)
     add_to_report(folder, save_check={"skipped": "low-memory: the model is never whole in memory to compare with"})
+    write_card(folder)
 
 
 RELOAD_IDS = (2, 32)  # what the save check runs through both models: cheap, and every layer sees it

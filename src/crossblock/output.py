@@ -31,7 +31,7 @@ MARKERS = {"crossblock.json": ("format", "activations"), "cfp.json": ("cfp_alpha
 # the other files of an output folder: the model's (every format; `crossblock report` adds its
 # plot, a kill just after the final rename leaves checkpoints), then the tokenizer's
 WRITTEN = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-           "model.safetensors.index.json", "crossblock_unfolded.safetensors", "model.gguf", "error_by_block.png",
+           "model.safetensors.index.json", "crossblock_unfolded.safetensors", "model.gguf", "error_by_block.png", "README.md",
            "checkpoint*.safetensors*",
            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
            "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",

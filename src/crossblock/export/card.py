@@ -1,0 +1,125 @@
+"""OUT/README.md: a Hugging Face model card for a crossblock output folder, written from its
+crossblock.json: what was done (recipe, grid, calibration), how well (output error against FP and
+RTN, the save check), what it costs (file size) and the commands that load it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+CARD_FILE = "README.md"
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.gguf")
+
+LOADING = {
+    "fake": """Dense weights on the quantized grid (fake quantization): any tool that reads a transformers
+model runs it.
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{out}")
+# with crossblock's activation quantizers and run-time rotations attached, as evaluated:
+import crossblock
+model = crossblock.load("{out}")
+```""",
+    "compressed-tensors": """Packed integers in compressed-tensors' layout (`quantization_config` in config.json).
+
+```bash
+vllm serve {out}
+```
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{out}")  # asymmetric grids: quantization_config=CompressedTensorsConfig(dequantize=True)
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights
+```""",
+    "gptq": """GPTQ v1 layout (`qweight`, `qzeros`, `scales`, `g_idx`; `quantization_config` in config.json).
+
+```bash
+vllm serve {out} --quantization gptq
+```
+
+```python
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights (transformers needs gptqmodel)
+```""",
+    "gguf": """One GGUF file for llama.cpp.
+
+```bash
+llama-cli -m {out}/model.gguf -p "Once upon a time"
+llama-perplexity -m {out}/model.gguf -f wiki.test.raw
+```
+
+```python
+import crossblock
+model = crossblock.load("{out}")  # through transformers' GGUF reader
+```""",
+}
+
+
+def grid_line(recipe: dict) -> str:
+    grid = recipe.get("grid", {})
+    if grid.get("type") == "gguf":
+        return f"GGUF {grid.get('quant')}"
+    group = "per channel" if grid.get("group_size") == -1 else f"groups of {grid.get('group_size')}"
+    return f"{grid.get('bits')}-bit uniform, {group}, {'symmetric' if grid.get('sym') else 'asymmetric'}"
+
+
+def final_name(folder: Path) -> str:
+    """The output folder's name (cards are written in its staging folder, `.NAME.partial`)."""
+    name = Path(folder).name
+    return name[1:-len(".partial")] if name.startswith(".") and name.endswith(".partial") else name
+
+
+def weight_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for pattern in WEIGHT_FILES for f in Path(folder).glob(pattern))
+
+
+def card(folder: Path, info: dict) -> str:
+    recipe = info.get("recipe") or {}
+    model = str(info.get("model", ""))
+    fmt = info.get("format", "fake")
+    acts = info.get("activations")
+    header = {"library_name": "transformers", "pipeline_tag": "text-generation",
+              "tags": ["crossblock", "quantized", fmt, *(["gguf"] if fmt == "gguf" else [])]}
+    if model and not Path(model).exists() and model.count("/") == 1:  # a hub id (a local path names nothing)
+        header["base_model"] = model
+    rows = [("base model", f"`{model}`" if model else "-"), ("recipe", f"`{recipe.get('name', '-')}`"),
+            ("weights", grid_line(recipe) if recipe else "-"),
+            ("activations", f"{acts['bits']}-bit, {'dynamic per token' if acts.get('dynamic') else 'static'}"
+             if acts else "full precision"), ("format", f"`{fmt}`")]
+    calib = info.get("calibration")
+    if calib:
+        rows.append(("calibration", f"{calib['nsamples']} x {calib['seqlen']} tokens "
+                                    f"(sha256 of the ids `{calib['sha256'][:16]}`)"))
+    blocks = info.get("blocks")
+    if blocks:
+        last = blocks[-1]
+        rtn = f" (RTN: {last['rtn']['rel_mse']:.4g})" if "rtn" in last else ""
+        rows.append(("last block's output error vs FP", f"relative MSE {last['rel_mse']:.4g}{rtn}"))
+    check = info.get("save_check") or {}
+    if "max_rel_logit_diff" in check:
+        rows.append(("save check", f"this folder read back gives the quantized model's logits to "
+                                   f"{check['max_rel_logit_diff']:.2g} of the largest (tolerance {check['tolerance']:g})"))
+    elif "skipped" in check:
+        rows.append(("save check", f"skipped: {check['skipped']}"))
+    size = weight_bytes(folder)
+    rows.append(("weight files", f"{size / 2 ** 20:,.1f} MiB"))
+    if info.get("wall_seconds") is not None:
+        rows.append(("quantization time", f"{info['wall_seconds']:,.0f} s on {info.get('device', '?')}"))
+    versions = info.get("versions") or {}
+    title = Path(model).name or "model"
+    lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
+             f"# {title}, quantized with crossblock", "",
+             "Post-training quantization by cross-block reconstruction "
+             f"(crossblock {versions.get('crossblock', '')}). `crossblock.json` in this folder records "
+             "everything below and per-block figures.", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Loading", "", LOADING.get(fmt, LOADING["fake"]).format(out=final_name(folder)), ""]
+    return "\n".join(lines)
+
+
+def write_card(folder: Path, report_file: str = "crossblock.json"):
+    info = json.loads((Path(folder) / report_file).read_text())
+    (Path(folder) / CARD_FILE).write_text(card(folder, info))
