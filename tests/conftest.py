@@ -1,4 +1,3 @@
-import os
 import signal
 import time
 from pathlib import Path
@@ -6,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(os.environ.get("CROSSBLOCK_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
-STORIES = SHARED / "models" / "stories260k"
-CALIB_FILE = SHARED / "data" / "tinystories" / "valid.txt"
-EVAL_FILE = SHARED / "data" / "tinystories" / "valid.partial.txt"
+ASSETS = Path(__file__).resolve().parent / "assets"  # vendored with their licenses: see assets/SOURCE.md
+STORIES = ASSETS / "stories260k"
+CALIB_FILE = ASSETS / "tinystories" / "calib.txt"
+EVAL_FILE = ASSETS / "tinystories" / "eval.txt"  # held out from CALIB_FILE
 
 # Tiny matrices: one thread is faster and makes results independent of the machine's cores.
 torch.set_num_threads(1)

@@ -70,8 +70,9 @@ def reference_source(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def reference_hashes(request, tmp_path_factory) -> dict:
     env = environment()
+    inputs = [hashlib.sha256(f.read_bytes()).hexdigest() for f in (CALIB_FILE, STORIES / "model.safetensors")]
     key = "crossblock/bit_identity/" + hashlib.sha256(
-        json.dumps([REFERENCE_COMMIT, env, sorted(CASES)], sort_keys=True).encode()).hexdigest()[:24]
+        json.dumps([REFERENCE_COMMIT, env, sorted(CASES), inputs], sort_keys=True).encode()).hexdigest()[:24]
     cache = getattr(request.config, "cache", None)
     if cache is not None and (cached := cache.get(key, None)) is not None:
         return cached

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,9 @@ from crossblock.errors import CrossblockError
 from crossblock.export import check_format, load, save
 from crossblock.quant.grid import QuantizedWeight, dequantize, minmax_grid, quantize_to_int
 from crossblock.quant.linear import is_conv1d, weight_of
+from conftest import STORIES
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CROSSBLOCK_SHARED", "../shared"))
-STORIES = (SHARED if SHARED.is_absolute() else ROOT / SHARED) / "models" / "stories260k"
 STORIES_WIDTHS = [64, 172]
-
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"{STORIES} not found")
 
 ACT = {"bits": 8, "dynamic": True, "strategy": "token", "symmetric": True}
 
