@@ -401,7 +401,8 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     """Model files, tokenizer, then crossblock.json (last: its presence marks a complete folder)."""
     from . import export
     if dtype is not None:
-        model.to(dtype)
+        from .export.common import cast_parameters
+        cast_parameters(model, dtype)
     from .preprocess.online import record_transforms
     activations = act_quant.record(model)  # the scheme the exports record, and per-layer steps
     transforms = record_transforms(model)

@@ -70,6 +70,14 @@ def unquantized_linears(model: nn.Module) -> list[str]:
             if is_linear(module) and getattr(module, "crossblock_qweight", None) is None]
 
 
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model's parameters in `dtype`, its buffers as they are: `model.to(dtype)` would also round
+    RoPE's inv_freq, which transformers keeps in float32 for a model loaded in `dtype`."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 

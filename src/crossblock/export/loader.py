@@ -18,7 +18,7 @@ import torch
 
 from ..errors import CrossblockError
 from ..model.loading import from_pretrained_exactly
-from .common import build_model, read_config, read_tensors, skeleton
+from .common import build_model, cast_parameters, read_config, read_tensors, skeleton
 
 
 def plain_config(path: str | os.PathLike, trust_remote_code: bool = False):
@@ -47,7 +47,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         model = from_pretrained_exactly(AutoModelForCausalLM, path, path, dtype="auto",
                                         trust_remote_code=trust_remote_code, use_safetensors=True)
         model = model.to(device).eval()
-        return model if dtype is None else model.to(dtype)
+        return model if dtype is None else cast_parameters(model, dtype)
     method = quantization.get("quant_method")
     config = plain_config(path, trust_remote_code)
     if dtype is not None:
