@@ -111,7 +111,8 @@ def test_sigkill_during_finetune_then_resume_is_bit_identical(tmp_path):
 
 def test_two_ranks_match_one_process(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    steps = ["--finetune-steps", "10", "--finetune-batch-size", "4", "--iters", "0"]
+    # float32: the claim is equality up to summation order (bf16 matmuls of other batch shapes round differently)
+    steps = ["--finetune-steps", "10", "--finetune-batch-size", "4", "--iters", "0", "--precision", "fp32"]
     assert cli(tmp_path / "one", *steps).wait() == 0
     two = cli(tmp_path / "two", *steps, launcher=[torchrun, "--standalone", "--nproc-per-node=2", "-m", "crossblock"])
     assert two.wait() == 0, two.stderr.read()[-2000:]

@@ -28,6 +28,7 @@ from .checkpoint import EngineState, block_of
 from ..distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
 from .gptq import HessianAccumulator, gptq_quantize
 from .schedule import LOSS_SAMPLES, Window, make_schedule
+from ..precision import autocast
 
 
 def quant_layers(blocks) -> list[QuantLinear]:
@@ -75,11 +76,13 @@ def window_loss(out: torch.Tensor, target: torch.Tensor, train) -> torch.Tensor:
 class WindowEngine:
     def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], stage, grid, activations, data,
                  skip: list[str] = (), device: torch.device | str = "cpu", progress: bool = True,
-                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None):
+                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None,
+                 precision: str = "fp32"):
         """`stage`: the windows stage's settings (schedule, init, train); `grid`, `activations`,
         `data`: the recipe's sections; `skip`: name substrings of layers left in full precision;
         `stream`: the low-memory path's BlockStream (stream.py), which reads a block from disk
-        when a window needs it and writes and drops it once it is frozen."""
+        when a window needs it and writes and drops it once it is frozen; `precision`: bf16
+        (blocks run under autocast) or fp32, as precision.resolve gave it."""
         self.blocks, self.calls = blocks, calls
         self.stage, self.train_cfg, self.grid, self.acts, self.skip = stage, stage.train, grid, activations, skip
         self.batch_size, self.seed = data.batch_size, data.seed
@@ -88,6 +91,7 @@ class WindowEngine:
         self.store = store or ChainStore("ram")
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
+        self.precision = precision
         # where each block lives between its windows (the user's placement, usually the CPU)
         self.stream = stream
         self.home = [torch.device("cpu") if stream else next(b.parameters()).device for b in blocks]
@@ -100,16 +104,11 @@ class WindowEngine:
         self.report: dict = {"windows": [], "blocks": []}
 
     # -- running blocks ------------------------------------------------------------------------
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def run(self, lo: int, hi: int, h: torch.Tensor) -> torch.Tensor:
         """Blocks lo..hi (inclusive) on one batch already on the device."""
-        if self.device.type != "cuda":  # no autocast: the float32 chains meet the blocks' dtype
+        if self.precision != "bf16":  # no autocast: the float32 chains meet the blocks' dtype
             h = h.to(self.dtype[lo])
-        with self.autocast():
+        with autocast(self.device, self.precision):
             for j in range(lo, hi + 1):
                 h = self.calls[j](self.blocks[j], h)
         return h

@@ -38,6 +38,7 @@ from ..errors import CrossblockError
 from ..engine.checkpoint import checkpoint_path, read_layers, write_atomic
 from ..engine.reconstruct import shuffled_batches
 from ..model.adapter import find_blocks
+from ..precision import autocast
 from ..quant.grid import round_ste
 from ..quant.linear import QuantLinear
 from .base import STAGES, Stage
@@ -92,7 +93,8 @@ class Finetune(Stage):
         batches = shuffled_batches(len(train_ids), min(self.batch_size, len(train_ids)), generator)
         local_train, local_held = shard(train_ids), shard(held_ids)
 
-        held_out = lambda: self.held_out_loss(model, layers, params, teacher_norms, local_held, device)  # noqa: E731
+        forward = lambda ids: forward_logits(model, ids, device, job.precision)  # noqa: E731
+        held_out = lambda: self.held_out_loss(forward, layers, params, teacher_norms, local_held, device)  # noqa: E731
         ckpt = None if job.checkpoint_dir is None else checkpoint_file(job.checkpoint_dir)
         saved = read_state(ckpt, job.fingerprint, params) if ckpt is not None and ckpt.is_file() else None
         if saved is None:
@@ -115,7 +117,7 @@ class Finetune(Stage):
                 loss = torch.zeros((), device=device)
                 if len(idx):
                     ids = local_train[idx].to(device)
-                    loss = self.batch_loss(model, layers, params, teacher_norms, ids) * (len(idx) / len(batch))
+                    loss = self.batch_loss(forward, layers, params, teacher_norms, ids) * (len(idx) / len(batch))
                 global_loss = all_reduce_(loss.detach().clone())
                 if not torch.isfinite(global_loss):
                     state["stopped"] = f"non-finite loss at step {step}"
@@ -146,26 +148,33 @@ class Finetune(Stage):
                                   "resumed_at_step": saved[0]["step"] if saved else None,
                                   "seconds": round(time.time() - t0, 2)}
 
-    def batch_loss(self, model, layers, params, teacher_norms, ids: torch.Tensor) -> torch.Tensor:
-        """Mean per-token loss of the quantized model on `ids` (teacher: the same model in fp mode,
-        with its original norm weights)."""
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    def batch_loss(self, forward, layers, params, teacher_norms, ids: torch.Tensor) -> torch.Tensor:
+        """Mean per-token loss of the quantized model on `ids` (`forward(ids)`: its logits; teacher:
+        the same model in fp mode, with its original norm weights)."""
+        logits = forward(ids).float()
         if self.loss == "ce":
             return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         with torch.no_grad(), teacher_mode(layers, params, teacher_norms):
-            teacher = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            teacher = forward(ids).float()
         return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
                         reduction="none").sum(-1).mean()
 
     @torch.no_grad()
-    def held_out_loss(self, model, layers, params, teacher_norms, local_held: torch.Tensor, device) -> float:
+    def held_out_loss(self, forward, layers, params, teacher_norms, local_held: torch.Tensor, device) -> float:
         sums = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(local_held), self.batch_size):
             ids = local_held[i:i + self.batch_size].to(device)
-            loss = self.batch_loss(model, layers, params, teacher_norms, ids).item()
+            loss = self.batch_loss(forward, layers, params, teacher_norms, ids).item()
             sums += torch.tensor([loss * len(ids), len(ids)], dtype=torch.float64)
         sums = all_reduce_(sums)
         return (sums[0] / sums[1]).item() if sums[1] else math.nan
+
+
+def forward_logits(model, ids: torch.Tensor, device, precision: str) -> torch.Tensor:
+    """The model's next-token logits for every position but the last, computed in `precision`
+    (bf16: autocast; the losses are taken in float32 outside it)."""
+    with autocast(device, precision):
+        return model(input_ids=ids, use_cache=False).logits[:, :-1]
 
 
 @contextlib.contextmanager

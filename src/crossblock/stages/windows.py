@@ -107,7 +107,7 @@ class Windows(Stage):
         _, blocks = find_blocks(model)
         engine = WindowEngine(blocks, calls, self, job.grid, job.activations, job.data, job.skip, device=job.device,
                               progress=job.progress and is_main(), num_sequences=job.ids.shape[0], store=store,
-                              stream=job.stream)
+                              stream=job.stream, precision=job.precision)
         inputs = [x0]
         del x0  # the engine frees the block-0 inputs once every chain has moved past block 0
         try:
