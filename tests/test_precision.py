@@ -2,7 +2,6 @@
 blocks and model; the quantizer's math float32) still beats RTN and finetunes, auto follows the
 hardware, and the choice is recorded."""
 import functools
-import hashlib
 import json
 
 import pytest
@@ -16,20 +15,11 @@ from crossblock.quant.linear import QuantLinear
 from crossblock.recipe import Recipe
 from crossblock.roundings import LoraRound
 from crossblock.grids import UniformGrid
-from conftest import CALIB_FILE, EVAL_FILE, STORIES, load_stories
+from conftest import CALIB_FILE, EVAL_FILE, STORIES, load_stories, weights_hash
 
 SMALL = dict(nsamples=8, seqlen=64, batch_size=4)
 W3 = dict(SMALL, wbits=3, group_size=-1)
 TRAIN = dict(W3, iters=20)
-
-
-def weights_hash(model) -> str:
-    """The model's weights to the bit (fake-quantized: the integers, scales and zero points decoded)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)

@@ -334,11 +334,13 @@ class WindowEngine:
         holds the only reference. `resume` continues a checkpointed run; `on_window(state)` is
         called after every window with what a checkpoint needs."""
         x0 = inputs.pop()
-        # chains: FP model, quantized model, and (for the report) the RTN-quantized model on the
-        # first LOSS_SAMPLES sequences: a third full chain would cost 12% of a 128 x 512 `block` run
-        chains = {"fp": x0, "q": x0}  # never modified in place
-        if self.stage.rtn_reference(self.static_acts):
-            chains["rtn"] = x0[:len(self.loss_rows(x0))]
+        # chains: FP model, quantized model, and (for the report) the RTN-quantized model, each on
+        # the first sequences it needs (stage.chain_rows): a third full chain would cost 12% of a
+        # 128 x 512 `block` run, and an untrained recipe needs FP outputs only for its report
+        rows = self.stage.chain_rows(self.static_acts, self.global_len(x0))
+        local = {name: len(local_part(torch.arange(k))) for name, k in rows.items()}
+        # never modified in place; a whole chain stays x0 itself (--offload disk releases it by identity)
+        chains = {name: x0 if k == len(x0) else x0[:k] for name, k in local.items()}
         wrapped: set[int] = set()
         first = 0
         if resume is not None:
@@ -353,6 +355,7 @@ class WindowEngine:
                 wrapped = set(self.pending) | set(resume.released)
             self.replay(chains, self.schedule[:first])
         del x0
+        self.report.setdefault("report_sequences", rows["fp"])
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
         for wi, w in enumerate(self.schedule[first:], start=first):
             t0 = time.time()
@@ -450,8 +453,9 @@ class WindowEngine:
             for m in quant_layers([self.blocks[j]]):
                 m.freeze()
             self.step_chains(j, chains, fp_target if j == w.target else None, q_next[i] if q_next else None)
-            entry = {"block": j, **self.output_error(chains["q"], chains["fp"])}
-            if "rtn" in chains:  # RTN vs this model on the same (first LOSS_SAMPLES) sequences
+            fp = chains["fp"]  # the report's sequences: all, or the first few (stage.chain_rows)
+            entry = {"block": j, **self.output_error(chains["q"][:len(fp)], fp)}
+            if "rtn" in chains:  # RTN vs this model on the same (first) sequences
                 k = len(chains["rtn"])
                 entry["rtn"] = {**self.output_error(chains["rtn"], chains["fp"][:k]),
                                 "quantized_rel_mse": self.output_error(chains["q"][:k], chains["fp"][:k])["rel_mse"]}
