@@ -37,7 +37,7 @@ def resolve(precision: str, device) -> tuple[str, str]:
         return "bf16", "auto: CUDA"
     if kind == "cpu" and cpu_has_bf16_matmul():
         return "bf16", "auto: this CPU has native bf16 matmul (AVX512-BF16 / AMX)"
-    return "fp32", f"auto: no native bf16 matmul on this {kind.upper() if kind == 'cpu' else kind}"
+    return "fp32", f"auto: no native bf16 matmul on {'this CPU' if kind == 'cpu' else kind}"
 
 
 def autocast(device, precision: str):
