@@ -21,6 +21,9 @@ CASES = {
     "rtn": ("rtn", dict(SMALL, wbits=3, group_size=32)),
     "rtn-clip": ("rtn", dict(SMALL, wbits=2, group_size=32, clip_search=True, sym=True)),
     "gptq": ("gptq", dict(SMALL, wbits=3, group_size=32)),
+    # more sequences than an untrained recipe's error report reads (REPORT_SAMPLES)
+    "rtn-32": ("rtn", dict(SMALL, nsamples=32, wbits=3, group_size=32)),
+    "gptq-32": ("gptq", dict(SMALL, nsamples=32, wbits=3, group_size=32)),
     "gptq-order-clip": ("gptq", dict(SMALL, wbits=3, group_size=-1, act_order=True, clip_search=True)),
     "block": ("block", dict(TRAIN, wbits=3, group_size=32)),
     "mb": ("mb", dict(TRAIN, wbits=3, group_size=32)),

@@ -1,3 +1,4 @@
+import hashlib
 import signal
 import time
 from pathlib import Path
@@ -32,6 +33,15 @@ def calib_text():
 @pytest.fixture(scope="session")
 def eval_text():
     return EVAL_FILE.read_text()
+
+
+def weights_hash(model) -> str:
+    """A model's weights to the bit (fake-quantized: its integers, scales and zero points decoded)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def kill_when(proc, reached, timeout: float = 300):

@@ -92,7 +92,8 @@ def reference_hashes(request, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_output_is_bit_identical_to_the_reference_commit(case, calib_text, reference_hashes):
-    assert case_hash(case, STORIES, calib_text, ROOT) == reference_hashes[case]
+    # fp32: the reference predates --precision and computed in float32 (bf16 is tested apart)
+    assert case_hash(case, STORIES, calib_text, ROOT, precision="fp32") == reference_hashes[case]
 
 
 def test_the_hash_sees_one_ulp(calib_text):

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 from conftest import CALIB_FILE, STORIES
 from crossblock.recipe import PRESETS
 
+# float32 (--precision fp32): ranks match one process up to summation order; bf16 matmuls of
+# half batches round differently (~0.3% of a finetune loss on stories260k)
 ARGS = ["--recipe", "block", "--wbits", "3", "--group-size", "-1", "--iters", "20", "--nsamples", "16",
-        "--seqlen", "64", "--batch-size", "8", "--quiet", "--device", "cpu"]
+        "--seqlen", "64", "--batch-size", "8", "--quiet", "--device", "cpu", "--precision", "fp32"]
 
 
 def quantize(out, ranks: int):
@@ -42,7 +44,7 @@ def test_two_ranks_match_one_process(tmp_path):
 
 
 PRESET_ARGS = ["--wbits", "3", "--group-size", "-1", "--iters", "4", "--nsamples", "8", "--seqlen", "32",
-               "--batch-size", "4", "--quiet", "--device", "cpu"]
+               "--batch-size", "4", "--quiet", "--device", "cpu", "--precision", "fp32"]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -40,7 +40,8 @@ class UnfusedMoe(nn.Module):
         for e, expert in enumerate(self.experts):
             hit = pick == e
             if hit.any():
-                out[hit] = expert["down_proj"](torch.relu(expert["up_proj"](x[hit]))) * logits[hit][:, e:e + 1].sigmoid()
+                y = expert["down_proj"](torch.relu(expert["up_proj"](x[hit]))) * logits[hit][:, e:e + 1].sigmoid()
+                out[hit] = y.to(out.dtype)  # bf16 under autocast, as HF's MoE blocks cast it back
         return out
 
 

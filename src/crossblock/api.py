@@ -36,6 +36,7 @@ from .model.adapter import (block_experts, block_linears, find_blocks, is_skippe
 from .model.loading import from_pretrained_exactly
 from .quant.experts import expert_params
 from .output import partial_dir, staged_dir
+from .precision import resolve as resolve_precision
 from .quant import act as act_quant
 from .quant.linear import is_conv1d, restore_quantized, weight_of
 from .recipe import Recipe
@@ -146,11 +147,14 @@ def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
     return calibration_windows(ids, data.nsamples, data.seqlen, data.seed)
 
 
-def fingerprint(model, recipe: Recipe, ids: torch.Tensor, sums: dict | None = None) -> str:
-    """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids.
+def fingerprint(model, recipe: Recipe, ids: torch.Tensor, sums: dict | None = None, precision: str | None = None) -> str:
+    """Identity of a run: model (config and a checksum of every weight), recipe, calibration ids, and
+    the precision `auto` resolved to (a checkpoint of a bf16 run does not resume as fp32 elsewhere).
     `sums`: name -> (shape, sum) of every weight, read from disk (low-memory path: stream.weight_sums)."""
     h = hashlib.sha256()
     h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
+    if precision is not None:
+        h.update(f"precision:{precision}".encode())
     h.update(digest(ids).encode())
     h.update(model.config.to_json_string().encode())
     sums = sums or {name: (tuple(p.shape), p.double().sum().item()) for name, p in model.state_dict().items()}
@@ -233,11 +237,13 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     device = device or default_device()
     model.eval().requires_grad_(False)
     recipe, prefix_state, auto = choose_schedule(recipe, model, tokenizer, ids, device, progress)
+    precision, why = resolve_precision(recipe.precision, device)
     job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
-              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, stream=stream)
+              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, stream=stream,
+              precision=precision)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        key = job.fingerprint = fingerprint(model, recipe, ids, sums)
+        key = job.fingerprint = fingerprint(model, recipe, ids, sums, precision)
         job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None) or job.resume
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)
@@ -256,6 +262,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
               "versions": versions(),
               "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
               "device": str(device),
+              "precision": {"asked": recipe.precision, "used": precision, "why": why},
               "ranks": rank_and_size()[1],
               "offload": offload,
               **({"low_memory": True} if stream else {}),
@@ -323,6 +330,9 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
             streaming.refuse_unsupported(recipe, format, model)
         if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
             output.prepare_staging(out, resume, overwrite, needed=needed)
+            if progress:
+                used, why = resolve_precision(recipe.precision, device or default_device())
+                print(f"crossblock: computing in {used} ({why}; --precision fp32|bf16 to choose)", file=sys.stderr)
         barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
         work = partial_dir(out)
         if not work.exists():  # resume of a run killed after its final rename

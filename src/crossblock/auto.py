@@ -33,7 +33,7 @@ from torch import nn
 
 from .engine.checkpoint import EngineState
 from .engine.plan import schedule_cost, window_costs
-from .engine.schedule import LOSS_SAMPLES, make_schedule
+from .engine.schedule import make_schedule
 from .errors import CrossblockError
 from .model.adapter import find_blocks
 from .recipe import PRESETS, Flat, Recipe
@@ -143,7 +143,7 @@ class AutoRecipe(Recipe):
             "candidates": rows, "chosen": chosen.name, "metric": "last prefix block's rel_mse against FP",
             "reused_windows": reused,
             "reused_block_passes": sum(c for _, c in window_costs(chosen, num_blocks)[:reused]),
-            "replay_block_passes": replayed * (2 * n + min(n, LOSS_SAMPLES)),
+            "replay_block_passes": replayed * sum(chosen.windows.chain_rows(chosen.activations.static, n).values()),
             "reuse": ("the chosen schedule's first windows continue from the comparison" if reused else
                       "none: " + ("the comparison ran with fewer steps and sequences than the full run" if fidelity > 1
                                   else "a stage runs before the windows" if not reusable

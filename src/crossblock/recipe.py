@@ -4,6 +4,7 @@
     data: {nsamples: 128, seqlen: 512, seed: 0, batch_size: 2}
     grid: {type: uniform, bits: 3, group_size: 64, sym: false}
     activations: {bits: 16}
+    precision: auto           # bf16 autocast where bf16 matmul is native, else fp32 (precision.py)
     stages:
       - cfp: {alpha: 0.7}
       - windows: {window: 1, stride: 1, lookahead: 0, init: rtn,
@@ -26,10 +27,11 @@ from pathlib import Path
 from .config import Config
 from .errors import CrossblockError
 from .grids import GRIDS, GgufGrid, UniformGrid
+from .precision import PRECISIONS
 from .roundings import ROUNDINGS, AdaRound, LoraRound
 from .stages import STAGES, Cfp, Finetune, Rotate, Stage, Train, Windows
 
-SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "stages")
+SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "precision", "stages")
 
 
 @dataclass
@@ -80,11 +82,14 @@ class Recipe(Config):
     activations: Activations = field(default_factory=Activations)
     skip: list[str] = field(default_factory=list)  # layers left in full precision: names, globs (adapter.is_skipped)
     stages: list[Stage] = field(default_factory=lambda: [Windows()])
+    precision: str = "auto"  # compute of blocks and model: auto, bf16 or fp32 (precision.py)
     # how the recipe was chosen (Recipe.default, --recipe auto): recorded in crossblock.json, not part of
     # the recipe itself (to_dict leaves it out, so checkpoints and fingerprints ignore it)
     chosen_by: dict | None = field(default=None, compare=False, repr=False)
 
     def check(self):
+        self.refuse(self.precision in PRECISIONS,
+                    f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         names = [s.kind_name for s in self.stages]
         self.refuse(sum(s.quantizes for s in self.stages) == 1,
                     f"needs exactly one stage that quantizes (windows), got stages {names}")
@@ -166,7 +171,7 @@ class Recipe(Config):
     # -- YAML --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"name": self.name, "data": self.data.to_dict(), "grid": GRIDS.spec(self.grid),
-                "activations": self.activations.to_dict(), "skip": list(self.skip),
+                "activations": self.activations.to_dict(), "skip": list(self.skip), "precision": self.precision,
                 "stages": [{s.kind_name: s.to_dict()} for s in self.stages]}
 
     def to_yaml(self, path=None) -> str:
@@ -214,7 +219,7 @@ class Recipe(Config):
         return cls(name=d["name"], data=Data.from_dict(d.get("data"), "data"), grid=GRIDS.build(grid, "grid"),
                    activations=Activations.from_dict(d.get("activations"), "activations"),
                    skip=[] if d.get("skip") is None else d["skip"],
-                   stages=[parse_stage(s) for s in stages])
+                   stages=[parse_stage(s) for s in stages], precision=d.get("precision", "auto"))
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "Recipe":
@@ -296,6 +301,7 @@ class Flat(Config):
     seqlen: int = 512
     seed: int = 0
     skip: list[str] = field(default_factory=list)
+    precision: str = "auto"
 
     @classmethod
     def section(cls) -> str:
@@ -343,7 +349,7 @@ class Flat(Config):
         return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
                       GgufGrid(r.gguf_type, r.gguf_output) if r.gguf_type else
                       UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
-                      Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages).validated()
+                      Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages, r.precision).validated()
 
     @classmethod
     def of(cls, recipe: Recipe) -> "Flat":
@@ -362,7 +368,8 @@ class Flat(Config):
                     abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
                     window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
                     act_order=w.act_order, clip_search=w.clip_search, all_experts=w.all_experts, batch_size=d.batch_size,
-                    nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, skip=list(recipe.skip))
+                    nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, skip=list(recipe.skip),
+                    precision=recipe.precision)
         if cfp is not None:
             flat.update(cfp_alpha=cfp.alpha, cfp_weights=cfp.weights)
         if rotate is not None:

@@ -14,6 +14,7 @@ import torch
 from ..quant.grid import minmax_grid, num_groups, search_clip
 from ..distributed import all_reduce_
 from ..errors import CrossblockError
+from ..precision import exact
 
 
 class HessianAccumulator:
@@ -29,9 +30,9 @@ class HessianAccumulator:
         self.h *= self.count / (self.count + n)
         self.count += n
         x = x * (2 / self.count) ** 0.5
-        # the hooks fire inside the engine's bf16 autocast on CUDA: a bf16 x xᵀ is not positive
-        # definite enough for Cholesky (seen on an H200: a bf16 model's layer failed at order 54)
-        with torch.autocast(x.device.type, enabled=False):
+        # the hooks fire inside the engine's bf16 autocast: a bf16 x xᵀ is not positive definite
+        # enough for Cholesky (seen on an H200: a bf16 model's layer failed at order 54)
+        with exact(x.device):
             self.h += x.t() @ x
 
     def all_reduce(self):

@@ -12,7 +12,7 @@ def window_cost(recipe, w: Window, first_new: int | None = None) -> int:
     stage, static = recipe.windows, recipe.activations.static
     depth = w.target - w.start + 1
     n = recipe.data.nsamples
-    chains = 2 * n + (min(n, LOSS_SAMPLES) if stage.rtn_reference(static) else 0)  # FP, quantized (+ RTN reference)
+    chains = sum(stage.chain_rows(static, n).values())  # FP, quantized (+ RTN reference)
     cost = chains * len(w.finished)
     if stage.needs_block_input(static):  # each new block's input, then a pass for GPTQ / static steps
         per_block = (stage.init == "gptq") + static

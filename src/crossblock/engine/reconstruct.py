@@ -28,6 +28,7 @@ from .checkpoint import EngineState, block_of
 from ..distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
 from .gptq import HessianAccumulator, gptq_quantize
 from .schedule import LOSS_SAMPLES, Window, make_schedule
+from ..precision import autocast
 
 
 def quant_layers(blocks) -> list[QuantLinear]:
@@ -75,12 +76,14 @@ def window_loss(out: torch.Tensor, target: torch.Tensor, train) -> torch.Tensor:
 class WindowEngine:
     def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], stage, grid, activations, data,
                  skip: list[str] = (), device: torch.device | str = "cpu", progress: bool = True,
-                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None, prefix: str = ""):
+                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None, prefix: str = "",
+                 precision: str = "fp32"):
         """`stage`: the windows stage's settings (schedule, init, train); `grid`, `activations`,
         `data`: the recipe's sections; `skip`: patterns of layers left in full precision, matched
         against the full names under `prefix`, the blocks' name in the model (adapter.is_skipped);
         `stream`: the low-memory path's BlockStream (stream.py), which reads a block from disk
-        when a window needs it and writes and drops it once it is frozen."""
+        when a window needs it and writes and drops it once it is frozen; `precision`: bf16
+        (blocks run under autocast) or fp32, as precision.resolve gave it."""
         self.blocks, self.calls = blocks, calls
         self.stage, self.train_cfg, self.grid, self.acts, self.skip = stage, stage.train, grid, activations, skip
         self.prefix = prefix
@@ -90,6 +93,7 @@ class WindowEngine:
         self.store = store or ChainStore("ram")
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
+        self.precision = precision
         # where each block lives between its windows (the user's placement, usually the CPU)
         self.stream = stream
         self.home = [torch.device("cpu") if stream else next(b.parameters()).device for b in blocks]
@@ -102,16 +106,11 @@ class WindowEngine:
         self.report: dict = {"windows": [], "blocks": []}
 
     # -- running blocks ------------------------------------------------------------------------
-    def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def run(self, lo: int, hi: int, h: torch.Tensor) -> torch.Tensor:
         """Blocks lo..hi (inclusive) on one batch already on the device."""
-        if self.device.type != "cuda":  # no autocast: the float32 chains meet the blocks' dtype
+        if self.precision != "bf16":  # no autocast: the float32 chains meet the blocks' dtype
             h = h.to(self.dtype[lo])
-        with self.autocast():
+        with autocast(self.device, self.precision):
             for j in range(lo, hi + 1):
                 h = self.calls[j](self.blocks[j], h)
         return h
@@ -338,11 +337,13 @@ class WindowEngine:
         holds the only reference. `resume` continues a checkpointed run; `on_window(state)` is
         called after every window with what a checkpoint needs."""
         x0 = inputs.pop()
-        # chains: FP model, quantized model, and (for the report) the RTN-quantized model on the
-        # first LOSS_SAMPLES sequences: a third full chain would cost 12% of a 128 x 512 `block` run
-        chains = {"fp": x0, "q": x0}  # never modified in place
-        if self.stage.rtn_reference(self.static_acts):
-            chains["rtn"] = x0[:len(self.loss_rows(x0))]
+        # chains: FP model, quantized model, and (for the report) the RTN-quantized model, each on
+        # the first sequences it needs (stage.chain_rows): a third full chain would cost 12% of a
+        # 128 x 512 `block` run, and an untrained recipe needs FP outputs only for its report
+        rows = self.stage.chain_rows(self.static_acts, self.global_len(x0))
+        local = {name: len(local_part(torch.arange(k))) for name, k in rows.items()}
+        # never modified in place; a whole chain stays x0 itself (--offload disk releases it by identity)
+        chains = {name: x0 if k == len(x0) else x0[:k] for name, k in local.items()}
         wrapped: set[int] = set()
         first = 0
         if resume is not None:
@@ -357,6 +358,7 @@ class WindowEngine:
                 wrapped = set(self.pending) | set(resume.released)
             self.replay(chains, self.schedule[:first])
         del x0
+        self.report.setdefault("report_sequences", rows["fp"])
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
         for wi, w in enumerate(self.schedule[first:], start=first):
             t0 = time.time()
@@ -454,8 +456,9 @@ class WindowEngine:
             for m in quant_layers([self.blocks[j]]):
                 m.freeze()
             self.step_chains(j, chains, fp_target if j == w.target else None, q_next[i] if q_next else None)
-            entry = {"block": j, **self.output_error(chains["q"], chains["fp"])}
-            if "rtn" in chains:  # RTN vs this model on the same (first LOSS_SAMPLES) sequences
+            fp = chains["fp"]  # the report's sequences: all, or the first few (stage.chain_rows)
+            entry = {"block": j, **self.output_error(chains["q"][:len(fp)], fp)}
+            if "rtn" in chains:  # RTN vs this model on the same (first) sequences
                 k = len(chains["rtn"])
                 entry["rtn"] = {**self.output_error(chains["rtn"], chains["fp"][:k]),
                                 "quantized_rel_mse": self.output_error(chains["q"][:k], chains["fp"][:k])["rel_mse"]}

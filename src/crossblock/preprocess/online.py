@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CrossblockError
+from ..precision import exact
 from .hadamard import Factors, base_matrix, dense, paley_order, sylvester
 
 
@@ -52,7 +53,7 @@ class OnlineRotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = _matrices(self.factors, self.seed, str(x.device))
-        with torch.autocast(x.device.type, enabled=False):  # the engine's bf16 autocast would round H
+        with exact(x.device):  # the engine's bf16 autocast would round H
             y = x.float()
             if self.factors.base == 1:
                 y = y @ b

@@ -16,6 +16,7 @@ from torch import nn
 
 from .act import attach as attach_act_quant
 from .grid import QuantizedWeight
+from ..precision import exact
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -138,10 +139,13 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if self.act_quant is not None:
             x = self.act_quant(x)
-        if self.mode == "rtn":
-            w = self.grid.rtn(self.weight).to(x.dtype)
-        else:
-            w = self.weight_as(x.dtype, hard=self.mode == "hard")
+        # the weight's grid math and rounding parameters (LoRA-Rounding's A·B) stay float32 under
+        # the engine's bf16 autocast; only the matmul below runs in bf16
+        with exact(x.device):
+            if self.mode == "rtn":
+                w = self.grid.rtn(self.weight).to(x.dtype)
+            else:
+                w = self.weight_as(x.dtype, hard=self.mode == "hard")
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     # -- training helpers -------------------------------------------------------------------

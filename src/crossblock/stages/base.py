@@ -35,4 +35,5 @@ class Job:
     resume: Any = None                 # the window engine's checkpoint to continue from
     on_window: Callable | None = None  # called with the engine state after every window
     stream: Any = None                 # low-memory path: the BlockStream the weights come from (stream.py)
+    precision: str = "fp32"            # block and model compute: bf16 (autocast) or fp32, resolved (precision.py)
     report: dict = field(default_factory=dict)

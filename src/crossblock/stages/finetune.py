@@ -9,7 +9,9 @@ ppl after block-wise training) is this stage.
 - The FP teacher costs no memory: until the pipeline ends every quantized layer still wraps its
   FP weight, so the teacher is the same model with its layers in "fp" mode, run per batch
   (no-grad). Its logits are never stored: a 49k-152k vocabulary x 65k calibration tokens would
-  be 13-40 GB in float32.
+  be 13-40 GB in float32. Per batch, they are kept in the compute precision (bf16 under
+  autocast) and the KL is taken a chunk of tokens at a time (ChunkedKL): neither model's float32
+  log-softmax over the vocabulary exists whole.
 - Scales train as s0 * exp(p) (p from 0): the learning rate is relative to each group's step,
   whatever the weights' magnitude, and a scale never changes sign. Zero points train through a
   straight-through round, so they stay integers. Scales are rounded (straight-through) to the
@@ -38,6 +40,7 @@ from ..errors import CrossblockError
 from ..engine.checkpoint import checkpoint_path, read_layers, write_atomic
 from ..engine.reconstruct import shuffled_batches
 from ..model.adapter import find_blocks
+from ..precision import autocast
 from ..quant.grid import round_ste
 from ..quant.linear import QuantLinear
 from .base import STAGES, Stage
@@ -92,7 +95,8 @@ class Finetune(Stage):
         batches = shuffled_batches(len(train_ids), min(self.batch_size, len(train_ids)), generator)
         local_train, local_held = shard(train_ids), shard(held_ids)
 
-        held_out = lambda: self.held_out_loss(model, layers, params, teacher_norms, local_held, device)  # noqa: E731
+        forward = lambda ids: forward_logits(model, ids, device, job.precision)  # noqa: E731
+        held_out = lambda: self.held_out_loss(forward, layers, params, teacher_norms, local_held, device)  # noqa: E731
         ckpt = None if job.checkpoint_dir is None else checkpoint_file(job.checkpoint_dir)
         saved = read_state(ckpt, job.fingerprint, params) if ckpt is not None and ckpt.is_file() else None
         if saved is None:
@@ -115,7 +119,7 @@ class Finetune(Stage):
                 loss = torch.zeros((), device=device)
                 if len(idx):
                     ids = local_train[idx].to(device)
-                    loss = self.batch_loss(model, layers, params, teacher_norms, ids) * (len(idx) / len(batch))
+                    loss = self.batch_loss(forward, layers, params, teacher_norms, ids) * (len(idx) / len(batch))
                 global_loss = all_reduce_(loss.detach().clone())
                 if not torch.isfinite(global_loss):
                     state["stopped"] = f"non-finite loss at step {step}"
@@ -146,26 +150,70 @@ class Finetune(Stage):
                                   "resumed_at_step": saved[0]["step"] if saved else None,
                                   "seconds": round(time.time() - t0, 2)}
 
-    def batch_loss(self, model, layers, params, teacher_norms, ids: torch.Tensor) -> torch.Tensor:
-        """Mean per-token loss of the quantized model on `ids` (teacher: the same model in fp mode,
-        with its original norm weights)."""
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    def batch_loss(self, forward, layers, params, teacher_norms, ids: torch.Tensor) -> torch.Tensor:
+        """Mean per-token loss of the quantized model on `ids` (`forward(ids)`: its logits; teacher:
+        the same model in fp mode, with its original norm weights)."""
+        logits = forward(ids)
         if self.loss == "ce":
-            return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
         with torch.no_grad(), teacher_mode(layers, params, teacher_norms):
-            teacher = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
-                        reduction="none").sum(-1).mean()
+            teacher = forward(ids)  # no graph; bf16 under autocast: half a float32 copy
+        return ChunkedKL.apply(logits.flatten(0, 1), teacher.flatten(0, 1), kl_chunk_rows(logits.shape[-1]))
 
     @torch.no_grad()
-    def held_out_loss(self, model, layers, params, teacher_norms, local_held: torch.Tensor, device) -> float:
+    def held_out_loss(self, forward, layers, params, teacher_norms, local_held: torch.Tensor, device) -> float:
         sums = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(local_held), self.batch_size):
             ids = local_held[i:i + self.batch_size].to(device)
-            loss = self.batch_loss(model, layers, params, teacher_norms, ids).item()
+            loss = self.batch_loss(forward, layers, params, teacher_norms, ids).item()
             sums += torch.tensor([loss * len(ids), len(ids)], dtype=torch.float64)
         sums = all_reduce_(sums)
         return (sums[0] / sums[1]).item() if sums[1] else math.nan
+
+
+KL_CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the KL: 64 MiB of float32 temporaries at a time
+
+
+def kl_chunk_rows(vocab: int) -> int:
+    return max(1, KL_CHUNK_ELEMENTS // vocab)
+
+
+def token_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)) of each row of (tokens, vocab) logits, in float32."""
+    return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                    reduction="none").sum(-1)
+
+
+class ChunkedKL(torch.autograd.Function):
+    """token_kl(student, teacher).mean() and its gradient, `rows` tokens at a time: no float32
+    log-softmax of either model over the whole batch ever exists (autograd would keep the
+    student's and exp of the teacher's, 2 x 200 MB for 2 x 512 tokens of a 49k vocabulary); the
+    backward recomputes each chunk's. Both are, op for op, what autograd computes through
+    token_kl (kl_div is exp(t) * (t - s)), so the result is the same to the bit."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows: int):
+        ctx.save_for_backward(student, teacher)
+        ctx.rows = rows
+        return torch.cat([token_kl(s, t) for s, t in zip(student.split(rows), teacher.split(rows))]).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher = ctx.saved_tensors
+        g = grad / student.shape[0]  # mean's backward
+        out = torch.empty_like(student)
+        for s, t, o in zip(student.split(ctx.rows), teacher.split(ctx.rows), out.split(ctx.rows)):
+            log_s, log_t = F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1)
+            # d/d log_s of exp(log_t) * (log_t - log_s), summed: -g exp(log_t); then log_softmax's backward
+            o.copy_(torch._log_softmax_backward_data(-(g * log_t.exp()), log_s, -1, torch.float32))
+        return out, None, None
+
+
+def forward_logits(model, ids: torch.Tensor, device, precision: str) -> torch.Tensor:
+    """The model's next-token logits for every position but the last, computed in `precision`
+    (bf16: autocast; the losses are taken in float32 outside it)."""
+    with autocast(device, precision):
+        return model(input_ids=ids, use_cache=False).logits[:, :-1]
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from ..errors import CrossblockError
 from ..model.adapter import capture, find_blocks
 from ..roundings import ROUNDINGS, Rounding, SignRound
 from ..config import Config
+from ..engine.schedule import LOSS_SAMPLES, REPORT_SAMPLES
 from .base import STAGES, Stage
 
 TARGETS = ("propagated", "homologous")
@@ -97,17 +98,31 @@ class Windows(Stage):
         """Whether the engine carries an RTN chain (its report compares with RTN): not for RTN itself."""
         return self.trains(static_acts) or self.init != "rtn"
 
+    def chain_rows(self, static_acts: bool, n: int) -> dict[str, int]:
+        """How many of the first of `n` calibration sequences each chain of the engine carries (the
+        engine and the plan both read this). The FP chain feeds the targets of training, the
+        quantized one also GPTQ's Hessians and static steps; without those, they and the RTN
+        reference serve only the per-block error report, on REPORT_SAMPLES sequences."""
+        trains = self.trains(static_acts)
+        report = min(n, LOSS_SAMPLES if trains else REPORT_SAMPLES)
+        rows = {"fp": n if trains else report, "q": n if trains or self.needs_block_input(static_acts) else report}
+        if self.rtn_reference(static_acts):
+            rows["rtn"] = report
+        return rows
+
     def run(self, model, job):
         # data parallel (torchrun): each rank captures and carries only its shard of the sequences
         store = ChainStore(job.offload, job.checkpoint_dir)
-        ids = shard(job.ids)
+        # RTN: the report's few sequences are all that is ever run through the model
+        needed = job.ids[:max(self.chain_rows(job.activations.static, len(job.ids)).values())]
+        ids = shard(needed)
         with job.stream.before_blocks(ids) if job.stream else contextlib.nullcontext():
             x0, calls = capture(model, ids, batch_size=job.data.batch_size, empty=store.empty)
         store.release(x0)
         prefix, blocks = find_blocks(model)
         engine = WindowEngine(blocks, calls, self, job.grid, job.activations, job.data, job.skip, device=job.device,
-                              progress=job.progress and is_main(), num_sequences=job.ids.shape[0], store=store,
-                              stream=job.stream, prefix=prefix)
+                              progress=job.progress and is_main(), num_sequences=len(needed), store=store,
+                              stream=job.stream, prefix=prefix, precision=job.precision)
         inputs = [x0]
         del x0  # the engine frees the block-0 inputs once every chain has moved past block 0
         try:
