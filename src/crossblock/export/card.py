@@ -106,6 +106,9 @@ def card(folder: Path, info: dict) -> str:
         rows.append(("save check", f"skipped: {check['skipped']}"))
     size = weight_bytes(folder)
     rows.append(("weight files", f"{size / 2 ** 20:,.1f} MiB"))
+    precision = info.get("precision")
+    if precision:
+        rows.append(("compute precision", f"{precision['used']} ({precision['why']})"))
     if info.get("wall_seconds") is not None:
         rows.append(("quantization time", f"{info['wall_seconds']:,.0f} s on {info.get('device', '?')}"))
     versions = info.get("versions") or {}
