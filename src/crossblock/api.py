@@ -103,14 +103,14 @@ def check_weights_finite(model):
             raise CrossblockError(f"model weight {name} contains NaN or Inf values")
 
 
-def quantized_layers(model, skip=()) -> dict[str, torch.nn.Module]:
+def layers_to_quantize(model, skip=()) -> dict[str, torch.nn.Module]:
     """The linear layers of every block that a recipe with `skip` quantizes, by full name."""
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}": m for i, b in enumerate(blocks)
             for n, m in block_linears(b) if not is_skipped(skip, prefix, i, n)}
 
 
-def quantized_experts(model, skip=()) -> dict[str, torch.Tensor]:
+def experts_to_quantize(model, skip=()) -> dict[str, torch.Tensor]:
     """The fused 3-D expert parameters a recipe with `skip` quantizes (E, out, in), by full name."""
     prefix, blocks = find_blocks(model)
     return {f"{prefix}.{i}.{n}.{p}": t for i, b in enumerate(blocks) for n, m in block_experts(b)
@@ -119,8 +119,8 @@ def quantized_experts(model, skip=()) -> dict[str, torch.Tensor]:
 
 def matrix_shapes(model, skip=()) -> dict[str, tuple[int, int]]:
     """(out, in) of every matrix a recipe with `skip` quantizes: each linear, each expert's."""
-    shapes = {n: tuple(weight_of(m).shape) for n, m in quantized_layers(model, skip).items()}
-    return {**shapes, **{n: tuple(t.shape[1:]) for n, t in quantized_experts(model, skip).items()}}
+    shapes = {n: tuple(weight_of(m).shape) for n, m in layers_to_quantize(model, skip).items()}
+    return {**shapes, **{n: tuple(t.shape[1:]) for n, t in experts_to_quantize(model, skip).items()}}
 
 
 def print_unquantized(left: list[dict]):
@@ -172,9 +172,9 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     form = export.require_known_format(format)
     if not getattr(model, "crossblock_prefix", False):  # a prefix (auto, compare): checked on the whole model
         refuse_unmatched_skip(model, recipe.skip)
-    layers = list(quantized_layers(model, recipe.skip).values())
+    layers = list(layers_to_quantize(model, recipe.skip).values())
     shapes = matrix_shapes(model, recipe.skip).values()
-    experts = quantized_experts(model, recipe.skip)
+    experts = experts_to_quantize(model, recipe.skip)
     grid = recipe.grid
     if experts and recipe.activations.bits < 16:
         raise CrossblockError(f"activation quantization is not supported for fused MoE experts "
@@ -419,7 +419,7 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     export.require_known_format(format).accepts_online_transforms(bool(transforms))
     refuse_scales_off_the_stored_grid(model, format, None)  # after the cast: the dtype saved
     written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations))
-    write_report(folder, report, format, activations, transforms, written)
+    write_json_report(folder, report, format, activations, transforms, written)
     add_to_report(folder, save_check=check_reload(model, folder, format))
     write_card(folder)
 
@@ -430,7 +430,7 @@ def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: 
     activations = stream.activations()
     written = stream.write_folder(tokenizer, folder, scheme_of(activations))
     shutil.rmtree(stream.spill)
-    write_report(folder, report, format, activations, None, written)
+    write_json_report(folder, report, format, activations, None, written)
     add_to_report(folder, save_check={"skipped": "low-memory: the model is never whole in memory to compare with"})
     write_card(folder)
 
@@ -478,7 +478,7 @@ def scheme_of(activations: dict | None) -> dict | None:
     return {k: v for k, v in activations.items() if k != "layers"} if activations else None
 
 
-def write_report(folder: Path, report: dict | None, format: str, activations, transforms, written: dict | None):
+def write_json_report(folder: Path, report: dict | None, format: str, activations, transforms, written: dict | None):
     """crossblock.json, written after the model files (its presence marks a complete folder)."""
     info = dict(report or {}, format=format, activations=activations, transforms=transforms, **(written or {}))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(info, indent=1) + "\n")
