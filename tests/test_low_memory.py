@@ -272,3 +272,50 @@ def test_two_ranks_low_memory_same_files_as_one_process(tmp_path):
     one, two = hashes(tmp_path / "one"), hashes(tmp_path / "two")
     assert two.pop("crossblock.json") != one.pop("crossblock.json")  # ranks: 2
     assert two == one
+
+
+# -- inputs checked as they are read (issue 26) ----------------------------------------------------
+def stories_copy(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(STORIES, folder)
+    for f in folder.iterdir():
+        f.chmod(0o644)
+    return folder
+
+
+def quantize_low_memory(folder, out, *args):
+    return main(["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), "--out", str(out), "--low-memory",
+                 "--recipe", "rtn", "--wbits", "4", "--group-size", "32", *SMALL, *args])
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("crossblock: error: ") and "Traceback" not in err, err
+    return err.removeprefix("crossblock: error: ")
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_shard_changed_during_the_run_is_refused(tmp_path, monkeypatch, capsys, how):
+    """The shard is replaced (a new file renamed over it) or rewritten in place after block 0 was
+    read: block 1 would come from another checkpoint, so the run stops naming the file, and no
+    output is written."""
+    from safetensors.torch import load_file, save_file
+    folder = stories_copy(tmp_path)
+    shard = folder / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.up_proj.weight"] *= 2
+    real = stream.BlockStream.load
+
+    def load(self, j):
+        if j == 1:
+            if how == "replaced":
+                save_file(tensors, tmp_path / "new.safetensors", metadata={"format": "pt"})
+                os.replace(tmp_path / "new.safetensors", shard)
+            else:
+                save_file(tensors, shard, metadata={"format": "pt"})
+        real(self, j)
+    monkeypatch.setattr(stream.BlockStream, "load", load)
+    out = tmp_path / "out"
+    assert quantize_low_memory(folder, out) == 2
+    assert one_line(capsys).startswith(f"{shard}: replaced or modified while this run was reading it")
+    assert not out.exists()

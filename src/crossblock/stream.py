@@ -149,18 +149,16 @@ class Source:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
-        else:
-            from safetensors import safe_open
-            files = {}
-            for f in sorted(self.folder.glob("*.safetensors")):
-                if f.name == UNFOLDED_FILE:  # a fake folder's exact copy of rotated layers, not the model's
-                    continue
-                with safe_open(str(f), framework="pt") as st:
-                    files.update(dict.fromkeys(st.keys(), f.name))
-        self.where: dict[str, str] = files
+        indexed = index_map(self.folder)
+        names = weight_files(self.folder)
+        self.stats: dict[str, tuple] = {}  # file -> its identity when the run started (`unchanged`)
+        held = {name: self.check_file(name) for name in names}
+        self.where: dict[str, str] = {}
+        for name, keys in held.items():
+            self.where.update({k: name for k in keys if k not in self.where})
+        # the index's file where it holds the key; one the index puts in the wrong file is read
+        # from the file that holds it, as from_pretrained reads it
+        self.where.update({k: f for k, f in indexed.items() if k in held[f]})
         self.real_buffers: set[str] = set()  # state-dict keys the skeleton already holds (buffers)
         self.alias: dict[str, str] = {}  # model name -> the checkpoint name it is stored under
         self.converted: dict[str, Conversion] = {}  # model name -> the conversion that builds it
@@ -169,11 +167,59 @@ class Source:
         self.model = None
         self.headers: dict[str, dict] = {}
 
+    # -- the files: checked once, then read only as they were when the run started -------------
+    def check_file(self, name: str) -> set[str]:
+        """A shard's keys, once safetensors accepts its header (offsets, dtypes, the file fully
+        covered), or one line naming the file; its identity is recorded for `unchanged`."""
+        from safetensors import safe_open
+        path = self.folder / name
+        try:
+            st = path.stat()
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+        except Exception as e:  # noqa: BLE001 - OSError, safetensors' own error: an unreadable input
+            raise CrossblockError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+        self.stats[name] = identity(st)
+        return keys
+
+    def unchanged(self, name: str):
+        """Refuse a shard that is not the file it was when the run started (replaced, rewritten,
+        removed): blocks read before and after would come from two different checkpoints."""
+        path = self.folder / name
+        try:
+            now = identity(path.stat())
+        except OSError:
+            now = None
+        if now != self.stats[name]:
+            raise CrossblockError(f"{path}: {'removed' if now is None else 'replaced or modified'} while this run was "
+                                  "reading it, so the output would mix two checkpoints: run again once the model "
+                                  "folder stays unchanged (--resume continues only from the same weights)")
+
+    def unchanged_all(self):
+        for name in self.stats:
+            self.unchanged(name)
+
+    @contextlib.contextmanager
+    def opened(self, name: str):
+        """safe_open of a shard, checked `unchanged` after reading (a replacement by rename is
+        read from the old file by an open handle, and found here), a read error named."""
+        from safetensors import safe_open
+        path = self.folder / name
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                yield f
+        except Exception as e:  # noqa: BLE001 - OSError, safetensors' own error
+            if isinstance(e, CrossblockError):
+                raise
+            self.unchanged(name)
+            raise CrossblockError(f"{path}: cannot read it ({first_line(e)})") from None
+        self.unchanged(name)
+
     def follow_conversions(self, model: nn.Module):
         """Each checkpoint key renamed as from_pretrained renames it (transformers' rename_source_key
         over the model's conversion mapping): a plain renaming becomes an alias, a converter's
-        sources are gathered per model tensor into a Conversion. The transforms used are recorded
-        on the model as from_pretrained records them, so save_pretrained reverts the same ones."""
+        sources are gathered per model tensor into a Conversion. Returns the transforms used, for the
+        skeleton to record as from_pretrained records them (save_pretrained reverts the same ones)."""
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
         self.model = model
@@ -201,8 +247,8 @@ class Source:
                 self.unconverted[target] = f"{type(e).__name__}: {e}"
                 continue
             self.converted.update(dict.fromkeys(built, conversion))
-        model._weight_conversions = [t for t in transforms if t.was_used()]
         self.headers.clear()  # only the names needed them
+        return [t for t in transforms if t.was_used()]
 
     def placeholder(self, key: str) -> torch.Tensor:
         """A checkpoint tensor's dtype and shape on the meta device, from its file's header."""
@@ -210,6 +256,9 @@ class Source:
         if file not in self.headers:
             self.headers[file] = read_header(self.folder / file)[0]
         h = self.headers[file][key]
+        if h["dtype"] not in SAFETENSORS_DTYPES:
+            raise CrossblockError(f"{self.folder / file}: {key} is stored as {h['dtype']}, which crossblock does not "
+                                  "read: run without --low-memory")
         return torch.empty(h["shape"], dtype=SAFETENSORS_DTYPES[h["dtype"]], device="meta")
 
     def check_complete(self, model: nn.Module):
@@ -229,8 +278,27 @@ class Source:
                 stored = self.placeholder(self.alias.get(k, k)).shape
                 if stored != t.shape:
                     mismatched.append((k, stored, t.shape))
-        self.headers.clear()
         refuse_unloaded(self.folder, info.missing_keys, info.unexpected_keys, mismatched)
+        self.refuse_integers(model)
+
+    def refuse_integers(self, model: nn.Module):
+        """Refuse a floating-point weight of the model stored as integers (or booleans):
+        transformers casts them to floats without a word, so the model would be quantized,
+        evaluated or saved with values that are not its own."""
+        for k, t in model.state_dict().items():
+            if not t.is_floating_point() or k in self.real_buffers:
+                continue
+            stored = [key for _, key in self.converted[k].sources] if k in self.converted else \
+                [self.alias.get(k, k)] if k in self.where else []
+            for key in stored:
+                dtype = self.placeholder(key).dtype
+                if not dtype.is_floating_point:
+                    raise CrossblockError(f"{self.folder / self.where[key]}: weight {key} is stored as "
+                                          f"{str(dtype).removeprefix('torch.')}, but "
+                                          f"{'it is a floating-point weight' if k == key else f'the model weight {k} it builds is floating point'} "
+                                          "(transformers would cast the integers silently); the files and config.json "
+                                          "do not match")
+        self.headers.clear()
 
     def untie_distinct(self, model: nn.Module, rows: int = 4096):
         """A tied pair (lm_head = embeddings) that the checkpoint stores under both names with
@@ -267,12 +335,11 @@ class Source:
     def chunks(self, key: str, rows: int):
         """The tensor `rows` rows at a time, the file mapped only while one chunk is read (the
         pages of a mapping that stays open would stay resident: a whole embedding)."""
-        from safetensors import safe_open
-        path, key = str(self.folder / self.where[key]), self.alias.get(key, key)
-        with safe_open(path, framework="pt") as f:
+        file, key = self.where[key], self.alias.get(key, key)
+        with self.opened(file) as f:
             shape = f.get_slice(key).get_shape()
         for lo in range(0, shape[0], rows) if shape else [None]:
-            with safe_open(path, framework="pt") as f:
+            with self.opened(file) as f:
                 part = f.get_slice(key)
                 yield part[:] if lo is None else part[lo:lo + rows]
 
@@ -286,11 +353,11 @@ class Source:
         """One tensor as stored (`key`: a model name or a checkpoint name), copied out of the
         file's mapping: a tensor that stayed a view of it would keep the mapping, and every page
         of the shard read so far, resident (RSS grew with depth)."""
-        from safetensors import safe_open
         file, key = self.where[key], self.alias.get(key, key)
-        with safe_open(str(self.folder / file), framework="pt") as f:
+        with self.opened(file) as f:
             t = f.get_tensor(key)
-            return t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+            t = t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+        return t
 
     def read_many(self, keys, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Several tensors; a conversion that builds several of them (one-to-many) runs once."""
@@ -324,6 +391,41 @@ class Conversion:
         return {k: v[0] if isinstance(v, list) else v for k, v in built.items()}
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files from_pretrained reads: its index's, else model.safetensors (not a
+    fake folder's crossblock_unfolded.safetensors, nor a leftover checkpoint.safetensors)."""
+    indexed = index_map(folder)
+    if indexed:
+        return sorted(set(indexed.values()))
+    return ["model.safetensors"] if (Path(folder) / "model.safetensors").is_file() else []
+
+
+def index_map(folder: Path) -> dict[str, str]:
+    """The index's weight_map (tensor -> file of the folder), {} without an index."""
+    from .export.schema import need, read_json
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        return {}
+    files = read_json(path).get("weight_map")
+    need(isinstance(files, dict) and all(isinstance(k, str) and isinstance(f, str) and f and Path(f).name == f
+                                         for k, f in files.items()), path, "weight_map must map tensor names to "
+                                                                             "file names of the folder")
+    return files
+
+
+def identity(st: os.stat_result) -> tuple:
+    """What changes when a file is replaced (another inode) or rewritten (size, mtime)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
     """(model, stored dtype): the model with its parameters on the meta device (its buffers real,
     as transformers computes them) and `model.crossblock_source` to read the weights; the same
@@ -341,7 +443,7 @@ def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
     model.tie_weights()  # as from_pretrained does (from_config leaves lm_head apart)
     model.config.dtype = dtype
     source = Source(path)
-    source.follow_conversions(model)
+    model._weight_conversions = source.follow_conversions(model)
     source.real_buffers = {k for k, t in model.state_dict().items() if t.device.type != "meta"}
     source.untie_distinct(model)
     source.tie(model)
@@ -475,10 +577,9 @@ class BlockStream:
         """The embedding matrix with only the rows of the tokens in `ids` read: the capture looks
         up no other row, and the pages of torch.empty that are never written never take RAM
         (a 128k x 8192 embedding holds the calibration set's few thousand distinct tokens)."""
-        from safetensors import safe_open
         weight = torch.empty(t.shape, dtype=t.dtype)
         needed = torch.unique(ids)
-        with safe_open(str(self.source.folder / self.source.where[key]), framework="pt") as f:
+        with self.source.opened(self.source.where[key]) as f:
             part = f.get_slice(self.source.alias.get(key, key))
             for lo in range(0, t.shape[0], rows):
                 sel = needed[(needed >= lo) & (needed < lo + rows)]
@@ -528,6 +629,7 @@ class BlockStream:
         with streamed_safetensors(mapped, saved):
             save_folder(skeleton, tokenizer, folder, state)
         del state, saved, mapped
+        self.source.unchanged_all()  # what was copied from the model's own files is what the run read
         settings = sorted({tuple(s) for i in self.info.values() for s in i["settings"]})
         if self.format == "gptq":
             from .export.gptq import gptq_config
@@ -559,11 +661,10 @@ class BlockStream:
         """A non-block tensor in the saved dtype: a view of the model's own file when it is
         stored there in that dtype, else of its own spill file (one tensor at a time)."""
         if p.device.type == "meta":
-            stored = self.source.alias.get(key, key)
-            file = self.source.folder / self.source.where[key]
-            header, _ = read_header(file)
-            if header[stored]["dtype"] == DTYPE_NAMES[self.save_dtype]:
-                tensors, _ = open_spill(file, mapped, only=stored)
+            stored, file = self.source.alias.get(key, key), self.source.where[key]
+            if self.source.placeholder(stored).dtype == self.save_dtype:
+                self.source.unchanged(file)  # its bytes are copied as they are now (`write_folder` checks again after)
+                tensors, _ = open_spill(self.source.folder / file, mapped, only=stored)
                 return tensors[stored]
         path = self.spill / f"outside.{key}.safetensors"
         if not path.is_file():

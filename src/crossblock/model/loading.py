@@ -54,8 +54,17 @@ def refuse_unloaded(where, missing=(), unexpected=(), mismatched=()):
 
 def from_pretrained_exactly(cls, where, *args, **kwargs):
     """`cls.from_pretrained(*args, **kwargs)`, refused (refuse_unloaded) unless every weight of
-    the model comes from the checkpoint and every checkpoint tensor goes into the model."""
+    the model comes from the checkpoint and every checkpoint tensor goes into the model. A local
+    safetensors checkpoint's files are checked first (named when unreadable), and a floating-point
+    weight stored as integers is refused (from_pretrained would cast it), as on the low-memory path."""
+    from pathlib import Path
+    from ..stream import Source, weight_files
+    folder = Path(args[0]) if args and args[0] is not None and "gguf_file" not in kwargs else None
+    source = Source(folder) if folder is not None and folder.is_dir() and weight_files(folder) else None
     with no_load_report():
         model, info = cls.from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     refuse_unloaded(where, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
+    if source is not None:
+        source.follow_conversions(model)
+        source.refuse_integers(model)
     return model
