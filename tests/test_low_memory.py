@@ -319,3 +319,55 @@ def test_shard_changed_during_the_run_is_refused(tmp_path, monkeypatch, capsys, 
     assert quantize_low_memory(folder, out) == 2
     assert one_line(capsys).startswith(f"{shard}: replaced or modified while this run was reading it")
     assert not out.exists()
+
+
+def edit_tensors(folder, fn):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def retype(key, dtype):
+    return lambda t: t.update({key: (t[key] * 100).to(dtype)})
+
+
+UP = "model.layers.1.mlp.up_proj.weight"
+BAD_WEIGHTS = {  # (edit, what the line says after the file's name)
+    "int32 linear": (retype(UP, torch.int32), f"weight {UP} is stored as int32, but it is a floating-point weight"),
+    "int8 norm": (retype("model.layers.2.input_layernorm.weight", torch.int8),
+                  "weight model.layers.2.input_layernorm.weight is stored as int8"),
+    "bool embedding": (retype("model.embed_tokens.weight", torch.bool), "weight model.embed_tokens.weight is stored as bool"),
+    "transposed": (lambda t: t.update({UP: t[UP].reshape(64, 172)}), f"weight {UP} has shape (64, 172) in the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHTS)
+def test_bad_weight_refused_on_both_paths_before_work(tmp_path, capsys, case):
+    """A weight of the wrong shape or stored as integers (transformers casts them to floats
+    silently) is refused on both paths in one line, before any work: no staging folder is left to
+    block the next run (issue 26)."""
+    folder = stories_copy(tmp_path)
+    edit, says = BAD_WEIGHTS[case]
+    edit_tensors(folder, edit)
+    out = tmp_path / "out"
+    for path in ["--low-memory", "--no-low-memory"]:
+        assert quantize_low_memory(folder, out, path) == 2
+        line = one_line(capsys)
+        assert says in line and line.startswith(str(folder)), line
+        assert not out.exists() and not partial_dir(out).exists()
+    if case == "int32 linear":  # the input put right, the next run needs no --overwrite
+        shutil.copy(STORIES / "model.safetensors", folder / "model.safetensors")
+        assert quantize_low_memory(folder, out) == 0
+
+
+def test_expert_of_another_shape_refused_as_a_mismatch(tmp_path, capsys):
+    """One expert's matrix of another shape than the layer's others: a mismatched weight, not a
+    conversion to retry without --low-memory."""
+    folder = moe_folder(tmp_path, "qwen3_moe")
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    edit_tensors(folder, lambda t: t.update({key: t[key][:-1]}))
+    capsys.readouterr()
+    assert quantize_low_memory(folder, tmp_path / "out", "--dtype", "auto", "--group-size", "16") == 2
+    assert one_line(capsys) == (f"{folder}: weight {key} has shape (63, 32) in the checkpoint, the model (64, 32); "
+                                "the files and config.json do not match")

@@ -164,6 +164,7 @@ class Source:
         self.converted: dict[str, Conversion] = {}  # model name -> the conversion that builds it
         self.unconverted: dict[str, str] = {}  # model name -> why its conversion cannot run ahead of time
         self.unexpected: set[str] = set()  # checkpoint keys that are no part of the model
+        self.mismatched: list[tuple] = []  # (name, checkpoint shape, model shape) found by follow_conversions
         self.model = None
         self.headers: dict[str, dict] = {}
 
@@ -245,8 +246,10 @@ class Source:
                 built = conversion.run(self.model, self.placeholder)  # names only: on the meta device
             except Exception as e:  # noqa: BLE001 - an operation that needs values: refused (refuse_unsupported)
                 self.unconverted[target] = f"{type(e).__name__}: {e}"
+                self.mismatched.extend(uneven(conversion, self.placeholder))  # or sources of unequal shapes
                 continue
             self.converted.update(dict.fromkeys(built, conversion))
+            self.mismatched.extend((k, t.shape, names[k].shape) for k, t in built.items() if t.shape != names[k].shape)
         self.headers.clear()  # only the names needed them
         return [t for t in transforms if t.was_used()]
 
@@ -272,7 +275,7 @@ class Source:
             k for k in state if k not in self.where and k not in self.converted and k not in self.unconverted
             and k not in self.real_buffers})
         model._adjust_missing_and_unexpected_keys(info)  # transformers' own exceptions (e.g. old inv_freq keys)
-        mismatched = []
+        mismatched = list(self.mismatched)
         for k, t in state.items():
             if k in self.where and k not in self.real_buffers:
                 stored = self.placeholder(self.alias.get(k, k)).shape
@@ -371,6 +374,15 @@ class Source:
                 built = conversion.run(self.model, lambda k: self.read_stored(k, dtype))
                 out.update({k: v for k, v in built.items() if k in keys})
         return out
+
+
+def uneven(conversion, placeholder) -> list[tuple]:
+    """(checkpoint key, its shape, the shape most of the other sources have) for each source of a
+    conversion (e.g. one expert's matrix among a layer's) whose shape differs from the others'."""
+    import collections
+    shapes = {key: tuple(placeholder(key).shape) for _, key in conversion.sources}
+    usual = collections.Counter(shapes.values()).most_common(1)[0][0]
+    return [(key, shape, usual) for key, shape in shapes.items() if shape != usual]
 
 
 class Conversion:
