@@ -371,3 +371,67 @@ def test_expert_of_another_shape_refused_as_a_mismatch(tmp_path, capsys):
     assert quantize_low_memory(folder, tmp_path / "out", "--dtype", "auto", "--group-size", "16") == 2
     assert one_line(capsys) == (f"{folder}: weight {key} has shape (63, 32) in the checkpoint, the model (64, 32); "
                                 "the files and config.json do not match")
+
+
+def shard_names(folder):
+    return sorted(f.name for f in folder.glob("model-*.safetensors"))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def stretch_last_offsets(path):
+    """The header's last tensor claims 4096 more bytes than the file holds."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    header[last]["data_offsets"][1] += 4096
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def misplace_in_index(folder):
+    """A key of the second shard put in the first (the second still holds others)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first, second = shard_names(folder)[:2]
+    key = next(k for k, f in index["weight_map"].items() if f == second)
+    index["weight_map"][key] = first
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+BAD_SHARDS = {  # (edit of the last shard / the folder, what the line says after the shard's path; None: runs)
+    "truncated": (truncate, "not a readable safetensors file (Error while deserializing header: incomplete metadata"),
+    "header offsets past the end": (stretch_last_offsets, "not a readable safetensors file (Error while deserializing "
+                                                          "header: invalid shape, data type, or offset"),
+    "missing": (lambda p: p.unlink(), "not a readable safetensors file ([Errno 2] No such file or directory"),
+    "misplaced in the index": (lambda p: misplace_in_index(p.parent), None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SHARDS)
+def test_unreadable_shard_is_named_before_work(tmp_path, llama12, case):
+    """A truncated, missing or inconsistent shard is an input problem named with its file, found
+    before any work on both paths (not 'cannot write output folder' mid-run); a key the index puts
+    in the wrong file is read from the file that holds it, as from_pretrained reads it."""
+    folder = tmp_path / "model"
+    shutil.copytree(llama12, folder)
+    shard = folder / shard_names(folder)[-1]
+    edit, says = BAD_SHARDS[case]
+    edit(shard)
+    args = ["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), *SMALL, "--recipe", "rtn", "--wbits",
+            "4", "--group-size", "32", "--dtype", "auto"]
+    for path in ["--low-memory", "--no-low-memory"]:
+        out = tmp_path / path.strip("-")
+        r = subprocess.run([sys.executable, "-m", "crossblock", *args, "--out", str(out), path], capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        err = r.stderr.strip()
+        if says is None:
+            assert r.returncode == 0, err[-2000:]
+            continue
+        assert r.returncode == 2 and err.splitlines() == [err] and err.startswith(f"crossblock: error: {shard}: {says}"), err
+        assert not out.exists() and not partial_dir(out).exists()
+    if says is None:
+        assert hashes(tmp_path / "low-memory") == hashes(tmp_path / "no-low-memory")

@@ -169,6 +169,10 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
         refuse_unmatched_skip(model, recipe.skip)
     layers = list(quantized_layers(model, recipe.skip).values())
     shapes = matrix_shapes(model, recipe.skip).values()
+    if form.packed and not shapes:  # else found only when saving, after all the work
+        left = f"--skip {','.join(recipe.skip)} leaves" if recipe.skip else "the model has"
+        raise CrossblockError(f"{format} export stores quantized layers, but {left} no layer to quantize: "
+                              "skip fewer layers, or use --format fake")
     experts = quantized_experts(model, recipe.skip)
     grid = recipe.grid
     if experts and recipe.activations.bits < 16:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 @FORMATS.register(FMT)
 class CompressedTensors(Format):
     bits = (2, 4, 8)
+    packed = True
     online_transforms = True  # as its transform config (module docstring)
 
     def stored_scale_dtype(self, save_dtype):

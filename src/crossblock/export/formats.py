@@ -34,6 +34,7 @@ class Format:
     format is one file in export/ and one `@FORMATS.register` line."""
     bits: tuple[int, ...] = ()
     online_transforms = False  # whether it can keep a run-time input rotation (rotate's down_proj Hadamard)
+    packed = False  # it stores quantized layers as integers: a model with none cannot be written
 
     def stored_scale_dtype(self, save_dtype: torch.dtype) -> torch.dtype | None:
         """The dtype its scales are stored in (None: no packed scales)."""

@@ -34,6 +34,7 @@ FMT = "gptq"
 @FORMATS.register(FMT)
 class Gptq(Format):
     bits = (2, 3, 4, 8)
+    packed = True
 
     def stored_scale_dtype(self, save_dtype):
         return torch.float16  # what transformers' GPTQConfig and vLLM read
