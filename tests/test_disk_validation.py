@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import CALIB_FILE, EVAL_FILE, STORIES
@@ -107,8 +108,10 @@ def scale_shape(tensors):
 HOSTILE_CT = {
     "num_bits disagrees with the data": (lambda f: ct_bits(f, 2), "num_bits does not match the data"),
     "num_bits out of range": (lambda f: ct_bits(f, 1000), ""),
-    "scales of the wrong shape": (lambda f: repack(f, scale_shape), "scales of shape"),
-    "a missing tensor": (lambda f: repack(f, lambda t: t.pop(next(k for k in t if k.endswith("weight_scale")))), ""),
+    "scales of the wrong shape": (lambda f: repack(f, scale_shape), "down_proj.weight_scale: shape (63, 1), expected "
+                                                                    "(64, 1) for the layer's 64x172 weight"),
+    "a missing tensor": (lambda f: repack(f, lambda t: t.pop(next(k for k in t if k.endswith("weight_scale")))),
+                         "weight_scale: missing"),
 }
 
 
@@ -119,6 +122,64 @@ def test_hostile_compressed_tensors_folder_is_refused(case, folders, tmp_path, c
     fn, pattern = HOSTILE_CT[case]
     fn(folder)
     refused(capsys, evaluate(folder), pattern)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """A gptq folder and an asymmetric compressed-tensors one, 8 and 4 bits, groups of 4."""
+    base = tmp_path_factory.mktemp("packed")
+    common = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), *FAST[:-3], "--group-size", "4",
+              "--quiet", "--recipe", "rtn"]
+    assert main([*common, "--out", str(base / "gptq"), "--format", "gptq", "--wbits", "8", "--sym"]) == 0
+    assert main([*common, "--out", str(base / "compressed-tensors"), "--format", "compressed-tensors", "--wbits", "4",
+                 "--no-sym"]) == 0
+    return base
+
+
+def replace(suffix, fn):
+    key = f"model.layers.0.mlp.down_proj.{suffix}"
+    return lambda t: t.update({key: fn(t[key])}) if fn is not None else t.pop(key)
+
+
+DOWN = "model.layers.0.mlp.down_proj"
+GPTQ_SHAPES = " for 8-bit integers of the layer's 64x172 weight, group_size 4"
+CT_SHAPES = " for the layer's 64x172 weight with 43 group(s) per row"
+TAMPERED = {  # format, edit of the tensors, the line after "crossblock: error: "
+    "gptq qweight short": ("gptq", replace("qweight", lambda t: t[:-1]),
+                           f"gptq tensor {DOWN}.qweight: shape (42, 64), expected (43, 64){GPTQ_SHAPES}"),
+    "gptq qzeros transposed": ("gptq", replace("qzeros", lambda t: t.t().contiguous()),
+                               f"gptq tensor {DOWN}.qzeros: shape (16, 43), expected (43, 16){GPTQ_SHAPES}"),
+    "gptq scales deleted": ("gptq", replace("scales", None), f"gptq tensor {DOWN}.scales: missing"),
+    "gptq scales as integers": ("gptq", replace("scales", lambda t: t.to(torch.int32)),
+                                f"gptq tensor {DOWN}.scales: stored as int32, not floating point"),
+    "gptq g_idx short": ("gptq", replace("g_idx", lambda t: t[:-1]),
+                         f"gptq tensor {DOWN}.g_idx: shape (171,), expected (172,){GPTQ_SHAPES}"),
+    "gptq g_idx permuted": ("gptq", replace("g_idx", lambda t: t.flip(0).contiguous()),
+                            f"gptq layer {DOWN} uses act-order (a permuted g_idx); crossblock reads desc_act false"),
+    "ct weight_shape edited": ("compressed-tensors", replace("weight_shape", lambda t: torch.tensor([64, 170])),
+                               f"compressed-tensors tensor {DOWN}.weight_shape: [64, 170], but the layer's weight is "
+                               "64x172"),
+    "ct weight_scale deleted": ("compressed-tensors", replace("weight_scale", None),
+                                f"compressed-tensors tensor {DOWN}.weight_scale: missing"),
+    "ct zero point deleted": ("compressed-tensors", replace("weight_zero_point", None),
+                              f"compressed-tensors tensor {DOWN}.weight_zero_point: missing"),
+    "ct zero point short": ("compressed-tensors", replace("weight_zero_point", lambda t: t[:-1]),
+                            f"compressed-tensors tensor {DOWN}.weight_zero_point: shape (7, 43), expected (8, 43)"
+                            f"{CT_SHAPES}"),
+    "ct packed as floats": ("compressed-tensors", replace("weight_packed", lambda t: t.float()),
+                            f"compressed-tensors tensor {DOWN}.weight_packed: stored as float32, not int32"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_tampered_packed_folder_names_the_tensor(case, packed, tmp_path, capsys):
+    """load/eval of a packed folder with one tensor edited says what is wrong with which tensor
+    (not act-order, num_bits or a bare KeyError); only a genuinely permuted g_idx is act-order."""
+    fmt, fn, line = TAMPERED[case]
+    folder = tmp_path / "m"
+    shutil.copytree(packed / fmt, folder)
+    repack(folder, fn)
+    refused(capsys, evaluate(folder), f"crossblock: error: {line}")
 
 
 def interrupted_run(tmp_path, windows=2):
