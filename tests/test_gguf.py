@@ -204,6 +204,20 @@ def test_flat_flag_and_yaml():
     assert args.gguf_type == "Q3_K_M"
 
 
+@pytest.mark.parametrize("value", ["", "q4_k"])
+def test_gguf_type_not_a_type_is_refused_by_name(value, tmp_path, capsys):
+    """--gguf-type "" is a gguf grid with no type, refused as such (not taken for the uniform grid)."""
+    from crossblock.cli import main
+    from conftest import CALIB_FILE
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",
+                 "--recipe", "rtn", "--gguf-type", value]) == 2
+    names = ", ".join(GgufGrid.names())
+    assert capsys.readouterr().err.strip() == (f"crossblock: error: invalid recipe: gguf_type (--gguf-type) must be one "
+                                               f"of {names}, got {value!r}")
+    assert not out.exists()
+
+
 def byte_level_bpe(pre_tokenizer, text):
     """A small byte-level BPE tokenizer (the gpt2 kind of tokenizer.ggml.model) with a chosen pre-tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
