@@ -410,7 +410,8 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     transforms = record_transforms(model)
     export.require_known_format(format).accepts_online_transforms(bool(transforms))
     refuse_scales_off_the_stored_grid(model, format, None)  # after the cast: the dtype saved
-    written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations))
+    written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations),
+                          grid=(report or {}).get("grid"))
     write_report(folder, report, format, activations, transforms, written)
 
 

@@ -61,7 +61,7 @@ class CompressedTensors(Format):
                                   "its transformers loader only handles nn.Linear; use gptq or fake")
         check_act_scheme(act_scheme)
 
-    def write(self, model, tokenizer, out_dir, act_scheme):
+    def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         save_compressed_tensors(model, tokenizer, out_dir, act_scheme)
 
 

@@ -60,7 +60,8 @@ class Format:
                                   "down_proj: use --no-rotate-online (rotations folded into weights only), "
                                   "format fake or compressed-tensors")
 
-    def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None):
+    def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None, grid: dict | None = None):
+        """`grid`: what the grid's finishing pass recorded (crossblock.json's "grid"), if anything."""
         raise NotImplementedError
 
 

@@ -47,7 +47,7 @@ class Gptq(Format):
         check_whole_words(bits, "in_features", in_features)
         check_whole_words(bits, "out_features", out_features)
 
-    def write(self, model, tokenizer, out_dir, act_scheme):
+    def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         refuse_act_scheme(FMT, act_scheme)
         save_gptq(model, tokenizer, out_dir)
 
