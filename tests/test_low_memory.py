@@ -435,3 +435,42 @@ def test_unreadable_shard_is_named_before_work(tmp_path, llama12, case):
         assert not out.exists() and not partial_dir(out).exists()
     if says is None:
         assert hashes(tmp_path / "low-memory") == hashes(tmp_path / "no-low-memory")
+
+
+def stopped_run(out, path, windows=2):
+    """A cbq run on `path` (--low-memory / --no-low-memory) interrupted after `windows` windows."""
+    import crossblock.api as api
+    real = api.write_checkpoint
+
+    def stop(folder, state, *args):
+        real(folder, state, *args)
+        if state.next_window == windows:
+            raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "write_checkpoint", stop)
+        assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), path,
+                     "--recipe", "cbq", "--iters", "2", "--group-size", "32", *SMALL]) == 130
+
+
+def test_resume_continues_on_the_path_the_run_started_on(tmp_path, capsys):
+    """A killed --low-memory run keeps its finished blocks in the spill folder: resumed with
+    --no-low-memory it is refused with the flag to use (it left stream/ inside the output); with no
+    flag it continues streaming, and the output is the in-memory run's, without the spill folder.
+    The same for an in-memory run resumed with --low-memory."""
+    args = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--recipe", "cbq", "--iters", "2",
+            "--group-size", "32", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "ref"), "--no-low-memory"]) == 0
+    for started, other in [("--low-memory", "--no-low-memory"), ("--no-low-memory", "--low-memory")]:
+        out = tmp_path / started.strip("-")
+        stopped_run(out, started)
+        capsys.readouterr()
+        assert main([*args, "--out", str(out), "--resume", other]) == 2
+        assert one_line(capsys) == (
+            f"{partial_dir(out)} holds a run started {'with' if started == '--low-memory' else 'without'} --low-memory, "
+            f"whose finished blocks are kept {'in its spill folder' if started == '--low-memory' else 'in its checkpoint'}"
+            f": resume it with {started} (or leave the flag out), or start over with --overwrite")
+        assert not out.exists() and partial_dir(out).exists()
+        assert main([*args, "--out", str(out), "--resume"]) == 0
+        report = json.loads((out / "crossblock.json").read_text())
+        assert report["resumed_at_window"] == 2 and report.get("low_memory", False) is (started == "--low-memory")
+        assert not (out / stream.SPILL_DIR).exists() and hashes(out) == hashes(tmp_path / "ref")

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -315,6 +316,7 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     output.check_output(out, overwrite, needed=needed, resume=resume)
     stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
     calib = read_texts(calib_files)
+    low_memory = streaming.resumed_path(out, resume, low_memory)
     low_memory = streaming.choose(model_path, low_memory, dtype, quiet=not is_main())
     # low memory: freed weight-sized temporaries go back to the OS at once (engine/chains.py)
     with large_allocations_mapped() if low_memory else contextlib.nullcontext():
@@ -325,7 +327,9 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
         if low_memory:
             streaming.refuse_unsupported(recipe, format, model)
         if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
-            output.prepare_staging(out, resume, overwrite, needed=needed)
+            work = output.prepare_staging(out, resume, overwrite, needed=needed)
+            if work is not None and not low_memory:  # a low-memory run's spill folder, left before any checkpoint
+                shutil.rmtree(work / streaming.SPILL_DIR, ignore_errors=True)
         barrier()  # data parallel: no rank uses the staging folder before rank 0 has checked it
         work = partial_dir(out)
         if not work.exists():  # resume of a run killed after its final rename
@@ -417,7 +421,6 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
 
 def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: dict):
     """write_folder for the low-memory path: the weights come from the stream's spill files."""
-    import shutil
     activations = stream.activations()
     written = stream.write_folder(tokenizer, folder, scheme_of(activations))
     shutil.rmtree(stream.spill)

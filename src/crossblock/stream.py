@@ -53,6 +53,24 @@ def weights_bytes(model_path) -> int:
     return sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
 
 
+def resumed_path(out: Path, resume: bool, low_memory: bool | None) -> bool | None:
+    """A resumed run continues on the path it started on, which its staging folder tells (a
+    low-memory run keeps its finished blocks in the spill folder, an in-memory one in its
+    checkpoint): taken when not asked for, refused with the flag to use when asked otherwise."""
+    from .engine.checkpoint import checkpoint_files
+    from .output import partial_dir
+    work = partial_dir(out)
+    if not resume or not checkpoint_files(work):
+        return low_memory
+    streamed = (work / SPILL_DIR).is_dir()
+    if low_memory is not None and low_memory != streamed:
+        raise CrossblockError(f"{work} holds a run started {'with' if streamed else 'without'} --low-memory, whose "
+                              f"finished blocks are kept {'in its spill folder' if streamed else 'in its checkpoint'}: "
+                              f"resume it with {'--low-memory' if streamed else '--no-low-memory'} (or leave the flag "
+                              "out), or start over with --overwrite")
+    return streamed
+
+
 def available_ram() -> int:
     """MemAvailable from /proc/meminfo (bytes); psutil elsewhere."""
     try:
