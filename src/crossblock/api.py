@@ -33,6 +33,7 @@ from .export import schema
 from .eval.perplexity import perplexity
 from .model.adapter import (block_experts, block_linears, find_blocks, is_skipped, refuse_unmatched_skip,
                             unquantized_weights)
+from .model import loading as model_loading
 from .model.loading import from_pretrained_exactly
 from .quant.experts import expert_params
 from .output import partial_dir, staged_dir
@@ -84,7 +85,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_re
 
 def first_line(e: BaseException) -> str:
     """An exception's first line; for transformers' refusal of custom code, how to allow it."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = model_loading.first_line(e)
     if "custom code" in text and "trust_remote_code" not in text:
         text += " (crossblock runs it only with --trust-remote-code / trust_remote_code=True)"
     return text
