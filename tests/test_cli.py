@@ -65,7 +65,8 @@ def write(tmp_path, name, text):
 BAD_INPUTS = {
     "missing model": (lambda t: quantize_args(t / "out", model=t / "nope"), "model not found"),
     "corrupt model": (lambda t: quantize_args(t / "out", model=corrupt_copy(
-        t, lambda d: (d / "model.safetensors").write_bytes(b"garbage"))), "cannot load model"),
+        t, lambda d: (d / "model.safetensors").write_bytes(b"garbage"))),
+        "model/model.safetensors: not a readable safetensors file"),  # named: an input problem
     "bits too high": (lambda t: quantize_args(t / "out", "--wbits", "9"), "uniform grid: bits must be in 2..8"),
     "bits too low": (lambda t: quantize_args(t / "out", "--wbits", "1"), "uniform grid: bits must be in 2..8"),
     "group size zero": (lambda t: quantize_args(t / "out", "--group-size", "0"), "group_size must be -1"),

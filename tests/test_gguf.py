@@ -93,6 +93,27 @@ def test_every_file_tensor_equals_the_fake_quant_weight(kind, tokenizer, calib_t
     assert types["output.weight"] == ("Q8_0" if kind == "Q8_0" else "Q6_K")
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_f16_output_is_written_as_f16(tied, tokenizer, calib_text, tmp_path):
+    """--gguf-output F16 (and an untied model's embeddings F16): the tensors are F16 in the file,
+    not the model's float32 holding F16 values (issue 26)."""
+    r = cb.Recipe.from_dict({"grid": {"type": "gguf", "quant": "Q8_0", "output": "F16",
+                                      **({} if tied else {"embeddings": "F16"})},
+                             "data": DATA, "stages": [{"windows": {"init": "rtn"}}]})
+    model, report = quantize(tiny(tied=tied), tokenizer, calib_text, r)
+    cb.save(model, tokenizer, tmp_path / "out", format="gguf", report=report)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "out" / FILE)).tensors}
+    assert types["token_embd.weight"] == "F16" and types.get("output.weight", "F16") == "F16"
+    assert ("output.weight" in types) is not tied and types["blk.0.attn_q.weight"] == "Q8_0"
+    assert types["output_norm.weight"] == "F32"  # vectors stay F32, as llama.cpp keeps them
+    tensors = file_tensors(tmp_path / "out" / FILE)
+    assert np.array_equal(tensors["token_embd.weight"], model.get_input_embeddings().weight.detach().numpy())
+    back = cb.load(tmp_path / "out")
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
+
+
 @pytest.mark.parametrize("family,quant,tied", [("llama", "Q4_K_M", False), ("qwen2", "Q3_K_M", True),
                                                ("qwen3", "Q2_K", False)])
 def test_quantized_and_loaded_back_gives_the_same_logits(family, quant, tied, tokenizer, calib_text, tmp_path):
@@ -202,6 +223,20 @@ def test_flat_flag_and_yaml():
     args = build_parser().parse_args(["quantize", "--model", str(STORIES), "--calib", "x", "--out", "o",
                                       "--gguf-type", "Q3_K_M"])
     assert args.gguf_type == "Q3_K_M"
+
+
+@pytest.mark.parametrize("value", ["", "q4_k"])
+def test_gguf_type_not_a_type_is_refused_by_name(value, tmp_path, capsys):
+    """--gguf-type "" is a gguf grid with no type, refused as such (not taken for the uniform grid)."""
+    from crossblock.cli import main
+    from conftest import CALIB_FILE
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",
+                 "--recipe", "rtn", "--gguf-type", value]) == 2
+    names = ", ".join(GgufGrid.names())
+    assert capsys.readouterr().err.strip() == (f"crossblock: error: invalid recipe: gguf_type (--gguf-type) must be one "
+                                               f"of {names}, got {value!r}")
+    assert not out.exists()
 
 
 def byte_level_bpe(pre_tokenizer, text):

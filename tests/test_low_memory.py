@@ -276,3 +276,205 @@ def test_two_ranks_low_memory_same_files_as_one_process(tmp_path):
     one, two = hashes(tmp_path / "one"), hashes(tmp_path / "two")
     assert two.pop("crossblock.json") != one.pop("crossblock.json")  # ranks: 2
     assert two == one
+
+
+# -- inputs checked as they are read (issue 26) ----------------------------------------------------
+def stories_copy(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(STORIES, folder)
+    for f in folder.iterdir():
+        f.chmod(0o644)
+    return folder
+
+
+def quantize_low_memory(folder, out, *args):
+    return main(["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), "--out", str(out), "--low-memory",
+                 "--recipe", "rtn", "--wbits", "4", "--group-size", "32", *SMALL, *args])
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("crossblock: error: ") and "Traceback" not in err, err
+    return err.removeprefix("crossblock: error: ")
+
+
+@pytest.mark.parametrize("how", ["replaced", "rewritten"])
+def test_shard_changed_during_the_run_is_refused(tmp_path, monkeypatch, capsys, how):
+    """The shard is replaced (a new file renamed over it) or rewritten in place after block 0 was
+    read: block 1 would come from another checkpoint, so the run stops naming the file, and no
+    output is written."""
+    from safetensors.torch import load_file, save_file
+    folder = stories_copy(tmp_path)
+    shard = folder / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.up_proj.weight"] *= 2
+    real = stream.BlockStream.load
+
+    def load(self, j):
+        if j == 1:
+            if how == "replaced":
+                save_file(tensors, tmp_path / "new.safetensors", metadata={"format": "pt"})
+                os.replace(tmp_path / "new.safetensors", shard)
+            else:
+                save_file(tensors, shard, metadata={"format": "pt"})
+        real(self, j)
+    monkeypatch.setattr(stream.BlockStream, "load", load)
+    out = tmp_path / "out"
+    assert quantize_low_memory(folder, out) == 2
+    assert one_line(capsys).startswith(f"{shard}: replaced or modified while this run was reading it")
+    assert not out.exists()
+
+
+def edit_tensors(folder, fn):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def retype(key, dtype):
+    return lambda t: t.update({key: (t[key] * 100).to(dtype)})
+
+
+UP = "model.layers.1.mlp.up_proj.weight"
+BAD_WEIGHTS = {  # (edit, what the line says after the file's name)
+    "int32 linear": (retype(UP, torch.int32), f"weight {UP} is stored as int32, but it is a floating-point weight"),
+    "int8 norm": (retype("model.layers.2.input_layernorm.weight", torch.int8),
+                  "weight model.layers.2.input_layernorm.weight is stored as int8"),
+    "bool embedding": (retype("model.embed_tokens.weight", torch.bool), "weight model.embed_tokens.weight is stored as bool"),
+    "transposed": (lambda t: t.update({UP: t[UP].reshape(64, 172)}), f"weight {UP} has shape (64, 172) in the checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_WEIGHTS)
+def test_bad_weight_refused_on_both_paths_before_work(tmp_path, capsys, case):
+    """A weight of the wrong shape or stored as integers (transformers casts them to floats
+    silently) is refused on both paths in one line, before any work: no staging folder is left to
+    block the next run (issue 26)."""
+    folder = stories_copy(tmp_path)
+    edit, says = BAD_WEIGHTS[case]
+    edit_tensors(folder, edit)
+    out = tmp_path / "out"
+    for path in ["--low-memory", "--no-low-memory"]:
+        assert quantize_low_memory(folder, out, path) == 2
+        line = one_line(capsys)
+        assert says in line and line.startswith(str(folder)), line
+        assert not out.exists() and not partial_dir(out).exists()
+    if case == "int32 linear":  # the input put right, the next run needs no --overwrite
+        shutil.copy(STORIES / "model.safetensors", folder / "model.safetensors")
+        assert quantize_low_memory(folder, out) == 0
+
+
+def test_expert_of_another_shape_refused_as_a_mismatch(tmp_path, capsys):
+    """One expert's matrix of another shape than the layer's others: a mismatched weight, not a
+    conversion to retry without --low-memory."""
+    folder = moe_folder(tmp_path, "qwen3_moe")
+    key = "model.layers.1.mlp.experts.2.down_proj.weight"
+    edit_tensors(folder, lambda t: t.update({key: t[key][:-1]}))
+    capsys.readouterr()
+    assert quantize_low_memory(folder, tmp_path / "out", "--dtype", "auto", "--group-size", "16") == 2
+    assert one_line(capsys) == (f"{folder}: weight {key} has shape (63, 32) in the checkpoint, the model (64, 32); "
+                                "the files and config.json do not match")
+
+
+def shard_names(folder):
+    return sorted(f.name for f in folder.glob("model-*.safetensors"))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def stretch_last_offsets(path):
+    """The header's last tensor claims 4096 more bytes than the file holds."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    header[last]["data_offsets"][1] += 4096
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def misplace_in_index(folder):
+    """A key of the second shard put in the first (the second still holds others)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first, second = shard_names(folder)[:2]
+    key = next(k for k, f in index["weight_map"].items() if f == second)
+    index["weight_map"][key] = first
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+BAD_SHARDS = {  # (edit of the last shard / the folder, what the line says after the shard's path; None: runs)
+    "truncated": (truncate, "not a readable safetensors file (Error while deserializing header: incomplete metadata"),
+    "header offsets past the end": (stretch_last_offsets, "not a readable safetensors file (Error while deserializing "
+                                                          "header: invalid shape, data type, or offset"),
+    "missing": (lambda p: p.unlink(), "not a readable safetensors file ([Errno 2] No such file or directory"),
+    "misplaced in the index": (lambda p: misplace_in_index(p.parent), None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SHARDS)
+def test_unreadable_shard_is_named_before_work(tmp_path, llama12, case):
+    """A truncated, missing or inconsistent shard is an input problem named with its file, found
+    before any work on both paths (not 'cannot write output folder' mid-run); a key the index puts
+    in the wrong file is read from the file that holds it, as from_pretrained reads it."""
+    folder = tmp_path / "model"
+    shutil.copytree(llama12, folder)
+    shard = folder / shard_names(folder)[-1]
+    edit, says = BAD_SHARDS[case]
+    edit(shard)
+    args = ["quantize", "--model", str(folder), "--calib", str(CALIB_FILE), *SMALL, "--recipe", "rtn", "--wbits",
+            "4", "--group-size", "32", "--dtype", "auto"]
+    for path in ["--low-memory", "--no-low-memory"]:
+        out = tmp_path / path.strip("-")
+        r = subprocess.run([sys.executable, "-m", "crossblock", *args, "--out", str(out), path], capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        err = r.stderr.strip()
+        if says is None:
+            assert r.returncode == 0, err[-2000:]
+            continue
+        assert r.returncode == 2 and err.splitlines() == [err] and err.startswith(f"crossblock: error: {shard}: {says}"), err
+        assert not out.exists() and not partial_dir(out).exists()
+    if says is None:
+        assert hashes(tmp_path / "low-memory") == hashes(tmp_path / "no-low-memory")
+
+
+def stopped_run(out, path, windows=2):
+    """A cbq run on `path` (--low-memory / --no-low-memory) interrupted after `windows` windows."""
+    import crossblock.api as api
+    real = api.write_checkpoint
+
+    def stop(folder, state, *args):
+        real(folder, state, *args)
+        if state.next_window == windows:
+            raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "write_checkpoint", stop)
+        assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), path,
+                     "--recipe", "cbq", "--iters", "2", "--group-size", "32", *SMALL]) == 130
+
+
+def test_resume_continues_on_the_path_the_run_started_on(tmp_path, capsys):
+    """A killed --low-memory run keeps its finished blocks in the spill folder: resumed with
+    --no-low-memory it is refused with the flag to use (it left stream/ inside the output); with no
+    flag it continues streaming, and the output is the in-memory run's, without the spill folder.
+    The same for an in-memory run resumed with --low-memory."""
+    args = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--recipe", "cbq", "--iters", "2",
+            "--group-size", "32", *SMALL]
+    assert main([*args, "--out", str(tmp_path / "ref"), "--no-low-memory"]) == 0
+    for started, other in [("--low-memory", "--no-low-memory"), ("--no-low-memory", "--low-memory")]:
+        out = tmp_path / started.strip("-")
+        stopped_run(out, started)
+        capsys.readouterr()
+        assert main([*args, "--out", str(out), "--resume", other]) == 2
+        assert one_line(capsys) == (
+            f"{partial_dir(out)} holds a run started {'with' if started == '--low-memory' else 'without'} --low-memory, "
+            f"whose finished blocks are kept {'in its spill folder' if started == '--low-memory' else 'in its checkpoint'}"
+            f": resume it with {started} (or leave the flag out), or start over with --overwrite")
+        assert not out.exists() and partial_dir(out).exists()
+        assert main([*args, "--out", str(out), "--resume"]) == 0
+        report = json.loads((out / "crossblock.json").read_text())
+        assert report["resumed_at_window"] == 2 and report.get("low_memory", False) is (started == "--low-memory")
+        assert not (out / stream.SPILL_DIR).exists() and hashes(out) == hashes(tmp_path / "ref")

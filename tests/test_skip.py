@@ -59,3 +59,19 @@ def test_block_names_match_whole_parts_only():
     assert not is_skipped(["layers.1.*"], "model.layers", 10, "mlp.up_proj")
     assert is_skipped(["model.layers.1?.*"], "model.layers", 10, "mlp.up_proj")
     assert is_skipped(["up"], "model.layers", 3, "mlp.up_proj")  # substrings of the relative name, as before
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+@pytest.mark.parametrize("path", ["--no-low-memory", "--low-memory"])
+def test_skip_leaving_no_layer_for_a_packed_format_is_refused_before_work(fmt, path, tmp_path, monkeypatch, capsys):
+    """A packed format stores quantized layers: a --skip that leaves none is refused before any
+    work, not after it (when a --resume would then find the checkpoint disagreeing)."""
+    from crossblock.engine.reconstruct import WindowEngine
+    monkeypatch.setattr(WindowEngine, "quantize", lambda *a, **k: pytest.fail("quantized first"))
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), *FAST,
+                 "--format", fmt, "--sym", "--skip", "mlp,self_attn", path]) == 2
+    assert capsys.readouterr().err.strip() == (f"crossblock: error: {fmt} export stores quantized layers, but --skip "
+                                               "mlp,self_attn leaves no layer to quantize: skip fewer layers, or use "
+                                               "--format fake")
+    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))

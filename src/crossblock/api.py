@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from .export.card import write_card
 from .eval.perplexity import against_reference, perplexity
 from .model.adapter import (block_experts, block_linears, find_blocks, is_skipped, refuse_unmatched_skip,
                             unquantized_weights)
+from .model import loading as model_loading
 from .model.loading import from_pretrained_exactly
 from .quant.experts import expert_params
 from .output import partial_dir, staged_dir
@@ -85,7 +87,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", trust_re
 
 def first_line(e: BaseException) -> str:
     """An exception's first line; for transformers' refusal of custom code, how to allow it."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = model_loading.first_line(e)
     if "custom code" in text and "trust_remote_code" not in text:
         text += " (crossblock runs it only with --trust-remote-code / trust_remote_code=True)"
     return text
@@ -174,6 +176,10 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
         refuse_unmatched_skip(model, recipe.skip)
     layers = list(layers_to_quantize(model, recipe.skip).values())
     shapes = matrix_shapes(model, recipe.skip).values()
+    if form.packed and not shapes:  # else found only when saving, after all the work
+        left = f"--skip {','.join(recipe.skip)} leaves" if recipe.skip else "the model has"
+        raise CrossblockError(f"{format} export stores quantized layers, but {left} no layer to quantize: "
+                              "skip fewer layers, or use --format fake")
     experts = experts_to_quantize(model, recipe.skip)
     grid = recipe.grid
     if experts and recipe.activations.bits < 16:
@@ -319,6 +325,7 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     output.check_output(out, overwrite, needed=needed, resume=resume)
     stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
     calib = read_texts(calib_files)
+    low_memory = streaming.resumed_path(out, resume, low_memory)
     low_memory = streaming.choose(model_path, low_memory, dtype, quiet=not is_main())
     # low memory: freed weight-sized temporaries go back to the OS at once (engine/chains.py)
     with large_allocations_mapped() if low_memory else contextlib.nullcontext():
@@ -329,7 +336,9 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
         if low_memory:
             streaming.refuse_unsupported(recipe, format, model)
         if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
-            output.prepare_staging(out, resume, overwrite, needed=needed)
+            work = output.prepare_staging(out, resume, overwrite, needed=needed)
+            if work is not None and not low_memory:  # a low-memory run's spill folder, left before any checkpoint
+                shutil.rmtree(work / streaming.SPILL_DIR, ignore_errors=True)
             if progress:
                 used, why = resolve_precision(recipe.precision, device or default_device())
                 print(f"crossblock: computing in {used} ({why}; --precision fp32|bf16 to choose)", file=sys.stderr)
@@ -418,7 +427,8 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
     transforms = record_transforms(model)
     export.require_known_format(format).accepts_online_transforms(bool(transforms))
     refuse_scales_off_the_stored_grid(model, format, None)  # after the cast: the dtype saved
-    written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations))
+    written = export.save(model, tokenizer, folder, format, act_scheme=scheme_of(activations),
+                          grid=(report or {}).get("grid"))
     write_json_report(folder, report, format, activations, transforms, written)
     add_to_report(folder, save_check=check_reload(model, folder, format))
     write_card(folder)
@@ -426,7 +436,6 @@ def write_folder(model, tokenizer, folder: Path, format: str = "fake", report: d
 
 def write_streamed_folder(stream, tokenizer, folder: Path, format: str, report: dict):
     """write_folder for the low-memory path: the weights come from the stream's spill files."""
-    import shutil
     activations = stream.activations()
     written = stream.write_folder(tokenizer, folder, scheme_of(activations))
     shutil.rmtree(stream.spill)

@@ -310,6 +310,9 @@ class Flat(Config):
     def check(self):
         default = Flat()
         changed = lambda *names: [n for n in names if getattr(self, n) != getattr(default, n)]  # noqa: E731
+        if self.gguf_type is not None:  # "" too: not a uniform grid (checked before the rules below name it)
+            self.refuse(self.gguf_type in GgufGrid.names(), f"gguf_type (--gguf-type) must be one of "
+                                                            f"{', '.join(GgufGrid.names())}, got {self.gguf_type!r}")
         self.refuse(self.iters >= 0, f"iters must be >= 0, got {self.iters}")
         self.refuse(self.rounding in ROUNDINGS, f"rounding must be one of {', '.join(ROUNDINGS.names())}, "
                                                 f"got {self.rounding!r}")
@@ -347,7 +350,7 @@ class Flat(Config):
         if r.finetune_steps:
             stages.append(Finetune(r.finetune_steps, **{f.removeprefix("finetune_"): getattr(r, f) for f in FINETUNE_FLAT}))
         return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
-                      GgufGrid(r.gguf_type, r.gguf_output) if r.gguf_type else
+                      GgufGrid(r.gguf_type, r.gguf_output) if r.gguf_type is not None else
                       UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
                       Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages, r.precision).validated()
 

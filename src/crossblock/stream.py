@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import gc
 import json
 import os
@@ -37,10 +36,9 @@ import torch
 from torch import nn
 
 from .engine.chains import trim_heap
-from .spill import (DTYPE_NAMES, SAFETENSORS_DTYPES, Mapped, open_block_spill, open_spill, read_header,
-                    save_block_spill, save_spill, streamed_safetensors)
+from .spill import Mapped, open_block_spill, open_spill, save_block_spill, save_spill, streamed_safetensors
 from .errors import CrossblockError
-from .export.fake import UNFOLDED_FILE
+from .model.loading import Source
 
 RAM_FRACTION = 0.5   # automatic choice: stream when the weights exceed this share of available RAM
 SPILL_DIR = "stream"  # in the staging folder: one file per finished block, one per other tensor
@@ -51,6 +49,24 @@ WHOLE_MODEL_STAGES = ("rotate", "cfp", "finetune")
 # -- choosing the path ---------------------------------------------------------------------------
 def weights_bytes(model_path) -> int:
     return sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors"))
+
+
+def resumed_path(out: Path, resume: bool, low_memory: bool | None) -> bool | None:
+    """A resumed run continues on the path it started on, which its staging folder tells (a
+    low-memory run keeps its finished blocks in the spill folder, an in-memory one in its
+    checkpoint): taken when not asked for, refused with the flag to use when asked otherwise."""
+    from .engine.checkpoint import checkpoint_files
+    from .output import partial_dir
+    work = partial_dir(out)
+    if not resume or not checkpoint_files(work):
+        return low_memory
+    streamed = (work / SPILL_DIR).is_dir()
+    if low_memory is not None and low_memory != streamed:
+        raise CrossblockError(f"{work} holds a run started {'with' if streamed else 'without'} --low-memory, whose "
+                              f"finished blocks are kept {'in its spill folder' if streamed else 'in its checkpoint'}: "
+                              f"resume it with {'--low-memory' if streamed else '--no-low-memory'} (or leave the flag "
+                              "out), or start over with --overwrite")
+    return streamed
 
 
 def available_ram() -> int:
@@ -140,190 +156,6 @@ def saved_copies(model) -> list[str]:
     return [k for k, t in reverted(model, dict(model.state_dict())).items() if not t.is_contiguous()]
 
 
-# -- the model on the meta device and its weights on disk ---------------------------------------
-class Source:
-    """The model's safetensors shards: which file holds each tensor, read one tensor at a time.
-    Model names differ from checkpoint names where transformers converts at load (its conversion
-    mapping: renamed keys, and e.g. per-expert matrices merged into fused 3-D experts); those are
-    read the way from_pretrained reads them (`follow_conversions`)."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
-        else:
-            from safetensors import safe_open
-            files = {}
-            for f in sorted(self.folder.glob("*.safetensors")):
-                if f.name == UNFOLDED_FILE:  # a fake folder's exact copy of rotated layers, not the model's
-                    continue
-                with safe_open(str(f), framework="pt") as st:
-                    files.update(dict.fromkeys(st.keys(), f.name))
-        self.where: dict[str, str] = files
-        self.real_buffers: set[str] = set()  # state-dict keys the skeleton already holds (buffers)
-        self.alias: dict[str, str] = {}  # model name -> the checkpoint name it is stored under
-        self.converted: dict[str, Conversion] = {}  # model name -> the conversion that builds it
-        self.unconverted: dict[str, str] = {}  # model name -> why its conversion cannot run ahead of time
-        self.unexpected: set[str] = set()  # checkpoint keys that are no part of the model
-        self.model = None
-        self.headers: dict[str, dict] = {}
-
-    def follow_conversions(self, model: nn.Module):
-        """Each checkpoint key renamed as from_pretrained renames it (transformers' rename_source_key
-        over the model's conversion mapping): a plain renaming becomes an alias, a converter's
-        sources are gathered per model tensor into a Conversion. The transforms used are recorded
-        on the model as from_pretrained records them, so save_pretrained reverts the same ones."""
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-        self.model = model
-        transforms = get_model_conversion_mapping(model)
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        by_pattern = {p: c for c in converters for p in c.source_patterns}
-        names, base = model.state_dict(), model.base_model_prefix
-        conversions: dict[str, Conversion] = {}
-        for key in sorted(self.where, key=dot_natural_key):  # from_pretrained's order: experts 0, 1, ..., 10
-            target, pattern = rename_source_key(key, renamings, converters, base, names)
-            if target not in names and key in names:
-                target, pattern = rename_source_key(key, [], [], base, names)
-            if target not in names:
-                self.unexpected.add(key)  # as from_pretrained reports it
-                continue
-            if pattern is not None:
-                conversions.setdefault(target, Conversion(by_pattern[pattern], target)).sources.append((pattern, key))
-            elif target != key:
-                self.where[target], self.alias[target] = self.where[key], key
-        for target, conversion in conversions.items():
-            try:
-                built = conversion.run(self.model, self.placeholder)  # names only: on the meta device
-            except Exception as e:  # noqa: BLE001 - an operation that needs values: refused (refuse_unsupported)
-                self.unconverted[target] = f"{type(e).__name__}: {e}"
-                continue
-            self.converted.update(dict.fromkeys(built, conversion))
-        model._weight_conversions = [t for t in transforms if t.was_used()]
-        self.headers.clear()  # only the names needed them
-
-    def placeholder(self, key: str) -> torch.Tensor:
-        """A checkpoint tensor's dtype and shape on the meta device, from its file's header."""
-        file = self.where[key]
-        if file not in self.headers:
-            self.headers[file] = read_header(self.folder / file)[0]
-        h = self.headers[file][key]
-        return torch.empty(h["shape"], dtype=SAFETENSORS_DTYPES[h["dtype"]], device="meta")
-
-    def check_complete(self, model: nn.Module):
-        """Refuse, as the in-memory load does (model/loading.py), a weight of the model found in no
-        checkpoint tensor, a checkpoint tensor of no model weight, or one of another shape.
-        Run after `tie`: a tied weight stored under either name is found."""
-        from types import SimpleNamespace
-        from .model.loading import refuse_unloaded
-        state = model.state_dict()
-        info = SimpleNamespace(unexpected_keys=set(self.unexpected), missing_keys={
-            k for k in state if k not in self.where and k not in self.converted and k not in self.unconverted
-            and k not in self.real_buffers})
-        model._adjust_missing_and_unexpected_keys(info)  # transformers' own exceptions (e.g. old inv_freq keys)
-        mismatched = []
-        for k, t in state.items():
-            if k in self.where and k not in self.real_buffers:
-                stored = self.placeholder(self.alias.get(k, k)).shape
-                if stored != t.shape:
-                    mismatched.append((k, stored, t.shape))
-        self.headers.clear()
-        refuse_unloaded(self.folder, info.missing_keys, info.unexpected_keys, mismatched)
-
-    def untie_distinct(self, model: nn.Module, rows: int = 4096):
-        """A tied pair (lm_head = embeddings) that the checkpoint stores under both names with
-        different values (a config that says tied, files that are not) is untied, as from_pretrained
-        unties it, so that the head written is the checkpoint's, as on the in-memory path. The two
-        are compared `rows` rows at a time, in the model's dtype."""
-        dtype = next(model.parameters()).dtype
-        for target, origin in list(getattr(model, "all_tied_weights_keys", {}).items()):
-            if target not in self.where or origin not in self.where:
-                continue
-            pairs = zip(self.chunks(target, rows), self.chunks(origin, rows))
-            if all(a.to(dtype).equal(b.to(dtype)) for a, b in pairs):
-                continue
-            print(f"crossblock: {self.folder}: config.json ties {target} to {origin}, but the checkpoint holds both "
-                  f"with different values: kept apart, as transformers keeps them", file=sys.stderr)
-            parent, _, name = target.rpartition(".")
-            module = model.get_submodule(parent) if parent else model
-            tied = getattr(module, name)
-            setattr(module, name, nn.Parameter(torch.empty_like(tied, device="meta"), requires_grad=tied.requires_grad))
-            model.all_tied_weights_keys.pop(target)  # as from_pretrained: save_pretrained writes both
-
-    def tie(self, model: nn.Module):
-        """Tied weights (lm_head = embeddings) are stored once: the other name reads that one."""
-        groups: dict[int, list[str]] = {}
-        for k, t in model.state_dict(keep_vars=True).items():
-            groups.setdefault(id(t), []).append(k)
-        for keys in groups.values():
-            stored = [k for k in keys if k in self.where]
-            for k in keys:
-                if stored and k not in self.where:
-                    self.where[k] = self.where[stored[0]]
-                    self.alias[k] = self.alias.get(stored[0], stored[0])
-
-    def chunks(self, key: str, rows: int):
-        """The tensor `rows` rows at a time, the file mapped only while one chunk is read (the
-        pages of a mapping that stays open would stay resident: a whole embedding)."""
-        from safetensors import safe_open
-        path, key = str(self.folder / self.where[key]), self.alias.get(key, key)
-        with safe_open(path, framework="pt") as f:
-            shape = f.get_slice(key).get_shape()
-        for lo in range(0, shape[0], rows) if shape else [None]:
-            with safe_open(path, framework="pt") as f:
-                part = f.get_slice(key)
-                yield part[:] if lo is None else part[lo:lo + rows]
-
-    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One model tensor: read as stored, or built by its conversion."""
-        if key in self.converted:
-            return self.read_many([key], dtype)[key]
-        return self.read_stored(key, dtype)
-
-    def read_stored(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor as stored (`key`: a model name or a checkpoint name), copied out of the
-        file's mapping: a tensor that stayed a view of it would keep the mapping, and every page
-        of the shard read so far, resident (RSS grew with depth)."""
-        from safetensors import safe_open
-        file, key = self.where[key], self.alias.get(key, key)
-        with safe_open(str(self.folder / file), framework="pt") as f:
-            t = f.get_tensor(key)
-            return t.to(dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
-
-    def read_many(self, keys, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Several tensors; a conversion that builds several of them (one-to-many) runs once."""
-        out, done, keys = {}, set(), set(keys)
-        for key in keys:
-            conversion = self.converted.get(key)
-            if conversion is None:
-                out[key] = self.read_stored(key, dtype)
-            elif id(conversion) not in done:
-                done.add(id(conversion))
-                built = conversion.run(self.model, lambda k: self.read_stored(k, dtype))
-                out.update({k: v for k, v in built.items() if k in keys})
-        return out
-
-
-class Conversion:
-    """One model tensor (or several, for a one-to-many converter) that transformers builds from
-    checkpoint tensors with a WeightConverter, e.g. a layer's fused experts from its per-expert
-    matrices: the converter's own operations run on the sources, read when needed."""
-
-    def __init__(self, converter, target: str):
-        self.converter, self.target = converter, target
-        self.sources: list[tuple[str, str]] = []  # (the converter's source pattern, checkpoint key), in load order
-
-    def run(self, model, read) -> dict[str, torch.Tensor]:
-        """model name -> tensor; `read(checkpoint key)` gives each source."""
-        converter = copy.deepcopy(self.converter)  # as from_pretrained: a fresh instance per target
-        for pattern, key in self.sources:
-            converter.add_tensor(self.target, key, pattern, functools.partial(read, key))
-        built = converter.convert(self.target, model=model, config=model.config)
-        return {k: v[0] if isinstance(v, list) else v for k, v in built.items()}
-
-
 def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
     """(model, stored dtype): the model with its parameters on the meta device (its buffers real,
     as transformers computes them) and `model.crossblock_source` to read the weights; the same
@@ -341,7 +173,7 @@ def load_skeleton(path: Path, dtype, trust_remote_code: bool = False):
     model.tie_weights()  # as from_pretrained does (from_config leaves lm_head apart)
     model.config.dtype = dtype
     source = Source(path)
-    source.follow_conversions(model)
+    model._weight_conversions = source.follow_conversions(model)
     source.real_buffers = {k for k, t in model.state_dict().items() if t.device.type != "meta"}
     source.untie_distinct(model)
     source.tie(model)
@@ -475,10 +307,9 @@ class BlockStream:
         """The embedding matrix with only the rows of the tokens in `ids` read: the capture looks
         up no other row, and the pages of torch.empty that are never written never take RAM
         (a 128k x 8192 embedding holds the calibration set's few thousand distinct tokens)."""
-        from safetensors import safe_open
         weight = torch.empty(t.shape, dtype=t.dtype)
         needed = torch.unique(ids)
-        with safe_open(str(self.source.folder / self.source.where[key]), framework="pt") as f:
+        with self.source.opened(self.source.where[key]) as f:
             part = f.get_slice(self.source.alias.get(key, key))
             for lo in range(0, t.shape[0], rows):
                 sel = needed[(needed >= lo) & (needed < lo + rows)]
@@ -528,6 +359,7 @@ class BlockStream:
         with streamed_safetensors(mapped, saved):
             save_folder(skeleton, tokenizer, folder, state)
         del state, saved, mapped
+        self.source.unchanged_all()  # what was copied from the model's own files is what the run read
         settings = sorted({tuple(s) for i in self.info.values() for s in i["settings"]})
         if self.format == "gptq":
             from .export.gptq import gptq_config
@@ -559,11 +391,10 @@ class BlockStream:
         """A non-block tensor in the saved dtype: a view of the model's own file when it is
         stored there in that dtype, else of its own spill file (one tensor at a time)."""
         if p.device.type == "meta":
-            stored = self.source.alias.get(key, key)
-            file = self.source.folder / self.source.where[key]
-            header, _ = read_header(file)
-            if header[stored]["dtype"] == DTYPE_NAMES[self.save_dtype]:
-                tensors, _ = open_spill(file, mapped, only=stored)
+            stored, file = self.source.alias.get(key, key), self.source.where[key]
+            if self.source.placeholder(stored).dtype == self.save_dtype:
+                self.source.unchanged(file)  # its bytes are copied as they are now (`write_folder` checks again after)
+                tensors, _ = open_spill(self.source.folder / file, mapped, only=stored)
                 return tensors[stored]
         path = self.spill / f"outside.{key}.safetensors"
         if not path.is_file():

@@ -16,10 +16,12 @@ from .loader import load
 __all__ = ["FORMATS", "Format", "check_format", "load", "save", "save_compressed_tensors", "save_gptq"]
 
 
-def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, fmt: str, act_scheme: dict | None = None):
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, fmt: str, act_scheme: dict | None = None,
+         grid: dict | None = None):
     """Write the quantized `model` (and tokenizer) into out_dir; returns what the format records
     in crossblock.json (a dict, or None).
 
     fmt "fake" writes the dense fake-quantized weights (any setting; act_scheme is not
-    recorded); "compressed-tensors" and "gptq" write packed integers (limits: check_format)."""
-    return require_known_format(fmt).write(model, tokenizer, out_dir, act_scheme)
+    recorded); "compressed-tensors" and "gptq" write packed integers (limits: check_format). `grid`:
+    the grid's finishing record (gguf: the dense types it rounded the embeddings and head to)."""
+    return require_known_format(fmt).write(model, tokenizer, out_dir, act_scheme, grid)

@@ -128,6 +128,14 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def layer_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a linear layer's weight (Conv1D stores it transposed); None for other modules."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    return tuple(w.t().shape if type(module).__name__ == "Conv1D" else w.shape)
+
+
 def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
     """The model's module tree on the meta device: names and layer types, no memory."""
     from transformers import AutoModelForCausalLM

@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from ..errors import CrossblockError
-from ..quant.grid import QuantizedWeight, dequantize
+from ..quant.grid import QuantizedWeight, dequantize, num_groups
 from ..model.adapter import unquantized_weights
 from ..quant.experts import expert_params, is_fused_experts
-from .common import (check_layers, model_dtype, quantized_layers, replace_layer_entries, require_quantized_layers,
+from .common import (check_layers, layer_shape, model_dtype, quantized_layers, replace_layer_entries, require_quantized_layers,
                      save_folder, unquantized_linears, warn_if_scales_round)
 from .formats import FORMATS, Format, act_args, check_act_scheme, check_groups
-from .schema import check_packed, need
+from .schema import check_packed, check_stored, is_int, need
 
 FMT = "compressed-tensors"
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 @FORMATS.register(FMT)
 class CompressedTensors(Format):
     bits = (2, 4, 8)
+    packed = True
     online_transforms = True  # as its transform config (module docstring)
 
     def stored_scale_dtype(self, save_dtype):
@@ -60,7 +61,7 @@ class CompressedTensors(Format):
                                   "its transformers loader only handles nn.Linear; use gptq or fake")
         check_act_scheme(act_scheme)
 
-    def write(self, model, tokenizer, out_dir, act_scheme):
+    def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         save_compressed_tensors(model, tokenizer, out_dir, act_scheme)
 
 
@@ -257,16 +258,36 @@ def transform_config(model: nn.Module):
 
 # -- reading ---------------------------------------------------------------------------------
 
-def read_layer(tensors: dict, name: str, args) -> QuantizedWeight:
-    """One layer's QuantizedWeight from its checkpoint tensors (removed from `tensors`)."""
+def read_layer(tensors: dict, name: str, args, shape: tuple[int, int] | None = None) -> QuantizedWeight:
+    """One layer's QuantizedWeight from its checkpoint tensors (removed from `tensors`), each
+    checked against what the writer stores for a layer of `shape` (out, in; None: a per-expert
+    matrix, whose shape the fused parameter checks later)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     bits, offset = args.num_bits, 2 ** (args.num_bits - 1)
+    where = f"compressed-tensors layer {name}"
+    need(is_int(bits) and 1 <= bits <= 8, where, f"num_bits must be in 1..8, got {bits!r}")
     if args.strategy not in ("channel", "group") or args.type != "int":
-        raise CrossblockError(f"compressed-tensors layer {name}: crossblock reads int weights with channel "
+        raise CrossblockError(f"{where}: crossblock reads int weights with channel "
                               f"or group strategy, not {args.type} / {args.strategy}")
+    packed = f"{name}.weight" not in tensors  # pack-quantized; else int-quantized (one int8 per weight)
+    if packed:
+        check_stored("compressed-tensors", name, tensors, {"weight_shape": ((2,), "integer"), "weight_packed": (None, torch.int32)})
+        stored = tuple(tensors[f"{name}.weight_shape"].tolist())
+        if shape is not None:
+            need(stored == tuple(shape), f"compressed-tensors tensor {name}.weight_shape",
+                 f"{list(stored)}, but the layer's weight is {shape[0]}x{shape[1]}")
+        shape = stored
+    else:
+        check_stored("compressed-tensors", name, tensors, {"weight": (shape, "integer")})
+        shape = tuple(tensors[f"{name}.weight"].shape)
+    groups = 1 if args.strategy == "channel" else num_groups(shape[1], args.group_size)
+    packed_rows = -(-shape[0] // (32 // bits)) if packed else shape[0]  # zero points pack along out_features
+    check_stored("compressed-tensors", name, tensors, {"weight_scale": ((shape[0], groups), "float"), **(
+        {} if args.symmetric else {"weight_zero_point": ((packed_rows, groups), torch.int32 if packed else "integer")})},
+        f" for the layer's {shape[0]}x{shape[1]} weight with {groups} group(s) per row")
     scale = tensors.pop(f"{name}.weight_scale").float()
     zero_point = tensors.pop(f"{name}.weight_zero_point", None)
-    if f"{name}.weight_packed" in tensors:  # pack-quantized
+    if packed:
         shape = tuple(tensors.pop(f"{name}.weight_shape").tolist())
         check_packed(name, tensors[f"{name}.weight_packed"], shape, bits)
         q_ct = unpack_from_int32(tensors.pop(f"{name}.weight_packed"), bits, shape)
@@ -310,7 +331,7 @@ def read_compressed_tensors(layout: nn.Module, quantization_config: dict, tensor
     for scheme in config.config_groups.values():
         for name, _ in match_named_modules(layout, scheme.targets, config.ignore):
             if scheme.weights is not None and name not in qweights:
-                qweights[name] = read_layer(tensors, name, scheme.weights)
+                qweights[name] = read_layer(tensors, name, scheme.weights, layer_shape(layout.get_submodule(name)))
     # fused MoE experts are stored as per-expert matrices, which the module tree does not have
     experts = [k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")]
     if experts and fused_expert_params(layout):

@@ -38,7 +38,7 @@ class Fake(Format):
     def accepts_grid(self, grid, model):
         pass  # dense weights: any grid
 
-    def write(self, model, tokenizer, out_dir, act_scheme):
+    def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         folded = folded_weights(model)
         state = model.state_dict()
         save_folder(model, tokenizer, out_dir, {**state, **folded} if folded else None)

@@ -34,6 +34,7 @@ class Format:
     format is one file in export/ and one `@FORMATS.register` line."""
     bits: tuple[int, ...] = ()
     online_transforms = False  # whether it can keep a run-time input rotation (rotate's down_proj Hadamard)
+    packed = False  # it stores quantized layers as integers: a model with none cannot be written
     # the save check (api.check_reload): the written folder, read back, gives the model's logits to
     # this share of the largest logit (float order of the dequantization; a packing bug is far above)
     reload_tolerance: float = 1e-4
@@ -67,7 +68,8 @@ class Format:
                                   "down_proj: use --no-rotate-online (rotations folded into weights only), "
                                   "format fake or compressed-tensors")
 
-    def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None):
+    def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None, grid: dict | None = None):
+        """`grid`: what the grid's finishing pass recorded (crossblock.json's "grid"), if anything."""
         raise NotImplementedError
 
 

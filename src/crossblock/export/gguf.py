@@ -83,9 +83,9 @@ class Gguf(Format):
         check_groups(FMT, group_size, in_features)
         refuse_act_scheme(FMT, act_scheme)
 
-    def write(self, model, tokenizer, out_dir, act_scheme):
+    def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         refuse_act_scheme(FMT, act_scheme)
-        return save_gguf(model, tokenizer, out_dir)
+        return save_gguf(model, tokenizer, out_dir, grid)
 
 
 def record_of(module) -> QuantizedWeight | None:
@@ -102,11 +102,12 @@ def record_of(module) -> QuantizedWeight | None:
     return QuantizedWeight(qw.q, qw.scale, rest, qw.bits, 32, True, kind=UNIFORM_TYPES[qw.bits])
 
 
-def tensor_data(weight: torch.Tensor, qw: QuantizedWeight | None):
-    """(numpy array, ggml type name): packed bytes, or the dense weight in its dtype."""
+def tensor_data(weight: torch.Tensor, qw: QuantizedWeight | None, dense: str | None = None):
+    """(numpy array, ggml type name): packed bytes, or the dense weight in `dense` (F16 / F32),
+    by default in its dtype."""
     if qw is None:
         w = weight.detach().cpu()
-        kind = DENSE.get(w.dtype, "F32")
+        kind = dense or DENSE.get(w.dtype, "F32")
         if kind == "BF16":
             return w.view(torch.int16).numpy().view(np.uint8).reshape(w.shape[0], -1), kind
         return w.to(torch.float32 if kind == "F32" else torch.float16).numpy(), kind
@@ -122,7 +123,20 @@ def rotary_permute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, out // heads // 2, -1).swapaxes(1, 2).reshape(rows.shape)
 
 
-def save_gguf(model, tokenizer, out_dir) -> dict:
+def dense_types(model, grid: dict | None) -> dict[int, str]:
+    """data_ptr of the head / embedding weight -> the dense type (F16, F32) the gguf grid's
+    finishing pass rounded it to (its record: grid["types"]), so that it is written in that type
+    whatever the model's dtype; a tied pair is written once, as token_embd, in the output's type."""
+    types = (grid or {}).get("types") or {}
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    out = {}
+    for what, module in (("token_embd", emb), ("output", head)):
+        if module is not None and types.get(what) in ("F16", "F32"):
+            out[module.weight.data_ptr()] = types[what]
+    return out
+
+
+def save_gguf(model, tokenizer, out_dir, grid: dict | None = None) -> dict:
     import gguf
     check_family(model)
     config = model.config
@@ -136,7 +150,7 @@ def save_gguf(model, tokenizer, out_dir) -> dict:
         write_tokenizer(writer, tokenizer, config, family)
         tokenizer.save_pretrained(out_dir)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    types = {}
+    types, dense = {}, dense_types(model, grid)
     tied = model.get_output_embeddings() is not None and \
         model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     for key, tensor in model.state_dict().items():
@@ -152,7 +166,7 @@ def save_gguf(model, tokenizer, out_dir) -> dict:
         if tensor.dim() == 1:
             data, kind = tensor.detach().cpu().float().numpy(), "F32"  # llama.cpp keeps vectors in F32
         else:
-            data, kind = tensor_data(tensor, qw)
+            data, kind = tensor_data(tensor, qw, dense.get(tensor.data_ptr()) if qw is None else None)
         if family == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
             data = rotary_permute(data, heads)

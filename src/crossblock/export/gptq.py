@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import CrossblockError
-from ..quant.grid import QuantizedWeight
-from .common import (check_layers, replace_layer_entries, require_quantized_layers, save_folder,
+from ..quant.grid import QuantizedWeight, num_groups
+from .common import (check_layers, layer_shape, replace_layer_entries, require_quantized_layers, save_folder,
                      warn_if_scales_round, write_quantization_config)
 from .formats import FORMATS, Format, check_groups, check_whole_words, refuse_act_scheme, values_per_word_run
+from .schema import check_stored, is_int, need
 
 FMT = "gptq"
 
@@ -34,6 +35,7 @@ FMT = "gptq"
 @FORMATS.register(FMT)
 class Gptq(Format):
     bits = (2, 3, 4, 8)
+    packed = True
 
     def stored_scale_dtype(self, save_dtype):
         return torch.float16  # what transformers' GPTQConfig and vLLM read
@@ -45,7 +47,7 @@ class Gptq(Format):
         check_whole_words(bits, "in_features", in_features)
         check_whole_words(bits, "out_features", out_features)
 
-    def write(self, model, tokenizer, out_dir, act_scheme):
+    def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         refuse_act_scheme(FMT, act_scheme)
         save_gptq(model, tokenizer, out_dir)
 
@@ -147,12 +149,22 @@ def save_gptq(model: nn.Module, tokenizer, out_dir: str | os.PathLike):
 
 # -- reading ---------------------------------------------------------------------------------
 
-def read_layer(tensors: dict, name: str, config: dict) -> QuantizedWeight:
-    """One layer's QuantizedWeight from its checkpoint tensors (removed from `tensors`)."""
-    bits, group_size, sym = config["bits"], config.get("group_size", -1), config.get("sym", True)
+def read_layer(tensors: dict, name: str, config: dict, shape: tuple[int, int]) -> QuantizedWeight:
+    """One layer's QuantizedWeight from its checkpoint tensors (removed from `tensors`), each
+    checked against what `gptq_tensors` writes for a layer of `shape` (out, in)."""
+    bits, group_size, sym = config.get("bits"), config.get("group_size", -1), config.get("sym", True)
     if config.get("checkpoint_format", "gptq") != "gptq":
         raise CrossblockError(f"gptq folder has checkpoint_format {config['checkpoint_format']!r}; "
                               f"crossblock reads the v1 'gptq' format")
+    need(is_int(bits) and bits in Gptq.bits, "gptq quantization_config", f"bits must be one of 2, 3, 4, 8, got {bits!r}")
+    need(is_int(group_size) and (group_size == -1 or group_size > 0), "gptq quantization_config",
+         f"group_size must be -1 or a positive integer, got {group_size!r}")
+    out_f, in_f = shape
+    groups = num_groups(in_f, group_size)
+    check_stored("gptq", name, tensors, {  # the module docstring's layout
+        "qweight": ((-(-in_f * bits // 32), out_f), torch.int32), "qzeros": ((groups, -(-out_f * bits // 32)), torch.int32),
+        "scales": ((groups, out_f), "float"), **({"g_idx": ((in_f,), torch.int32)} if f"{name}.g_idx" in tensors else {})},
+        f" for {bits}-bit integers of the layer's {out_f}x{in_f} weight, group_size {group_size}")
     qweight = tensors.pop(f"{name}.qweight")
     q = unpack_int32(qweight.t(), bits)
     zero = unpack_int32(tensors.pop(f"{name}.qzeros"), bits).t().float() + 1  # v1: stored zero - 1
@@ -163,6 +175,12 @@ def read_layer(tensors: dict, name: str, config: dict) -> QuantizedWeight:
     return QuantizedWeight(q.to(torch.uint8), scale, zero, bits, group_size, bool(sym))
 
 
-def read_gptq(quantization_config: dict, tensors: dict) -> dict[str, QuantizedWeight]:
-    names = [key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")]
-    return {name: read_layer(tensors, name, quantization_config) for name in names}
+def read_gptq(quantization_config: dict, tensors: dict, layout: nn.Module) -> dict[str, QuantizedWeight]:
+    """Integer weights of every layer the checkpoint holds GPTQ tensors of; `layout`: the
+    model's module tree (each layer's shape)."""
+    from ..model.adapter import is_linear
+    names = sorted({key.rpartition(".")[0] for key in tensors if key.endswith((".qweight", ".qzeros", ".scales"))})
+    linears = dict((n, m) for n, m in layout.named_modules() if is_linear(m))
+    for name in names:
+        need(name in linears, f"gptq layer {name}", "not a linear layer of the model")
+    return {name: read_layer(tensors, name, quantization_config, layer_shape(linears[name])) for name in names}

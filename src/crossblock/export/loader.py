@@ -58,7 +58,7 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None
         qweights = read_compressed_tensors(skeleton(config, trust_remote_code), quantization, tensors)
     elif method == "gptq":
         from .gptq import read_gptq
-        qweights = read_gptq(quantization, tensors)
+        qweights = read_gptq(quantization, tensors, skeleton(config, trust_remote_code))
     else:
         raise CrossblockError(f"{path}: cannot load quant_method {method!r} "
                               f"(crossblock loads fake-quant, compressed-tensors and gptq folders)")

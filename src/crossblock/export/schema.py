@@ -95,6 +95,23 @@ def check_qweight(name: str, qw: QuantizedWeight, layer: nn.Module):
     need(bool(((qw.zero >= 0) & (qw.zero <= top)).all()), where, f"zero points outside 0..{top}")
 
 
+def check_stored(fmt: str, name: str, tensors: dict, expected: dict, why: str = ""):
+    """A packed layer's tensors as its format's writer stores them, `expected`: suffix -> (shape
+    or None for any, dtype: a torch dtype, "float" or "integer"); each must be present, of that
+    kind and shape (`why`: what the shape follows from, for the message)."""
+    for suffix, (shape, dtype) in expected.items():
+        key = f"{name}.{suffix}"
+        where = f"{fmt} tensor {key}"
+        need(key in tensors, where, "missing")
+        t = tensors[key]
+        ok = t.is_floating_point() if dtype == "float" else \
+            not t.is_floating_point() and t.dtype != torch.bool if dtype == "integer" else t.dtype == dtype
+        kind = {"float": "floating point", "integer": "integers"}.get(dtype) or str(dtype).removeprefix("torch.")
+        need(ok, where, f"stored as {str(t.dtype).removeprefix('torch.')}, not {kind}")
+        if shape is not None:
+            need(tuple(t.shape) == tuple(shape), where, f"shape {tuple(t.shape)}, expected {tuple(shape)}{why}")
+
+
 def check_packed(name: str, packed: torch.Tensor, shape: tuple, bits: int):
     """compressed-tensors pack-quantized: `bits`-wide integers, 32 // bits per int32 word."""
     where = f"compressed-tensors layer {name}"

@@ -77,10 +77,13 @@ class GgufGrid(Config):
                                    # for Q8_0 or widths 256 does not divide); a type, F16 or F32
     embeddings: str | None = None  # untied token embeddings: None = the base type; a type, F16 or F32
 
+    @staticmethod
+    def names() -> list[str]:
+        """What `quant` may be: a GGUF type or a mixture."""
+        return [*gq.TYPES, *MIXTURES]
+
     def check(self):
-        names = ", ".join([*gq.TYPES, *MIXTURES])
-        self.refuse(self.quant in gq.TYPES or self.quant in MIXTURES,
-                    f"quant must be one of {names}, got {self.quant!r}")
+        self.refuse(self.quant in self.names(), f"quant must be one of {', '.join(self.names())}, got {self.quant!r}")
         for field in ("output", "embeddings"):
             value = getattr(self, field)
             self.refuse(value is None or value in gq.TYPES or value in DENSE,
