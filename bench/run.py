@@ -68,6 +68,9 @@ def calib_tokens(args, path):
 
 
 def run_row(row, args, work, log):
+    # the code the row runs: read before it starts (the checkout may move while it runs)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     name, _, spec = row.partition("=")
     preset, _, flags = (spec or name).partition(":")
     out = work / name
@@ -99,8 +102,6 @@ def run_row(row, args, work, log):
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
     second = {"ppl_tinystories": evaluate(out, args, log, SECOND)} if args.second_text else {}
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     return {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss,
             "commit": commit, "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")}
 
