@@ -478,3 +478,30 @@ def test_resume_continues_on_the_path_the_run_started_on(tmp_path, capsys):
         report = json.loads((out / "crossblock.json").read_text())
         assert report["resumed_at_window"] == 2 and report.get("low_memory", False) is (started == "--low-memory")
         assert not (out / stream.SPILL_DIR).exists() and hashes(out) == hashes(tmp_path / "ref")
+
+
+def test_a_new_stage_that_needs_the_whole_model_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """#28: the capability is the stage's own declaration, checked in one place (not a list of names)."""
+    from dataclasses import dataclass
+    from crossblock.stages import STAGES, Stage
+
+    @dataclass
+    class Toy(Stage):
+        needs_whole_model = True
+
+        def run(self, model, job):
+            job.report["toy"] = "ran"
+
+    monkeypatch.setitem(STAGES.classes, "toy", Toy)
+    Toy.kind_name, Toy.label = "toy", "toy stage"
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text("name: toy\ndata: {nsamples: 8, seqlen: 64, batch_size: 4}\n"
+                      "grid: {type: uniform, bits: 4, group_size: 32}\nstages:\n  - toy: {}\n  - windows: {}\n")
+    # settings in the file: a stage the flat spelling does not know takes no flags (#28's one spelling)
+    base = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--recipe", str(recipe), "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "low"), "--low-memory"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--low-memory cannot run the toy stage: it needs the whole model in memory (run without "
+                        "--low-memory, or drop toy from the recipe)") and not (tmp_path / "low").exists()
+    assert main([*base, "--out", str(tmp_path / "mem"), "--no-low-memory"]) == 0
+    assert json.loads((tmp_path / "mem" / "crossblock.json").read_text())["toy"] == "ran"

@@ -43,7 +43,6 @@ from .model.loading import Source
 RAM_FRACTION = 0.5   # automatic choice: stream when the weights exceed this share of available RAM
 SPILL_DIR = "stream"  # in the staging folder: one file per finished block, one per other tensor
 FORMATS = ("fake", "gptq", "compressed-tensors")
-WHOLE_MODEL_STAGES = ("rotate", "cfp", "finetune")
 
 
 # -- choosing the path ---------------------------------------------------------------------------
@@ -116,8 +115,8 @@ def refuse_unsupported(recipe, format: str, model):
         raise CrossblockError("--low-memory cannot run --recipe auto: it compares schedules on a copy of the "
                               "model's first blocks (name a recipe, or run without --low-memory)")
     for stage in recipe.stages:
-        name = type(stage).__name__.lower()
-        if name in WHOLE_MODEL_STAGES:
+        name = stage.kind_name
+        if stage.needs_whole_model:
             raise CrossblockError(f"--low-memory cannot run the {name} stage: it needs the whole model in memory "
                                   f"(run without --low-memory, or drop {name} from the recipe)")
     if format not in FORMATS:

@@ -14,6 +14,7 @@ STAGES = Registry("stage")
 
 class Stage(Config):
     quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
+    needs_whole_model = False  # whether it reads or changes every block at once (--low-memory refuses it)
 
     def run(self, model, job: "Job"):
         raise NotImplementedError

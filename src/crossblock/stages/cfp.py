@@ -12,6 +12,7 @@ from .base import STAGES, Stage
 @STAGES.register("cfp")
 @dataclass
 class Cfp(Stage):
+    needs_whole_model = True
     alpha: float = 0.7     # outlier channel c is divided by (max_c / max_non_outlier) ** alpha
     weights: bool = False  # also truncate outlier weights (CBQ; doubled SmolLM2's W4A16 ppl, see README)
 

@@ -51,6 +51,7 @@ LOSSES = ("kl", "ce")
 @STAGES.register("finetune")
 @dataclass
 class Finetune(Stage):
+    needs_whole_model = True
     steps: int = 100
     lr: float = 2e-3              # Adam, on log-scales (relative): ~0.2% of a scale per step (EfficientQAT's
                                   # 2e-5 on raw scales of ~0.01)

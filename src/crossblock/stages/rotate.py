@@ -12,6 +12,7 @@ from .base import STAGES, Stage
 @STAGES.register("rotate")
 @dataclass
 class Rotate(Stage):
+    needs_whole_model = True
     kind: str = "hadamard"        # hadamard (a construction for the size, else random-orthogonal) or random-orthogonal
     seed: int = 0                 # the random signs / matrices
     online: bool = True           # a run-time Hadamard before down_proj (its input has no weight to absorb one)
