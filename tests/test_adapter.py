@@ -14,6 +14,7 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 FAMILIES = {
     "llama": (T.LlamaConfig, T.LlamaForCausalLM, SMALL),
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, SMALL),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(SMALL, head_dim=8)),
     "mistral": (T.MistralConfig, T.MistralForCausalLM, SMALL),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(SMALL, head_dim=8)),
     "opt": (T.OPTConfig, T.OPTForCausalLM, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
@@ -76,3 +77,12 @@ def test_unsupported_architecture_names_what_was_found():
 
     with pytest.raises(CrossblockError, match="unsupported architecture NoBlocks.*layers"):
         find_blocks(NoBlocks())
+
+
+def test_readme_support_row_is_the_architecture_table():
+    """#28: the README's family support comes from the one table (model/architectures.py)."""
+    from pathlib import Path
+    from crossblock.model.architectures import support_row
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert support_row() in readme, "regenerate the README row: python -c 'from crossblock.model.architectures " \
+                                    "import support_row; print(support_row())'"

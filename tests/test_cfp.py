@@ -13,7 +13,8 @@ from crossblock.cli import main
 from crossblock.errors import CrossblockError
 from crossblock.model.adapter import find_blocks
 from crossblock.preprocess import cfp
-from crossblock.preprocess.fold import FOLDS, LINEAR_FOLDS, consumer_channels
+from crossblock.model.architectures import architecture
+from crossblock.preprocess.fold import consumer_channels
 from crossblock.preprocess.outliers import find_outliers
 from conftest import CALIB_FILE, STORIES, load_stories
 from test_adapter import FAMILIES, tiny
@@ -56,13 +57,13 @@ def plant_outlier_channels(model):
     weights would hide folding mistakes."""
     g = torch.Generator().manual_seed(2)
     for block in find_blocks(model)[1]:
-        for norm, _ in FOLDS[model.config.model_type]:
+        for norm, _ in architecture(model.config.model_type).norm_folds:
             n = block.get_submodule(norm)
             n.weight.data = 1 + 0.3 * torch.randn(n.weight.shape, generator=g)
             n.weight.data[[3, 7]] *= 40
             if getattr(n, "bias", None) is not None:
                 n.bias.data = 0.1 * torch.randn(n.bias.shape, generator=g)
-        for source, _ in LINEAR_FOLDS[model.config.model_type]:
+        for source, _ in architecture(model.config.model_type).linear_folds:
             lin = block.get_submodule(source)
             lin.weight.data[[3, 7]] *= 40
             if lin.bias is not None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import CrossblockError
+from ..model.architectures import architecture, families
 from ..model.loading import from_pretrained_exactly
 from ..quant import gguf as gq
 from ..quant.grid import QuantizedWeight
@@ -34,15 +35,14 @@ log = logging.getLogger(__name__)
 
 FMT = "gguf"
 FILE = "model.gguf"
-ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}   # HF model_type -> gguf.MODEL_ARCH
 UNIFORM_TYPES = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}                 # symmetric, groups of 32
 DENSE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def check_family(model):
     family = model.config.model_type
-    if family not in ARCHS:
-        raise CrossblockError(f"gguf export supports {', '.join(ARCHS)} models, not {family!r}")
+    if architecture(family).gguf is None:
+        raise CrossblockError(f"gguf export supports {', '.join(families('gguf'))} models, not {family!r}")
     scaling = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
     if scaling != "default":
         raise CrossblockError(f"gguf export writes default rotary embeddings; this model uses {scaling!r} rope scaling")
@@ -141,7 +141,7 @@ def save_gguf(model, tokenizer, out_dir, grid: dict | None = None) -> dict:
     check_family(model)
     config = model.config
     family = config.model_type
-    arch = getattr(gguf.MODEL_ARCH, ARCHS[family])
+    arch = getattr(gguf.MODEL_ARCH, architecture(family).gguf)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out_dir / FILE), gguf.MODEL_ARCH_NAMES[arch])

@@ -16,14 +16,14 @@ would change the function the fold preserves).
 """
 from __future__ import annotations
 
-import json
 
 import torch
 from tqdm.auto import tqdm
 
 from ..model.adapter import block_linears, capture, find_blocks, is_linear, is_skipped
 from ..quant.linear import weight_of
-from .fold import NORM_OFFSET, consumer_channels, fold_pairs, fold_scale
+from ..model.architectures import architecture
+from .fold import consumer_channels, fold_pairs, fold_scale
 from .outliers import find_outliers
 
 
@@ -55,7 +55,7 @@ def cfp(model, ids: torch.Tensor, alpha: float = 0.7, weights: bool = False, bat
     name contains a `skip` substring keep their weights."""
     prefix, blocks = find_blocks(model)
     pairs = fold_pairs(model, blocks[0])  # refuses unknown architectures before any work
-    offset = NORM_OFFSET.get(getattr(model.config, "model_type", None), 0.0)
+    offset = architecture(getattr(model.config, "model_type", None)).norm_offset
     x, calls = capture(model, ids, batch_size=batch_size)
     found = []
     for i in tqdm(range(len(blocks)), desc="cfp", disable=not progress):

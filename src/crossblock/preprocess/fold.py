@@ -2,8 +2,8 @@
 scale through such a pair: the source's output channel c is divided by s_c and the consuming
 layers' input column c multiplied by s_c, so the block computes the same function.
 
-Sources are the pre-norms (FOLDS) and, where the path between is linear in each channel, a
-linear layer (LINEAR_FOLDS): Llama-style MLPs compute down(act(gate) * up), so up's output
+Sources are the pre-norms (`norm_folds` of model/architectures.py, the one table of families)
+and, where the path between is linear in each channel, a linear layer (`linear_folds`): Llama-style MLPs compute down(act(gate) * up), so up's output
 channel scales down's input channel; OPT's fc2 sees relu(fc1), and relu(x / s) = relu(x) / s
 for s > 0; attention outputs are softmax(QKᵀ)·V per head, linear in V, so v_proj's output
 channel scales o_proj's input channel. With grouped-query attention one value channel feeds
@@ -17,41 +17,23 @@ from torch import nn
 
 from ..errors import CrossblockError
 from ..model.adapter import is_linear
+from ..model.architectures import architecture, families
 from ..quant.linear import weight_of
-
-_LLAMA = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-          ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
-FOLDS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
-    "llama": _LLAMA,
-    "qwen2": _LLAMA,
-    "mistral": _LLAMA,
-    "gemma": _LLAMA,
-    "opt": (("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("final_layer_norm", ("fc1",))),
-    "gpt2": (("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),  # Conv1D: weight is (in, out)
-}
-_GATED_MLP = (("mlp.up_proj", ("mlp.down_proj",)), ("self_attn.v_proj", ("self_attn.o_proj",)))
-LINEAR_FOLDS = {"llama": _GATED_MLP, "qwen2": _GATED_MLP, "mistral": _GATED_MLP, "gemma": _GATED_MLP,
-                "opt": (("fc1", ("fc2",)), ("self_attn.v_proj", ("self_attn.out_proj",))),
-                # GPT-2's gelu is not scale-equivariant, and its q, k, v share one Conv1D
-                "gpt2": ()}
-# Gemma's RMSNorm multiplies by (1 + weight), so the fold acts on 1 + weight.
-NORM_OFFSET = {"gemma": 1.0}
-
 
 def fold_pairs(model: nn.Module, block: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """The (source, consuming linears) pairs of `model`'s blocks, norms first; CrossblockError
     if unknown."""
     kind = getattr(model.config, "model_type", type(model).__name__)
-    if kind not in FOLDS:
+    arch = architecture(kind)
+    if not arch.norm_folds:
         raise CrossblockError(f"CFP does not know which norms feed which layers in {kind!r} models "
-                              f"(known: {', '.join(FOLDS)}); run without --cfp")
+                              f"(known: {', '.join(families('cfp'))}); run without --cfp")
     if kind == "opt" and not model.config.do_layer_norm_before:
         raise CrossblockError("CFP cannot fold into OPT models with do_layer_norm_before=False "
                               "(the norms follow attention and MLP); run without --cfp")
     if kind == "opt" and model.config.activation_function != "relu":
         raise CrossblockError("CFP folds fc1 -> fc2 only through relu; run without --cfp")
-    pairs = FOLDS[kind] + LINEAR_FOLDS[kind]
+    pairs = arch.norm_folds + arch.linear_folds
     for norm, linears in pairs:
         for name in (norm, *linears):
             try:

@@ -29,14 +29,11 @@ from torch import nn
 
 from ..errors import CrossblockError
 from ..model.adapter import find_blocks
-from .fold import NORM_OFFSET
+from ..model.architectures import architecture, families
 from .hadamard import factors, random_orthogonal, random_signs, randomized_hadamard
 from .online import OnlineRotation, attach_input_transform, rebuild_transforms, record_transforms  # noqa: F401
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
 KINDS = ("hadamard", "random-orthogonal")
-_SANDWICH = "its norms after o_proj and down_proj scale the rotated residual channel by channel"
-WHY_NOT = {"gemma2": _SANDWICH, "gemma3": _SANDWICH, "gemma3_text": _SANDWICH}
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -46,9 +43,10 @@ HEAD_NORMS = ("self_attn.q_norm", "self_attn.k_norm")  # qwen3: per head on q an
 def family_of(model: nn.Module) -> str:
     """The model_type if rotate supports it; CrossblockError naming it otherwise."""
     kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-    if kind not in FAMILIES:
-        why = f" ({WHY_NOT[kind]})" if kind in WHY_NOT else ""
-        raise CrossblockError(f"rotate does not support {kind!r} models{why}; supported: {', '.join(FAMILIES)}")
+    arch = architecture(kind)
+    if not arch.rotate:
+        why = f" ({arch.why_not_rotate})" if arch.why_not_rotate else ""
+        raise CrossblockError(f"rotate does not support {kind!r} models{why}; supported: {', '.join(families('rotate'))}")
     return kind
 
 
@@ -110,7 +108,7 @@ def rotate_model(model: nn.Module, *, seed: int = 0, online_down_proj: bool = Tr
         _check_block(block, family, hidden)
     if any(hasattr(m, "crossblock_input_transform") for m in model.modules()):
         raise CrossblockError("this model is already rotated")
-    offset = NORM_OFFSET.get(family, 0.0)  # the norm multiplies by offset + weight
+    offset = architecture(family).norm_offset  # the norm multiplies by offset + weight
     heads = model.config.num_attention_heads
     kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
     gen = torch.Generator().manual_seed(seed)
