@@ -53,6 +53,7 @@ def quantize(checkpoint_dir=None, **kw):
     return cb.quantize(model, tok, recipe, calib=CALIB_FILE.read_text(), progress=False, checkpoint_dir=checkpoint_dir)
 
 
+@pytest.mark.slow
 def test_static_steps_train_with_the_weights_and_restored_layers_keep_quantizing():
     keys = set(load_stories()[0].state_dict())
     model, report = quantize(preset="block", wbits=4, abits=6, act_dynamic=False, iters=10)
@@ -69,6 +70,7 @@ def test_static_steps_train_with_the_weights_and_restored_layers_keep_quantizing
         assert not torch.allclose(m(x), torch.nn.functional.linear(x, m.weight, m.bias))
 
 
+@pytest.mark.slow
 def test_w4a4_is_worse_than_w4a8_which_is_close_to_w4():
     ids = load_stories()[1](CALIB_FILE.read_text()[:4000], return_tensors="pt").input_ids[:, :256]
 
@@ -87,6 +89,7 @@ def test_recipe_refuses_activation_bits_outside_4_to_8():
     assert cb.Recipe.preset("rtn").activations.bits == 16
 
 
+@pytest.mark.slow
 def test_compressed_tensors_records_dynamic_activations(tmp_path):
     """transformers simulates the recorded per-token activations exactly as crossblock does."""
     from transformers import AutoModelForCausalLM
@@ -112,6 +115,7 @@ def test_exports_that_cannot_record_the_activations_refuse_before_quantizing(fmt
         cb.api.for_format(cb.Recipe.preset("rtn", wbits=8, **FAST, **kw), model, fmt)
 
 
+@pytest.mark.slow
 def test_static_steps_survive_an_interrupted_run(tmp_path, monkeypatch):
     """Checkpoints carry calibrated and half-trained steps (cbq: block 2 is mid-window at the stop)."""
     import crossblock.api as api

@@ -19,6 +19,7 @@ def flags(settings: dict) -> list[str]:
 
 
 # gptq needs whole int32 words along 172-wide layers (8 bits) and non-zero zero points (sym)
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,grid", [
     ("fake", dict(wbits=3, group_size=32)),
     ("compressed-tensors", dict(wbits=4, group_size=-1)),

@@ -40,6 +40,7 @@ def test_default_recipe_follows_the_bits_and_says_why():
         del DEFAULTS[(2, 16)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [3, 2])
 def test_default_recipe_beats_rtn_and_gptq(bits):
     bits_only = dict(wbits=bits, group_size=-1)
@@ -67,6 +68,7 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [2.0, 0.3])  # full settings (prefix reused) / fewer steps and sequences
 def test_auto_chooses_within_budget_and_equals_the_chosen_recipe(budget):
     model, tok = load_stories()
@@ -92,6 +94,7 @@ def test_auto_chooses_within_budget_and_equals_the_chosen_recipe(budget):
     assert [b["rel_mse"] for b in report["blocks"]] == [b["rel_mse"] for b in direct_report["blocks"]]
 
 
+@pytest.mark.slow
 def test_auto_reuses_the_prefix_of_every_reusable_shape(monkeypatch):
     """Force each shape to win in turn: a reused prefix always continues to the same model."""
     shapes = dict(auto.SHAPES)
@@ -104,6 +107,7 @@ def test_auto_reuses_the_prefix_of_every_reusable_shape(monkeypatch):
         assert_same_weights(model, direct_run(name, SMALL)[0])
 
 
+@pytest.mark.slow
 def test_cli_auto_records_candidates_and_choice(tmp_path, capsys):
     out = tmp_path / "q"
     flat = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]

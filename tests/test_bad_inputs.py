@@ -133,6 +133,7 @@ def test_report_without_matplotlib_prints_the_table_and_says_no_plot(tmp_path, m
     assert not (out / "error_by_block.png").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_in_safetensors_is_one_line(tmp_path, monkeypatch, capsys):
     from safetensors import SafetensorError
     import crossblock.export as export

@@ -90,6 +90,7 @@ def reference_hashes(request, tmp_path_factory) -> dict:
     return hashes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_output_is_bit_identical_to_the_reference_commit(case, calib_text, reference_hashes):
     # fp32: the reference predates --precision and computed in float32 (bf16 is tested apart)

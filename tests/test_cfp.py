@@ -131,6 +131,7 @@ def test_outlier_weights_are_truncated_to_the_threshold():
     assert (w[0, 0], w[1, 1]) == (rest, -rest) and (w != before).sum() == 2
 
 
+@pytest.mark.slow
 def test_w4a8_with_cfp_is_no_worse_on_stories260k_and_the_report_counts_outliers():
     from test_quantize import CALIB, ppl, run
     kw = dict(wbits=4, abits=8, group_size=-1, **CALIB)

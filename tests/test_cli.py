@@ -110,12 +110,14 @@ def test_unwritable_output_location(tmp_path, capsys):
     assert "cannot write output folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_entry_point_exit_code():
     r = subprocess.run([sys.executable, "-m", "crossblock", "quantize", "--model", "/nonexistent", "--calib",
                         str(CALIB_FILE), "--out", "/tmp/never"], capture_output=True, text=True)
     assert r.returncode == 2 and "model not found" in r.stderr
 
 
+@pytest.mark.slow
 def test_compare_ranks_recipes_on_a_prefix_of_the_model(capsys):
     assert main(["compare", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--recipe", "rtn,block",
                  "--blocks", "2", "--wbits", "2", "--group-size", "-1", "--iters", "10", "--quiet", *FAST]) == 0

@@ -217,6 +217,7 @@ HOSTILE_CHECKPOINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", HOSTILE_CHECKPOINTS)
 def test_tampered_checkpoint_is_refused_at_resume(case, tmp_path, capsys):
     out = interrupted_run(tmp_path)
@@ -249,6 +250,7 @@ def corrupt_bytes(data: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 def test_fuzzed_files_end_in_one_line_or_a_result(folders, tmp_path):
     """Seeded random corruptions of crossblock.json, config.json and a checkpoint: every run ends
     in rc 0 with a result or rc 2 with one line, under a 4 GB address-space limit."""
@@ -369,6 +371,7 @@ def edit_config(folder, rng, trial):
     return f"config {key}={value}"
 
 
+@pytest.mark.slow
 def test_fuzzed_model_folders_end_in_one_line_or_the_intact_result(tmp_path):
     """Seeded edits of a copy of stories260k (tensors deleted, added, reshaped, retyped; config.json
     edited): quantize (in memory and --low-memory), eval and load each end in rc 2 with one line,

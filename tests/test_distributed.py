@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from conftest import CALIB_FILE, STORIES
 from crossblock.recipe import PRESETS
 
+pytestmark = pytest.mark.slow  # torchrun subprocesses throughout
+
 # float32 (--precision fp32): ranks match one process up to summation order; bf16 matmuls of
 # half batches round differently (~0.3% of a finetune loss on stories260k)
 ARGS = ["--recipe", "block", "--wbits", "3", "--group-size", "-1", "--iters", "20", "--nsamples", "16",

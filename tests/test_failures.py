@@ -2,6 +2,7 @@
 import errno
 import signal
 
+import pytest
 import torch
 
 import crossblock as cb
@@ -34,6 +35,7 @@ def quantize_with(monkeypatch, bad_calls):
     return cb.quantize(model, tok, cb.Recipe.preset("block", **RECIPE), calib=CALIB_FILE.read_text(), progress=False)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_retries_the_window_at_half_lr(monkeypatch):
     model, report = quantize_with(monkeypatch, {3})
     first = report["windows"][0]
@@ -53,6 +55,7 @@ def test_window_that_stays_nonfinite_keeps_its_initialization(monkeypatch):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_keeps_only_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "out"
     proc = cli(out)
@@ -81,6 +84,7 @@ def test_full_disk_gives_one_line_and_no_output(tmp_path, monkeypatch, capsys):
     assert not (partial_dir(out) / "crossblock.json").exists()
 
 
+@pytest.mark.slow
 def test_disk_offload_gives_identical_weights(tmp_path):
     def weights(offload):
         model, tok = load_stories()

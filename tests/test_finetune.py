@@ -32,6 +32,7 @@ def qweights(model):
     return {n: m.crossblock_qweight for n, m in model.named_modules() if hasattr(m, "crossblock_qweight")}
 
 
+@pytest.mark.slow
 def test_finetune_keeps_the_integers_and_lowers_held_out_kl():
     plain, _, _ = quantized()
     tuned, report, _ = quantized(finetune_steps=30, finetune_lr=0.003)
@@ -48,6 +49,7 @@ def test_finetune_keeps_the_integers_and_lowers_held_out_kl():
     assert moved == len(after)
 
 
+@pytest.mark.slow
 def test_a_stage_that_cannot_improve_keeps_the_start(monkeypatch):
     """lr so large that every step is worse: the held-out slice keeps step 0, the windows' grid."""
     plain, _, _ = quantized()
@@ -57,6 +59,7 @@ def test_a_stage_that_cannot_improve_keeps_the_start(monkeypatch):
         assert torch.equal(qw.scale, qweights(plain)[name].scale)
 
 
+@pytest.mark.slow
 def test_zero_points_train_as_integers_and_symmetric_grids_refuse_it():
     tuned, _, _ = quantized(finetune_steps=10, finetune_zeros=True)
     for qw in qweights(tuned).values():
@@ -65,6 +68,7 @@ def test_zero_points_train_as_integers_and_symmetric_grids_refuse_it():
         quantized(finetune_steps=2, finetune_zeros=True, sym=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,kw", [("fake", dict()),
                                     ("compressed-tensors", dict(wbits=4, group_size=-1)),
                                     ("gptq", dict(wbits=8, group_size=-1, sym=True))])
@@ -96,6 +100,7 @@ def finetune_step(out) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_during_finetune_then_resume_is_bit_identical(tmp_path):
     ref = tmp_path / "ref"
     assert cli(ref).wait() == 0
@@ -109,6 +114,7 @@ def test_sigkill_during_finetune_then_resume_is_bit_identical(tmp_path):
     assert report["finetune"]["evals"] == json.loads((ref / "crossblock.json").read_text())["finetune"]["evals"]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     # float32: the claim is equality up to summation order (bf16 matmuls of other batch shapes round differently)
@@ -123,6 +129,7 @@ def test_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_trained_weights_rounding_beats_rtn_and_crosses_grid_points():
     """Block-AP's parameterization: weights may move past their two nearest grid points."""
     trained, report, _ = quantized(rounding="weights", iters=20)

@@ -72,7 +72,8 @@ def test_packed_blocks_decode_to_the_grid_bit_for_bit(kind):
     assert torch.equal(grid.decode(q, step, rest), grid.fake_quantize(w, step, rest, offset))
 
 
-@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("kind", [k if k in {"Q4_0", "Q8_0", "Q2_K", "Q4_K"} else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in TYPES])  # ~1 s each: one legacy, one 8-bit and two k-quants quick
 def test_every_file_tensor_equals_the_fake_quant_weight(kind, tokenizer, calib_text, tmp_path):
     model, report = quantize(tiny(), tokenizer, calib_text, recipe(kind))
     cb.save(model, tokenizer, tmp_path / "out", format="gguf", report=report)
@@ -114,6 +115,7 @@ def test_f16_output_is_written_as_f16(tied, tokenizer, calib_text, tmp_path):
         assert torch.equal(model(ids).logits, back(ids).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,quant,tied", [("llama", "Q4_K_M", False), ("qwen2", "Q3_K_M", True),
                                                ("qwen3", "Q2_K", False)])
 def test_quantized_and_loaded_back_gives_the_same_logits(family, quant, tied, tokenizer, calib_text, tmp_path):
@@ -142,6 +144,7 @@ def test_mixtures_follow_llama_cpp(tokenizer, calib_text, tmp_path):
     assert types["output"] == "Q6_K" and types["token_embd"] == "Q4_K"
 
 
+@pytest.mark.slow
 def test_narrow_layers_fall_back_and_are_recorded(tokenizer, calib_text, tmp_path):
     """stories260k: hidden 64 (no K-quant holds it), MLP 172 (no type at all)."""
     model, _ = load_stories()
@@ -172,6 +175,7 @@ def test_uniform_sym_g32_is_written_as_q4_0(tokenizer, calib_text, tmp_path):
     assert report["recipe"]["grid"]["scale_dtype"] == "float16"
 
 
+@pytest.mark.slow
 def test_block_beats_rtn_on_a_k_quant_grid(tokenizer, calib_text):
     train = {"iters": 20, "rounding": "signround", "lwc": True}
     _, report = quantize(tiny(), tokenizer, calib_text, recipe("Q3_K", train))

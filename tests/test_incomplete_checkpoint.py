@@ -95,6 +95,7 @@ def test_load_refuses_a_checkpoint_that_does_not_fill_its_model(defect, defectiv
     assert DEFECTS[defect][2] in str(refused.value) and len(str(refused.value).splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_refusal_is_one_line_without_transformers_report(defective, tmp_path):
     """Without --quiet transformers would print its LOAD REPORT table first: stderr holds the
     progress bars and the one line, no table, no traceback."""

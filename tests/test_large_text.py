@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from conftest import CALIB_FILE, STORIES
@@ -23,6 +24,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_32_mb_calibration_file_costs_little(tmp_path):
     big = tmp_path / "big.txt"
     chunk = CALIB_FILE.read_text()
@@ -43,6 +45,7 @@ def test_texts_that_fit_are_tokenized_as_before(tokenizer, calib_text):
     assert torch.equal(tokenize(tokenizer, calib_text, enough=10), torch.tensor(tokenizer(calib_text)["input_ids"]))
 
 
+@pytest.mark.slow
 def test_a_long_text_chunked_keeps_one_bos_and_every_line(tokenizer, calib_text):
     long = calib_text * (WHOLE_CHARS // len(calib_text) + 2)
     ids = tokenize(tokenizer, long)

@@ -78,6 +78,7 @@ STORIES_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", STORIES_CASES)
 def test_stories_same_files_both_paths(tmp_path, case):
     memory, streamed = both_paths(tmp_path, STORIES, *STORIES_CASES[case])
@@ -85,6 +86,7 @@ def test_stories_same_files_both_paths(tmp_path, case):
     assert streamed == memory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["--recipe", "mb", "--iters", "3", "--wbits", "4", "--group-size", "32", "--format", "gptq", "--sym"],
     ["--recipe", "gptq", "--wbits", "3", "--group-size", "32", "--save-dtype", "float32"],
@@ -118,6 +120,7 @@ MOE_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MOE_CASES)
 def test_moe_checkpoint_same_files_both_paths(tmp_path, case):
     """Fused experts are read through transformers' conversion mapping, one block at a time, and
@@ -133,6 +136,7 @@ def test_moe_checkpoint_same_files_both_paths(tmp_path, case):
         assert any(".experts.3." in k for k in f.keys())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fake", "compressed-tensors"])
 def test_moe_sharded_output_same_files_both_paths(tmp_path, monkeypatch, fmt):
     """Small shards: save_pretrained counts a storage shared by views once (the per-expert views
@@ -149,6 +153,7 @@ def test_moe_sharded_output_same_files_both_paths(tmp_path, monkeypatch, fmt):
     assert streamed == memory
 
 
+@pytest.mark.slow
 def test_distinct_head_under_a_tied_config_is_written_as_in_memory(tmp_path, capsys):
     """config.json says tied, but the files hold an lm_head.weight of its own: transformers keeps
     the two apart, and so does the low-memory path (it wrote the embeddings only; issue 26.4)."""
@@ -248,6 +253,7 @@ def windows_done(out) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_low_memory_run_killed_midway_resumes_bit_identical(tmp_path):
     ref = tmp_path / "ref"
     assert cli(ref, "--no-low-memory").wait() == 0
@@ -262,6 +268,7 @@ def test_low_memory_run_killed_midway_resumes_bit_identical(tmp_path):
     assert hashes(out) == hashes(ref)
 
 
+@pytest.mark.slow
 def test_two_ranks_low_memory_same_files_as_one_process(tmp_path):
     """torchrun: every rank reads its own blocks, rank 0 writes; RTN gives the same bits for any
     number of ranks, so the files equal a single in-memory process's."""
@@ -415,6 +422,7 @@ BAD_SHARDS = {  # (edit of the last shard / the folder, what the line says after
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_SHARDS)
 def test_unreadable_shard_is_named_before_work(tmp_path, llama12, case):
     """A truncated, missing or inconsistent shard is an input problem named with its file, found
@@ -456,6 +464,7 @@ def stopped_run(out, path, windows=2):
                      "--recipe", "cbq", "--iters", "2", "--group-size", "32", *SMALL]) == 130
 
 
+@pytest.mark.slow
 def test_resume_continues_on_the_path_the_run_started_on(tmp_path, capsys):
     """A killed --low-memory run keeps its finished blocks in the spill folder: resumed with
     --no-low-memory it is refused with the flag to use (it left stream/ inside the output); with no

@@ -67,6 +67,7 @@ def test_overwrite_never_removes_what_crossblock_did_not_write(case, tmp_path, m
     assert not list(tmp_path.rglob(".*.partial"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", [["--format", "fake"], ["--format", "compressed-tensors"], ["preprocess"]])
 def test_overwrite_replaces_a_crossblock_output(first, tmp_path, capsys):
     out = tmp_path / "out"
@@ -111,6 +112,7 @@ def test_overwrite_refuses_a_folder_with_a_marker_it_did_not_write(case, tmp_pat
     assert not partial_dir(out).exists()
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_crossblock_output_holding_a_users_file(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(quantize_args(out)) == 0
@@ -122,6 +124,7 @@ def test_overwrite_refuses_a_crossblock_output_holding_a_users_file(tmp_path, ca
     assert (out / "notes.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_out_refuses_while_the_first_runs(tmp_path, capsys):
     out = tmp_path / "out"
     first = cli(out)
@@ -141,6 +144,7 @@ def test_second_run_on_the_same_out_refuses_while_the_first_runs(tmp_path, capsy
     assert (out / "crossblock.json").is_file()
 
 
+@pytest.mark.slow
 def test_lock_is_released_for_the_next_run(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from crossblock.output import lock_staging; "
                                f"lock_staging(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
@@ -184,6 +188,7 @@ def kill_after_rename(monkeypatch):  # renamed, the checkpoints not yet deleted
     monkeypatch.setattr(output, "checkpoint_files", files)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", [kill_after_weights, kill_at_rename, kill_after_rename])
 def test_kill_during_the_final_save_then_resume_gives_the_uninterrupted_output(kill, tmp_path, monkeypatch, capsys):
     args = ["--recipe", "block", "--iters", "5", "--wbits", "3"]

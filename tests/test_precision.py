@@ -37,12 +37,13 @@ def run(preset: str, **overrides):
 # precision fp32 against the reference commit, in this environment.
 
 
+@pytest.mark.slow
 def test_fp32_and_bf16_differ_and_rtn_weights_do_not_depend_on_precision():
     assert run("block", **TRAIN, precision="fp32")[2] != run("block", **TRAIN, precision="bf16")[2]
     assert run("rtn", **W3, precision="fp32")[2] == run("rtn", **W3, precision="bf16")[2]
 
 
-@pytest.mark.parametrize("preset", ["gptq", "block", "la", "mb", "cbq"])
+@pytest.mark.parametrize("preset", ["gptq", *(pytest.param(p, marks=pytest.mark.slow) for p in ["block", "la", "mb", "cbq"])])
 def test_bf16_beats_rtn(preset):
     rtn_ppl = run("rtn", **W3, precision="bf16")[0]
     ppl, report, _ = run(preset, **(W3 if preset == "gptq" else TRAIN), precision="bf16")
@@ -52,6 +53,7 @@ def test_bf16_beats_rtn(preset):
     assert ppl < rtn_ppl, (preset, ppl, rtn_ppl)
 
 
+@pytest.mark.slow
 def test_finetune_lowers_held_out_kl_under_bf16():
     _, report, _ = run("block", **dict(TRAIN, wbits=2, group_size=32, nsamples=16, finetune_steps=20,
                                        finetune_lr=0.003), precision="bf16")
@@ -59,6 +61,7 @@ def test_finetune_lowers_held_out_kl_under_bf16():
     assert ft["held_out_loss_after"] < 0.97 * ft["held_out_loss_before"] and ft["best_step"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_follows_native_bf16_matmul(native, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: native)
@@ -73,6 +76,7 @@ def test_auto_follows_native_bf16_matmul(native, monkeypatch):
     assert weights_hash(model) == run("block", **dict(G32, iters=4), precision=used)[2]
 
 
+@pytest.mark.slow
 def test_the_cli_records_and_says_the_choice(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
     args = ["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--recipe", "rtn", "--device", "cpu",

@@ -42,6 +42,7 @@ def ppl(preset, **kw):
     return run(preset, **kw)[0]
 
 
+@pytest.mark.slow
 def test_rtn_w8_within_one_percent_of_fp():
     assert ppl("rtn", wbits=8, group_size=-1, **CALIB) < 1.01 * ppl("fp")
 
@@ -50,11 +51,12 @@ def test_rtn_w4_loses_quality():
     assert ppl("rtn", wbits=4, group_size=-1, **CALIB) > ppl("fp") * 1.01
 
 
-@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("bits", [4, pytest.param(3, marks=pytest.mark.slow)])
 def test_gptq_beats_rtn(bits):
     assert ppl("gptq", wbits=bits, group_size=-1, **CALIB) < ppl("rtn", wbits=bits, group_size=-1, **CALIB)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [3, 2])
 @pytest.mark.parametrize("preset", ["rtn", "gptq"])
 def test_clip_search_improves_rtn_and_gptq(preset, bits):
@@ -63,6 +65,7 @@ def test_clip_search_improves_rtn_and_gptq(preset, bits):
             < ppl(preset, wbits=bits, group_size=32, **CALIB))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [3, 2])
 @pytest.mark.parametrize("preset", ["block", "mb", "la", "cbq"])
 def test_every_schedule_beats_rtn(preset, bits):
@@ -92,6 +95,7 @@ def test_token_mse_is_not_dominated_by_a_massive_token():
         assert (ratio > 1000) if dominated else (abs(ratio - 1) < 1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [3, 2])
 def test_block_with_token_mse_beats_rtn(bits):
     ours = run("block", wbits=bits, group_size=-1, loss="token-mse", **TRAIN)
@@ -126,6 +130,7 @@ def test_saved_folder_reloads_in_plain_transformers(tmp_path, tokenizer):
     assert not list(tmp_path.glob(".out.partial*"))
 
 
+@pytest.mark.slow
 def test_same_seed_is_bit_identical_and_another_seed_differs():
     def weights(seed):
         model, tok = load_stories()
@@ -137,6 +142,7 @@ def test_same_seed_is_bit_identical_and_another_seed_differs():
     assert not torch.equal(a, c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["block", "mb"])
 def test_reusing_the_target_and_the_measured_chain_changes_no_bit(preset, monkeypatch):
     """block/mb advance the FP chain with the propagated target and the quantized chain with the
@@ -163,6 +169,7 @@ def test_quantize_returns_the_same_model_object(tokenizer):
     assert report["calibration"]["nsamples"] == 128 and len(report["calibration"]["sha256"]) == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rounding,lwc", [("adaround", False), ("lora", True), ("rtn", True), ("signround", False)])
 def test_every_rounding_parameterization_beats_rtn(rounding, lwc):
     _, report, _ = run("block", wbits=3, group_size=-1, rounding=rounding, lwc=lwc, **TRAIN)
@@ -170,6 +177,7 @@ def test_every_rounding_parameterization_beats_rtn(rounding, lwc):
     assert last["mse"] < last["rtn"]["mse"]
 
 
+@pytest.mark.slow
 def test_gptq_initialization_starts_reconstruction_from_gptq():
     gptq = run("gptq", wbits=3, group_size=-1, **CALIB)[2]
     untrained = run("block", wbits=3, group_size=-1, init="gptq", **dict(TRAIN, iters=0))[2]
@@ -195,6 +203,7 @@ def test_gptq_checkpoint_with_fp16_scales_reloads_exactly(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_short_signround_budgets_cap_the_rounding_step():
     """At 5 steps, lr 1/iters = 0.2 would flip whole layers' rounding at once; offsets move at
     most 1/15 per step while clipping keeps 1/iters (an explicit lr applies to both, as before)."""
@@ -204,7 +213,7 @@ def test_short_signround_budgets_cap_the_rounding_step():
     assert capped < ppl("rtn", wbits=2, group_size=-1, **CALIB)
 
 
-@pytest.mark.parametrize("preset", ["rtn", "gptq", "block", "mb", "la", "cbq"])
+@pytest.mark.parametrize("preset", ["rtn", "gptq", "block", *(pytest.param(p, marks=pytest.mark.slow) for p in ["mb", "la", "cbq"])])
 def test_plan_counts_the_block_passes_the_engine_runs(preset, monkeypatch):
     """`crossblock plan` predicts cost from the schedule alone: it must count every forward
     pass of a block over a calibration sequence that the run makes (backward not counted)."""

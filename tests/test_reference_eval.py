@@ -35,6 +35,7 @@ def test_identical_model_has_kl_zero_and_full_agreement(capsys):
     assert capsys.readouterr().out.split()[-1] == f"{same['ppl']:.4f}"
 
 
+@pytest.mark.slow
 def test_fewer_bits_move_further_from_the_reference(tmp_path, capsys):
     w4, w2 = (reference_json(capsys, quantized(tmp_path, bits)) for bits in (4, 2))
     assert 0 < w4["kl"] < w2["kl"] and w4["top1"] > w2["top1"]

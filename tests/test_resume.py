@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from safetensors import safe_open
 
 from conftest import CALIB_FILE, STORIES, kill_when
@@ -38,6 +39,7 @@ def kill_after(out, windows: int):
     kill_when(cli(out), lambda: windows_done(out) >= windows)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     ref = tmp_path / "ref"
     assert cli(ref).wait() == 0
@@ -60,6 +62,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert report["blocks"] == ref_report["blocks"]  # replayed chains give the same per-block errors
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "out"
     kill_after(out, 1)
@@ -110,6 +113,7 @@ def test_finished_blocks_are_written_once_and_read_back(tmp_path):
         read_checkpoint(tmp_path, "run")
 
 
+@pytest.mark.slow
 def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """In process, every preset and a searched clip start (GPTQ's frozen scales once aliased its init buffers, and
     safetensors refused to write the checkpoint)."""

@@ -217,12 +217,14 @@ def quantized_ppl(recipe, rotate: bool, calib_text, eval_text) -> float:
     return cb.evaluate(model, tokenizer, eval_text, seqlen=128, max_windows=20, progress=False)
 
 
+@pytest.mark.slow
 def test_w4a4_rtn_is_better_with_rotation(calib_text, eval_text):
     recipe = cb.Recipe.preset("rtn", wbits=4, abits=4, group_size=32, nsamples=16, seqlen=128)
     plain, rotated = (quantized_ppl(recipe, r, calib_text, eval_text) for r in (False, True))
     assert rotated < plain - 0.1  # measured 7.18 -> 7.02 (FP 5.41)
 
 
+@pytest.mark.slow
 def test_gptq_hessian_sees_the_rotated_input(calib_text, eval_text):
     # W3 per channel: 9.79 plain, 10.81 rotated; a Hessian of down_proj's unrotated input gave 13.39
     recipe = cb.Recipe.preset("gptq", wbits=3, group_size=-1, nsamples=16, seqlen=128)

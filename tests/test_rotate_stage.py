@@ -31,6 +31,7 @@ def logits(model, tok):
         return model(ids).logits
 
 
+@pytest.mark.slow
 def test_rotate_stage_runs_first_and_helps_w4a4():
     plain, tok, _ = quantized(wbits=4, abits=4, group_size=32)
     rotated, _, report = quantized(wbits=4, abits=4, group_size=32, rotate=True)
@@ -54,6 +55,7 @@ def test_fake_folder_with_activations_reloads_with_its_rotation(tmp_path):
     torch.testing.assert_close(logits(loaded, tok), logits(model, tok), rtol=0, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_gptq_format_refuses_the_online_rotation_before_quantizing(tmp_path):
     kw = dict(wbits=8, group_size=-1, sym=True)
     with pytest.raises(CrossblockError, match="cannot store rotate's run-time Hadamard"):

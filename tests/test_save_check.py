@@ -52,6 +52,7 @@ def test_a_corrupted_packed_tensor_fails_the_save_in_one_line(tmp_path, monkeypa
     assert not out.exists() and not list(tmp_path.rglob("crossblock.json"))
 
 
+@pytest.mark.slow
 def test_low_memory_says_the_check_was_skipped(tmp_path):
     out = tmp_path / "lm"
     assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",

@@ -24,6 +24,7 @@ def accuracy(capsys, model, *extra) -> dict:
     return {(r[0], r[-2]): float(r[-1]) for r in rows}
 
 
+@pytest.mark.slow
 def test_same_accuracy_twice_and_rtn_w2_lower_than_fp(tmp_path, capsys):
     fp = accuracy(capsys, STORIES, "--ppl", str(EVAL_FILE), "--seqlen", "128", "--max-windows", "4")
     assert fp == accuracy(capsys, STORIES, "--ppl", str(EVAL_FILE), "--seqlen", "128", "--max-windows", "4")
@@ -37,6 +38,7 @@ def test_same_accuracy_twice_and_rtn_w2_lower_than_fp(tmp_path, capsys):
         assert rtn[("tinystories_next", metric)] < fp[("tinystories_next", metric)] - 0.1
 
 
+@pytest.mark.slow
 def test_a_task_folder_of_ones_own(tmp_path, capsys):
     config = yaml.safe_load(SHIPPED["tinystories_next"].read_text())
     config["task"] = "my_stories"
@@ -49,7 +51,8 @@ def test_a_task_folder_of_ones_own(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--tasks", "no_such_task_anywhere"], "unknown task(s) no_such_task_anywhere"),
+    pytest.param(["--tasks", "no_such_task_anywhere"], "unknown task(s) no_such_task_anywhere",
+                 marks=pytest.mark.slow),  # loads lm_eval's task index: ~5 s
     (["--tasks", ","], "--tasks needs at least one task name"),
     ([], "eval needs --ppl FILE(s) and/or --tasks"),
 ])
