@@ -509,12 +509,11 @@ def refuse_scales_off_the_stored_grid(model, format: str, dtype: torch.dtype | N
     """A packed file must hold the model that was evaluated: scales the format would round (fp16
     for gptq; the saved dtype for compressed-tensors) are refused with the way to get them right."""
     from . import export
-    from .export.common import quantized_layers as packed_layers
+    from .export.common import quantized_layers, scales_off_grid
     stored = export.require_known_format(format).stored_scale_dtype(dtype or checkpoint_dtype(model))
     if stored in (None, torch.float32):
         return
-    off = [name for name, (_, qw) in packed_layers(model).items()  # GGUF types keep their own scale codes
-           if qw.kind == "uniform" and not torch.equal(qw.scale.to(stored).to(qw.scale.dtype), qw.scale)]
+    off = scales_off_grid(quantized_layers(model), stored)
     if off:
         dt = str(stored).removeprefix("torch.")
         raise CrossblockError(f"{format} stores scales in {dt}, and {len(off)} layer(s) (e.g. {off[0]}) have scales "

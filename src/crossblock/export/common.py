@@ -56,10 +56,17 @@ def check_layers(fmt: str, layers: dict[str, tuple[nn.Module, QuantizedWeight]],
                      has_conv1d=any(is_conv1d(module) for module, _ in members), **kwargs)
 
 
+def scales_off_grid(layers: dict[str, tuple[nn.Module, QuantizedWeight]], dtype: torch.dtype) -> list[str]:
+    """The uniform-grid layers whose scales are not `dtype` values (storing them rounds them);
+    GGUF types keep their own scale codes."""
+    return [name for name, (_, qw) in layers.items()
+            if qw.kind == "uniform" and not torch.equal(qw.scale.to(dtype).to(qw.scale.dtype), qw.scale)]
+
+
 def warn_if_scales_round(fmt: str, layers: dict[str, tuple[nn.Module, QuantizedWeight]], dtype: torch.dtype):
     """The formats store scales in `dtype`; float32 scales off that grid make the checkpoint
     differ (slightly) from the fake-quant model it comes from."""
-    rounded = [name for name, (_, qw) in layers.items() if not torch.equal(qw.scale.to(dtype).float(), qw.scale)]
+    rounded = scales_off_grid(layers, dtype)
     if rounded:
         log.warning("%s stores scales in %s: %d layers (e.g. %s) round their float32 scales, so the "
                     "checkpoint differs slightly from the fake-quant model", fmt, dtype, len(rounded), rounded[0])
