@@ -61,18 +61,19 @@ def check_task_dirs(task_dirs, trust: bool = False) -> None:
         return
     import lm_eval
     installed = Path(lm_eval.__file__).resolve().parent  # lm-eval's own files are its code, trusted
-    files = sorted(f for d in task_dirs for f in Path(d).rglob("*") if f.suffix in (".yaml", ".yml"))
+    files = {f: f.read_text(errors="replace")
+             for d in task_dirs for f in sorted(Path(d).rglob("*")) if f.suffix in (".yaml", ".yml")}
     todo, seen = list(files), set()
     while todo:  # the folder's files and every file they include, wherever it is
         f = todo.pop()
         if f.resolve() in seen or not f.is_file() or installed in f.resolve().parents:
             continue
         seen.add(f.resolve())
-        text = f.read_text(errors="replace")
+        text = files[f] if f in files else f.read_text(errors="replace")
         if "!function" in text:
             raise CrossblockError(f"{f} runs Python from the task folder (a !function tag): {TRUST}")
         todo += [f.parent / inc for inc in INCLUDES.findall(text)]
-    defined = {name: f for f in files for name in DEFINES.findall(f.read_text(errors="replace"))}
+    defined = {name: f for f, text in files.items() for name in DEFINES.findall(text)}
     shadowed = sorted(set(defined) & (builtin_task_names() | set(SHIPPED)))
     if shadowed:
         raise CrossblockError(f"{defined[shadowed[0]]} defines {shadowed[0]!r}, which would replace the task of "
