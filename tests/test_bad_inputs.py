@@ -149,7 +149,7 @@ def test_full_disk_in_safetensors_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 API_CASES = {
-    "calib=None": (dict(calib=None), "calib is required"),
+    "calib=42": (dict(calib=42), "calib must be a text, a list of texts, a Mix"),
     "float ids": (dict(calib=torch.rand(8, 64)), "must be an integer tensor"),
     "ids past the vocabulary": (dict(calib=torch.full((8, 64), 10 ** 6)), "the vocabulary"),
     "negative ids": (dict(calib=torch.full((8, 64), -1)), "the vocabulary"),

@@ -159,9 +159,9 @@ def test_preprocess_rotate_writes_the_rotated_fp_model(tmp_path, capsys, online)
 
 @pytest.mark.parametrize("extra, message", [
     (["--no-cfp"], "nothing to do"),
-    ([], "CFP needs calibration text"),
+    (["--calib", "builtin", "x.txt"], "--calib builtin beside files needs --calib-mix"),
 ])
-def test_preprocess_refuses_nothing_to_do_and_cfp_without_text(tmp_path, capsys, extra, message):
+def test_preprocess_refuses_nothing_to_do_and_a_bad_calibration(tmp_path, capsys, extra, message):
     from crossblock.cli import main
     from conftest import STORIES
     out = tmp_path / "pre"

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from . import output, validate
-from .data.text import calibration_windows, digest, tokenize
+from .data import builtin as builtin_calibration
+from .data.text import Mix, calibration_windows, digest, tokenize
 from .distributed import barrier, is_main, rank_and_size
 from .engine.chains import large_allocations_mapped, trim_heap
 from .engine.checkpoint import read_checkpoint, write_checkpoint
@@ -137,8 +138,12 @@ def print_unquantized(left: list[dict]):
 
 
 def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
-    """Texts (a string or a list of strings) or ready token windows (nsamples, seqlen); `data` is
-    a recipe's data section (nsamples, seqlen, seed)."""
+    """Texts (a string or a list of strings), a Mix of sources in shares, None (the built-in mix) or
+    ready token windows (nsamples, seqlen); `data` is a recipe's data section (nsamples, seqlen, seed)."""
+    if calib is None:
+        calib = builtin_calibration.mix()
+    if isinstance(calib, Mix):
+        return calib.windows(tokenizer, data.nsamples, data.seqlen, data.seed)
     if torch.is_tensor(calib):
         if calib.dim() != 2 or calib.shape[1] < 2:
             raise CrossblockError(f"calibration ids must be (nsamples, seqlen), got {tuple(calib.shape)}")
@@ -147,6 +152,13 @@ def calibration_ids(tokenizer, calib, data) -> torch.Tensor:
     # windows are drawn from (at least) 16 times the tokens they hold: a huge file is not tokenized whole
     ids = tokenize(tokenizer, text, enough=16 * data.nsamples * data.seqlen)
     return calibration_windows(ids, data.nsamples, data.seqlen, data.seed)
+
+
+def calibration_mix(calib, nsamples: int) -> dict:
+    """The sources of a mixed calibration, for crossblock.json (nothing for plain texts or ids)."""
+    if calib is None:
+        calib = builtin_calibration.mix()
+    return {"sources": calib.summary(nsamples)} if isinstance(calib, Mix) else {}
 
 
 def fingerprint(model, recipe: Recipe, ids: torch.Tensor, sums: dict | None = None, precision: str | None = None) -> str:
@@ -204,7 +216,7 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     return dataclasses.replace(recipe, grid=dataclasses.replace(grid, scale_dtype=str(stored).removeprefix("torch.")))
 
 
-def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None, progress: bool = True,
+def quantize(model, tokenizer, recipe: Recipe, calib=None, device: str | None = None, progress: bool = True,
              checkpoint_dir: str | Path | None = None, offload: str = "ram", format: str = "fake",
              save_dtype: torch.dtype | None = None, on_window=None, stream=None):
     """Quantize `model` in place with `recipe`'s stages, in order; returns (model, report).
@@ -266,7 +278,8 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
               **({"recipe_chosen_by": recipe.chosen_by} if recipe.chosen_by else {}),
               **({"auto": auto} if auto else {}),
               "versions": versions(),
-              "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
+              "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids),
+                              **calibration_mix(calib, ids.shape[0])},
               "device": str(device),
               "precision": {"asked": recipe.precision, "used": precision, "why": why},
               "ranks": rank_and_size()[1],
@@ -306,7 +319,8 @@ def choose_schedule(recipe: Recipe, model, tokenizer, ids, device, progress):
 def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: str = "fake",
                     dtype: str = "float32", save_dtype: str = "auto", device: str | None = None,
                     overwrite: bool = False, resume: bool = False, offload: str = "ram",
-                    progress: bool = True, trust_remote_code: bool = False, low_memory: bool | None = None) -> dict:
+                    progress: bool = True, trust_remote_code: bool = False, low_memory: bool | None = None,
+                    calib_mix=None) -> dict:
     """The whole `crossblock quantize` job: load, quantize with a checkpoint after every window,
     write `out` (complete or absent), return the report ({} on data-parallel ranks other than 0,
     and for a `resume` that finds `out` already complete). Under torchrun every rank computes and
@@ -316,15 +330,15 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     with host RAM for a window of blocks rather than the model); None chooses it when the weights
     exceed half the available RAM, and says so."""
     from . import stream as streaming
-    from .data.text import read_texts
+    from .data.text import calibration_source
 
     # every check that can fail runs before the long part
     recipe = recipe.validated()
     out = Path(out)
-    needed = [model_path, *calib_files]
+    calib, calib_names = calibration_source(calib_files, calib_mix)
+    needed = [model_path, *(c for c in calib_names if c != builtin_calibration.NAME)]
     output.check_output(out, overwrite, needed=needed, resume=resume)
     stored = None if save_dtype == "auto" else validate.parse_dtype(save_dtype, "save dtype")
-    calib = read_texts(calib_files)
     low_memory = streaming.resumed_path(out, resume, low_memory)
     low_memory = streaming.choose(model_path, low_memory, dtype, quiet=not is_main())
     # low memory: freed weight-sized temporaries go back to the OS at once (engine/chains.py)
@@ -358,7 +372,7 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
             model, report = quantize(model, tokenizer, recipe, calib, progress=progress, checkpoint_dir=work, **run)
             barrier()  # every rank has written its last checkpoint before the folder is renamed
             report["model"] = str(model_path)
-            report["calibration"]["files"] = [str(c) for c in calib_files]
+            report["calibration"]["files"] = [str(c) for c in calib_names]
             if low_memory:
                 write_streamed_folder(run["stream"], tokenizer, work, format, report)
             else:
@@ -374,18 +388,16 @@ def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, wei
     None) and then CFP (unless `cfp` is False) to `out`. CFP writes cfp.json; a rotation writes
     the folder as the fake format does: a plain transformers model (a run-time down_proj
     rotation is folded into its weight) whose crossblock.json records the rotation."""
-    from .data.text import read_texts
+    from .data.text import calibration_source
     from .export.common import save_folder
     from .preprocess import cfp as run_cfp
     from .recipe import Data
 
     if not cfp and rotate is None:
         raise CrossblockError("preprocess has nothing to do: CFP is off and no rotation was asked for")
-    if cfp and not calib_files:
-        raise CrossblockError("CFP needs calibration text: pass --calib FILE (or --no-cfp with --rotate)")
     data = (data or Data()).validated()
-    output.check_output(out, overwrite, needed=[model_path, calib_files or []])
-    calib = read_texts(calib_files) if cfp else None
+    calib, calib_names = calibration_source(calib_files) if cfp else (None, [])
+    output.check_output(out, overwrite, needed=[model_path, *(c for c in calib_names if c != builtin_calibration.NAME)])
     model, tokenizer = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
     refuse_unmatched_skip(model, skip)
     check_weights_finite(model)
@@ -397,7 +409,8 @@ def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, wei
         ids = calibration_ids(tokenizer, calib, data)
         found = run_cfp(model, ids, alpha, weights, data.batch_size, list(skip), device or default_device(), progress)
         info.update({"cfp_alpha": alpha, "cfp_weights": weights, "skip": list(skip),
-                     "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids)},
+                     "calibration": {"nsamples": ids.shape[0], "seqlen": ids.shape[1], "sha256": digest(ids),
+                                     "files": calib_names, **calibration_mix(calib, ids.shape[0])},
                      "cfp": found})
     with staged_dir(out) as tmp:
         if rotate is not None:

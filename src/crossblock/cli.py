@@ -83,7 +83,7 @@ def cmd_quantize(args):
                                  dtype=args.dtype, save_dtype=args.save_dtype, device=args.device,
                                  overwrite=args.overwrite, resume=args.resume, offload=args.offload,
                                  progress=not args.quiet, trust_remote_code=args.trust_remote_code,
-                                 low_memory=args.low_memory)
+                                 low_memory=args.low_memory, calib_mix=args.calib_mix)
     if not report:  # a data-parallel rank other than 0, or a resumed run that was already complete
         return
     if report.get("auto"):
@@ -185,7 +185,7 @@ def cmd_plan(args):
 
 def cmd_compare(args):
     from .compare import compare, compare_table
-    from .data.text import read_texts
+    from .data.text import calibration_source
 
     recipes = [recipe_from_args(args, name) for name in args.recipe.split(",") if name]
     if not recipes:
@@ -194,7 +194,7 @@ def cmd_compare(args):
     if any(isinstance(r, AutoRecipe) for r in recipes):  # it would compare on a prefix of the cut model
         raise CrossblockError("compare cannot run auto: auto is itself a comparison (of block, la, mb, cbq on a "
                               "prefix); compare those directly, e.g. --recipe block,la,mb,cbq")
-    rows = compare(args.model, recipes, read_texts(args.calib), args.blocks, args.device, progress=not args.quiet,
+    rows = compare(args.model, recipes, calibration_source(args.calib)[0], args.blocks, args.device, progress=not args.quiet,
                    trust_remote_code=args.trust_remote_code)
     print(compare_table(rows))
 
@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write an HF folder")
     q.add_argument("--model", required=True, help="a local HF folder or a hub id")
-    q.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
+    q.add_argument("--calib", nargs="+", default=None, help="calibration text: files, folders of .txt files, or builtin (the built-in mixed set, the default)")
+    q.add_argument("--calib-mix", nargs="+", type=float, default=None, metavar="WEIGHT",
+                   help="one weight per --calib entry: each entry gives that share of the calibration windows")
     q.add_argument("--out", required=True)
     q.add_argument("--format", choices=FORMAT_NAMES, default="fake")
     q.add_argument("--dtype", default="float32", help="dtype to load and compute in (default float32)")
@@ -237,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("preprocess", help="write the FP model after CBQ's coarse-to-fine preprocessing (CFP) "
                         "and/or QuaRot-style rotations (--rotate), for crossblock or other tools")
     pp.add_argument("--model", required=True, help="a local HF folder or a hub id")
-    pp.add_argument("--calib", nargs="+", default=None, help="calibration text file(s) (needed by CFP)")
+    pp.add_argument("--calib", nargs="+", default=None, help="calibration text: files, folders of .txt files, or builtin (the built-in mixed set, the default)")
     pp.add_argument("--cfp", action=argparse.BooleanOptionalAction, default=True,
                     help="run CFP (default on; --no-cfp with --rotate writes the rotated model only)")
     pp.add_argument("--rotate", action="store_true", help="rotate the hidden spaces first (Hadamard, as the rotate stage)")
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="rank recipes by last-block output error, cheaply (a prefix of the model)")
     c.add_argument("--model", required=True, help="a local HF folder or a hub id")
-    c.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
+    c.add_argument("--calib", nargs="+", default=None, help="calibration text: files, folders of .txt files, or builtin (the built-in mixed set, the default)")
     c.add_argument("--blocks", type=int, default=None, help="quantize only the first N blocks (default: all)")
     c.add_argument("--device", default=None)
     c.add_argument("--quiet", action="store_true")

@@ -62,9 +62,11 @@ def check_task_options(limit, num_fewshot, batch_size):
 
 
 def check_calib(calib, vocab_size: int | None):
-    """Texts, or integer token ids inside the vocabulary; never None or float tensors."""
-    if calib is None:
-        raise CrossblockError("calib is required: a text, a list of texts, or a (nsamples, seqlen) tensor of token ids")
+    """Texts, a Mix, None (the built-in set), or integer token ids inside the vocabulary; never float tensors."""
+    from .data.text import Mix
+
+    if calib is None or isinstance(calib, Mix):
+        return
     if torch.is_tensor(calib):
         if calib.is_floating_point() or calib.is_complex() or calib.dtype == torch.bool:
             raise CrossblockError(f"calibration ids must be an integer tensor, got {calib.dtype}")
@@ -75,7 +77,7 @@ def check_calib(calib, vocab_size: int | None):
         if not calib or not all(isinstance(t, str) for t in calib):
             raise CrossblockError("calib as a list must hold texts (strings)")
     elif not isinstance(calib, str):
-        raise CrossblockError(f"calib must be a text, a list of texts or a tensor of token ids, "
+        raise CrossblockError(f"calib must be a text, a list of texts, a Mix, None (the built-in set) or a tensor of token ids, "
                               f"not {type(calib).__name__}")
 
 

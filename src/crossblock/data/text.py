@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,39 @@ def read_texts(paths) -> str:
         except UnicodeDecodeError as e:
             raise CrossblockError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return "\n\n".join(texts)
+
+
+def text_files(entry) -> list[Path]:
+    """A file, or a folder's *.txt files (sorted by name)."""
+    p = Path(entry)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.txt") if f.is_file())
+        if not files:
+            raise CrossblockError(f"calibration folder {p} holds no .txt files")
+        return files
+    return [p]
+
+
+def calibration_source(entries=None, weights=None):
+    """What `--calib` and `--calib-mix` name -> (calib for api.quantize, the sources' names).
+    No entries: the built-in set. Files and folders alone are joined into one text, as they always were;
+    with `weights` (one per entry) every entry is a source of its own share; `builtin` is the built-in set."""
+    from . import builtin
+
+    entries = list(entries or [builtin.NAME])
+    if weights is not None and len(weights) != len(entries):
+        raise CrossblockError(f"--calib-mix needs one weight per --calib entry: {len(entries)} entries, "
+                              f"{len(weights)} weights")
+    if weights is None and builtin.NAME not in entries:
+        return read_texts([f for e in entries for f in text_files(e)]), entries
+    if weights is None:
+        if entries != [builtin.NAME]:
+            raise CrossblockError("--calib builtin beside files needs --calib-mix (one weight per --calib entry), "
+                                  "e.g. --calib builtin my.txt --calib-mix 0.5 0.5")
+        weights = [1.0]
+    parts = [builtin.mix(w) if e == builtin.NAME else Mix([(str(e), read_texts(text_files(e)), w)])
+             for e, w in zip(entries, weights)]
+    return sum(parts[1:], parts[0]), entries
 
 
 WHOLE_CHARS = 2_000_000  # texts up to this size are tokenized in one call, as they always were
@@ -54,6 +88,55 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+@dataclass
+class Mix:
+    """Calibration text from several sources in fixed shares: `parts` holds (name, text, weight).
+    Each source gives round(weight / total * nsamples) windows (largest remainders), drawn from its own
+    tokens so no window straddles two sources; the rows are then shuffled (seeded), so held-out rows
+    (the finetune's) come from every source."""
+    parts: list[tuple[str, str, float]]
+
+    def __post_init__(self):
+        if not self.parts:
+            raise CrossblockError("a calibration mix needs at least one source")
+        for name, text, weight in self.parts:
+            if not isinstance(text, str):
+                raise CrossblockError(f"calibration source {name}: the text must be a string")
+            if not weight >= 0 or weight == float("inf"):
+                raise CrossblockError(f"calibration source {name}: weight must be a finite number >= 0, got {weight}")
+        if not sum(w for _, _, w in self.parts) > 0:
+            raise CrossblockError("a calibration mix needs a source with a weight above 0")
+
+    def __add__(self, other: "Mix") -> "Mix":
+        return Mix(self.parts + other.parts)
+
+    def shares(self, nsamples: int) -> list[int]:
+        total = sum(w for _, _, w in self.parts)
+        exact = [w / total * nsamples for _, _, w in self.parts]
+        counts = [int(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+        for i in by_remainder[:nsamples - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def windows(self, tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+        rows = []
+        for i, ((name, text, _), count) in enumerate(zip(self.parts, self.shares(nsamples))):
+            if count:
+                try:
+                    ids = tokenize(tokenizer, text, enough=16 * count * seqlen)
+                    rows.append(calibration_windows(ids, count, seqlen, seed + i))
+                except CrossblockError as e:
+                    raise CrossblockError(f"calibration source {name}: {e}") from None
+        rows = torch.cat(rows)
+        return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+
+    def summary(self, nsamples: int) -> list[dict]:
+        """What crossblock.json records: each source's name, weight and number of windows."""
+        return [{"source": name, "weight": round(w, 6), "windows": n}
+                for (name, _, w), n in zip(self.parts, self.shares(nsamples))]
 
 
 def digest(ids: torch.Tensor) -> str:
