@@ -50,9 +50,25 @@ def prepare_model():
 def evaluate(model_dir, args, log, text=TEST) -> float:
     cmd = [BIN / "crossblock", "eval", "--model", model_dir, "--ppl", text, "--seqlen", args.seqlen,
            "--max-windows", args.eval_windows, "--quiet", "--tokenizer", args.model]
+    if args.kl:  # against FP on the same windows: KL(FP || Q) and top-1 agreement beside perplexity
+        cmd += ["--reference", args.model, "--json"]
     sh(cmd, log)
     last = Path(log).read_text().strip().splitlines()[-1]
+    if args.kl:
+        figures = json.loads(last)
+        args.figures[Path(text).name] = {"kl": figures["kl"], "top1": figures["top1"]}
+        return figures["ppl"]
     return float(last.split()[-1])
+
+
+def scored(args, result: dict) -> dict:
+    """The KL / top-1 figures of the evaluations just run, added to a row (with --kl)."""
+    if args.kl:
+        for key, text in (("", TEST), ("_tinystories", SECOND)):
+            if text.name in args.figures:
+                result.update({f"kl{key}": args.figures[text.name]["kl"], f"top1{key}": args.figures[text.name]["top1"]})
+        args.figures.clear()
+    return result
 
 
 def calib_tokens(args, path):
@@ -79,6 +95,11 @@ def run_row(row, args, work, log):
     if getattr(args, "abits", 16) < 16:
         common += ["--abits", args.abits]
     if preset == "fp":
+        if args.kl:
+            return {"row": name, "ppl": evaluate(args.model, args, log), "command": "(full precision)",
+                    "kl": 0.0, "top1": 1.0,
+                    **({"ppl_tinystories": evaluate(args.model, args, log, SECOND), "kl_tinystories": 0.0,
+                        "top1_tinystories": 1.0} if args.second_text else {})}
         return {"row": name, "ppl": evaluate(args.model, args, log), "command": "(full precision)",
                 **({"ppl_tinystories": evaluate(args.model, args, log, SECOND)} if args.second_text else {})}
     if preset == "autoround":
@@ -102,8 +123,8 @@ def run_row(row, args, work, log):
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
     second = {"ppl_tinystories": evaluate(out, args, log, SECOND)} if args.second_text else {}
-    return {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss,
-            "commit": commit, "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")}
+    return scored(args, {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss,
+                         "commit": commit, "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")})
 
 
 def portable(command: str) -> str:
@@ -122,12 +143,27 @@ def write_table(jsonl: Path, args):
              f"(`wiki.test.raw`, first {args.eval_windows} windows of {args.seqlen} tokens), calibration "
              f"{args.nsamples} x {args.seqlen} tokens from `wiki.valid.tokens` (seed {args.seed}), "
              f"{args.iters} steps per window, batch {args.batch_size}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}.",
-             "", "| row | ppl | gap to FP | TinyStories ppl | wall s | peak RSS MiB |", "|---|---|---|---|---|---|"]
+             ""]
+    kl = any("kl" in r for r in rows)
+    if kl:
+        lines += ["KL = mean KL(FP || quantized) per token, top-1 = agreement of the argmax with FP's, on the same "
+                  "windows as the perplexity (`crossblock eval --reference`).", "",
+                  "| row | ppl | gap to FP | KL | top-1 | TinyStories ppl | KL | top-1 | wall s | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| row | ppl | gap to FP | TinyStories ppl | wall s | peak RSS MiB |", "|---|---|---|---|---|---|"]
     for r in rows:
         gap = f"{r['ppl'] - fp:.2f}" if fp is not None else "-"
         second = f"{r['ppl_tinystories']:.2f}" if "ppl_tinystories" in r else "-"
-        lines.append(f"| {r['row']} | {r['ppl']:.2f} | {gap} | {second} | {r.get('wall_s', '-')} | "
-                     f"{r.get('peak_rss_mib', '-')} |")
+        if kl:
+            def f(key, fmt):
+                return format(r[key], fmt) if key in r else "-"
+            lines.append(f"| {r['row']} | {r['ppl']:.2f} | {gap} | {f('kl', '.4f')} | {f('top1', '.4f')} | {second} | "
+                         f"{f('kl_tinystories', '.4f')} | {f('top1_tinystories', '.4f')} | {r.get('wall_s', '-')} | "
+                         f"{r.get('peak_rss_mib', '-')} |")
+        else:
+            lines.append(f"| {r['row']} | {r['ppl']:.2f} | {gap} | {second} | {r.get('wall_s', '-')} | "
+                         f"{r.get('peak_rss_mib', '-')} |")
     lines += ["", "Commands, from the repository root (`$SMOLLM2` = the folder prepare.py prints, "
               "`$CROSSBLOCK_SHARED` = ../shared):", ""]
     lines += [f"- {r['row']}" + (f" (commit {r['commit']})" if r.get("commit") else "") + f": `{portable(r['command'])}`"
@@ -147,7 +183,9 @@ def main():
                           ("batch-size", 8), ("seed", 0), ("eval-windows", 40), ("abits", 16)]:
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--second-text", action="store_true", help=f"also evaluate on {SECOND.name} (TinyStories)")
+    p.add_argument("--kl", action="store_true", help="also KL(FP || Q) and top-1 agreement against FP (eval --reference)")
     args = p.parse_args()
+    args.figures = {}
     args.model = args.model or prepare_model()
     work = ROOT / "bench" / "work" / args.name
     work.mkdir(parents=True, exist_ok=True)
