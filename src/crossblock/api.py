@@ -373,11 +373,38 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
             barrier()  # every rank has written its last checkpoint before the folder is renamed
             report["model"] = str(model_path)
             report["calibration"]["files"] = [str(c) for c in calib_names]
+            report["quality"] = {"skipped": "low-memory run: the FP model is not loaded a second time"} \
+                if low_memory else held_out_quality(model, model_path, tokenizer, calib, recipe.data, dtype,
+                                                    trust_remote_code)
             if low_memory:
                 write_streamed_folder(run["stream"], tokenizer, work, format, report)
             else:
                 write_folder(model, tokenizer, work, format, report, stored)
         return report
+
+
+QUALITY_ROWS = 4  # (at most) windows of the calibration text scored against FP at save time
+
+
+def held_out_quality(model, model_path, tokenizer, calib, data, dtype: str, trust_remote_code: bool = False) -> dict:
+    """KL(FP || quantized) per token, top-1 agreement and both perplexities on up to QUALITY_ROWS windows of
+    the calibration text drawn with seed + 1 (windows the run did not draw; with a short text they
+    may overlap its windows): crossblock.json's `quality`, and the model card's."""
+    from dataclasses import replace
+
+    from .eval.perplexity import against_reference
+
+    rows = min(QUALITY_ROWS, data.nsamples)  # a text that held nsamples windows holds these
+    held = calibration_ids(tokenizer, calib, replace(data, nsamples=rows, seed=data.seed + 1))
+    reference, _ = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    reference.to(next(model.parameters()).device)
+    training = model.training
+    model.eval()
+    figures = against_reference(model, reference, held.flatten(), held.shape[1], progress=False)
+    model.train(training)
+    del reference
+    return {**{k: round(v, 6) for k, v in figures.items() if k != "tokens"}, "tokens": figures["tokens"],
+            "windows": f"{rows} x {held.shape[1]} calibration tokens, seed {data.seed + 1}"}
 
 
 def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, weights: bool = False, data=None,

@@ -98,6 +98,13 @@ def card(folder: Path, info: dict) -> str:
         last = blocks[-1]
         rtn = f" (RTN: {last['rtn']['rel_mse']:.4g})" if "rtn" in last else ""
         rows.append(("last block's output error vs FP", f"relative MSE {last['rel_mse']:.4g}{rtn}"))
+    quality = info.get("quality") or {}
+    if "kl" in quality:
+        rows.append(("held-out calibration text vs FP", f"KL(FP‖Q) {quality['kl']:.4g} nats per token, top-1 agreement "
+                     f"{quality['top1']:.2%}, perplexity {quality['ppl']:.4g} (FP {quality['ppl_reference']:.4g}) "
+                     f"on {quality['windows']}"))
+    elif "skipped" in quality:
+        rows.append(("held-out calibration text vs FP", f"skipped: {quality['skipped']}"))
     check = info.get("save_check") or {}
     if "max_rel_logit_diff" in check:
         rows.append(("save check", f"this folder read back gives the quantized model's logits to "
