@@ -26,6 +26,7 @@ import torch
 from . import output, validate
 from .data.text import calibration_windows, digest, tokenize
 from .distributed import barrier, is_main, rank_and_size
+from .engine.blocks import InMemoryBlocks
 from .engine.chains import large_allocations_mapped, trim_heap
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
@@ -228,8 +229,8 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     (default: CUDA when present) one window at a time.
 
     `stream` (the low-memory path of `quantize_folder`): `model` is a skeleton on the meta device
-    and a stream.BlockStream reads and writes its blocks; the weights end up in its spill files,
-    not in `model`.
+    and a stream.BlockStream, the store its blocks live in (engine/blocks.py; without it, in
+    memory), reads and writes them; the weights end up in its spill files, not in `model`.
     """
     t0 = time.time()
     recipe = as_recipe(recipe)
@@ -244,8 +245,9 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     model.eval().requires_grad_(False)
     recipe, prefix_state, auto = choose_schedule(recipe, model, tokenizer, ids, device, progress)
     precision, why = resolve_precision(recipe.precision, device)
+    blocks = stream or InMemoryBlocks(find_blocks(model)[1])  # where the blocks live (engine/blocks.py)
     job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
-              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, stream=stream,
+              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, blocks=blocks,
               precision=precision)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
