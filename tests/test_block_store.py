@@ -92,8 +92,12 @@ class Streamed(BlockStore):
     asked_by = "--toy-store"
 
 
-def test_a_store_without_the_whole_model_refuses_a_stage_that_needs_it():
-    model, _ = load_stories()
+def test_a_store_without_the_whole_model_refuses_a_stage_that_needs_it(monkeypatch):
+    model, tok = load_stories()
+    monkeypatch.setattr(api, "check_weights_finite", lambda model: pytest.fail("worked first"))
+    with pytest.raises(CrossblockError, match="^--toy-store cannot run the finetune stage"):
+        cb.quantize(model, tok, cb.Recipe.preset("block", group_size=32, finetune_steps=2),
+                    calib=CALIB_FILE.read_text(), device="cpu", stream=Streamed())
     with pytest.raises(CrossblockError) as e:
         with Streamed().whole_model(model, Finetune(), "cpu"):
             pytest.fail("ran")

@@ -237,6 +237,9 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
     recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
+    blocks = stream or InMemoryBlocks(find_blocks(model)[1])  # where the blocks live (engine/blocks.py)
+    for stage in recipe.stages:  # a stage the store cannot run (one needing the whole model), before any work
+        blocks.admit(stage)
     from . import stream as streaming
     sums = streaming.weight_sums(model) if stream else check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, recipe.data)
@@ -245,14 +248,13 @@ def quantize(model, tokenizer, recipe: Recipe, calib, device: str | None = None,
     model.eval().requires_grad_(False)
     recipe, prefix_state, auto = choose_schedule(recipe, model, tokenizer, ids, device, progress)
     precision, why = resolve_precision(recipe.precision, device)
-    blocks = stream or InMemoryBlocks(find_blocks(model)[1])  # where the blocks live (engine/blocks.py)
     job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
               progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, blocks=blocks,
               precision=precision)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         key = job.fingerprint = fingerprint(model, recipe, ids, sums, precision)
-        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None) or job.resume
+        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=not blocks.holds_whole_model) or job.resume
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)
     if on_window is not None:

@@ -115,7 +115,7 @@ def refuse_unsupported(recipe, format: str, model):
     if getattr(recipe, "choose", None) is not None:  # auto.AutoRecipe: compares schedules on a copy of the model
         raise CrossblockError("--low-memory cannot run --recipe auto: it compares schedules on a copy of the "
                               "model's first blocks (name a recipe, or run without --low-memory)")
-    for stage in recipe.stages:  # what the run would refuse when the stage asks for the whole model
+    for stage in recipe.stages:  # the store's own check (BlockStore.admit), before any work
         BlockStream.admit(stage)
     if format not in FORMATS:
         raise CrossblockError(f"--low-memory writes {', '.join(FORMATS)}, not {format} (it needs the whole model)")

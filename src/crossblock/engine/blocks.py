@@ -12,8 +12,8 @@ back after (`leave`); it never knows where the block was. Two stores:
 
 A stage that reads or changes every block at once declares `needs_whole_model` and asks the store
 for the whole model (`whole_model`); `admit` is the one check of that declaration, and a store
-that never holds every block refuses such a stage there (`stream.refuse_unsupported` asks it
-before any work).
+that never holds every block refuses such a stage there (api.quantize asks it for every stage
+before any work, `stream.refuse_unsupported` before even loading the model).
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ STAGES = Registry("stage")
 
 class Stage(Config):
     quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
-    needs_whole_model = False  # whether it reads or changes every block at once: it then runs inside
-                               # job.blocks.whole_model, which a store that streams blocks refuses
+    needs_whole_model = False  # whether it reads or changes every block at once (a store that streams
+                               # blocks refuses it: BlockStore.admit; finetune asks job.blocks.whole_model)
 
     def run(self, model, job: "Job"):
         raise NotImplementedError
