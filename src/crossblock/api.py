@@ -27,6 +27,7 @@ from . import output, validate
 from .data import builtin as builtin_calibration
 from .data.text import Mix, calibration_windows, digest, tokenize
 from .distributed import barrier, is_main, rank_and_size
+from .engine.blocks import InMemoryBlocks
 from .engine.chains import large_allocations_mapped, trim_heap
 from .engine.checkpoint import read_checkpoint, write_checkpoint
 from .errors import CrossblockError
@@ -240,14 +241,17 @@ def quantize(model, tokenizer, recipe: Recipe, calib=None, device: str | None = 
     (default: CUDA when present) one window at a time.
 
     `stream` (the low-memory path of `quantize_folder`): `model` is a skeleton on the meta device
-    and a stream.BlockStream reads and writes its blocks; the weights end up in its spill files,
-    not in `model`.
+    and a stream.BlockStream, the store its blocks live in (engine/blocks.py; without it, in
+    memory), reads and writes them; the weights end up in its spill files, not in `model`.
     """
     t0 = time.time()
     recipe = as_recipe(recipe)
     validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
     recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
+    blocks = stream or InMemoryBlocks(find_blocks(model)[1])  # where the blocks live (engine/blocks.py)
+    for stage in recipe.stages:  # a stage the store cannot run (one needing the whole model), before any work
+        blocks.admit(stage)
     from . import stream as streaming
     sums = streaming.weight_sums(model) if stream else check_weights_finite(model)
     ids = calibration_ids(tokenizer, calib, recipe.data)
@@ -257,12 +261,12 @@ def quantize(model, tokenizer, recipe: Recipe, calib=None, device: str | None = 
     recipe, prefix_state, auto = choose_schedule(recipe, model, tokenizer, ids, device, progress)
     precision, why = resolve_precision(recipe.precision, device)
     job = Job(ids, recipe.data, recipe.grid, recipe.activations, list(recipe.skip), device=device,
-              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, stream=stream,
+              progress=progress, offload=offload, checkpoint_dir=checkpoint_dir, resume=prefix_state, blocks=blocks,
               precision=precision)
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
         key = job.fingerprint = fingerprint(model, recipe, ids, sums, precision)
-        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=stream is not None) or job.resume
+        job.resume = read_checkpoint(Path(checkpoint_dir), key, lazy=not blocks.holds_whole_model) or job.resume
         on_disk: set[int] = set()
         job.on_window = lambda state: write_checkpoint(Path(checkpoint_dir), state, key, on_disk)
     if on_window is not None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .engine.blocks import BlockStore
 from .engine.chains import trim_heap
 from .spill import Mapped, open_block_spill, open_spill, save_block_spill, save_spill, streamed_safetensors
 from .errors import CrossblockError
@@ -114,11 +115,8 @@ def refuse_unsupported(recipe, format: str, model):
     if getattr(recipe, "choose", None) is not None:  # auto.AutoRecipe: compares schedules on a copy of the model
         raise CrossblockError("--low-memory cannot run --recipe auto: it compares schedules on a copy of the "
                               "model's first blocks (name a recipe, or run without --low-memory)")
-    for stage in recipe.stages:
-        name = stage.kind_name
-        if stage.needs_whole_model:
-            raise CrossblockError(f"--low-memory cannot run the {name} stage: it needs the whole model in memory "
-                                  f"(run without --low-memory, or drop {name} from the recipe)")
+    for stage in recipe.stages:  # the store's own check (BlockStore.admit), before any work
+        BlockStream.admit(stage)
     if format not in FORMATS:
         raise CrossblockError(f"--low-memory writes {', '.join(FORMATS)}, not {format} (it needs the whole model)")
     if recipe.grid.kind_name != "uniform":
@@ -214,10 +212,13 @@ def weight_sums(model, rows: int = 1024) -> dict[str, tuple[tuple, float]]:
 
 
 # -- the blocks: read when a window needs them, written and dropped when frozen ------------------
-class BlockStream:
-    """The window engine's hook (engine/reconstruct.py): `load(j)` before block j joins a window,
-    `finish(j)` once it is frozen and checkpointed. Also reads the non-block weights for the
-    capture of the block-0 inputs, and writes the output folder (`write_folder`)."""
+class BlockStream(BlockStore):
+    """The low-memory path's block store (engine/blocks.py): `fetch(j)` reads block j from the
+    shards (`load`) if it is on meta, `leave(j, finished=True)` writes the frozen block to its spill
+    file and drops it (`finish`). Also reads the non-block weights for the capture of the block-0
+    inputs (`before_blocks`), and writes the output folder (`write_folder`)."""
+    holds_whole_model = False
+    asked_by = "--low-memory"
 
     def __init__(self, model, folder, format: str, save_dtype: torch.dtype, skip=(), main: bool = True):
         from .model.adapter import find_blocks
@@ -230,6 +231,17 @@ class BlockStream:
         self.info: dict[int, dict] = {}  # per finished block: act quantizers, unquantized weights, layer settings
         if main:
             self.spill.mkdir(parents=True, exist_ok=True)
+
+    def fetch(self, j: int):
+        if self.on_meta(j):
+            self.load(j)
+
+    def leave(self, j: int, finished: bool) -> bool:
+        if finished:
+            self.finish(j)
+        else:
+            self.blocks[j].to("cpu")
+        return finished
 
     def on_meta(self, j: int) -> bool:
         return any(t.device.type == "meta" for t in self.blocks[j].state_dict().values())

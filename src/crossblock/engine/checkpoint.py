@@ -46,8 +46,9 @@ class EngineState:
     next_window: int
     layers: dict[str, dict[str, torch.Tensor]]  # "block.name" -> QuantLinear.checkpoint_state()
     report: dict
-    # low-memory path: finished blocks whose layers are only in their block files (not in `layers`),
-    # and how to read one of them when the block is needed again
+    # finished blocks whose layers are only in their block files (not in `layers`): those the block
+    # store dropped (engine/blocks.py), or all of them in a `lazy` read; and how to read one of them
+    # when the block is needed again
     released: list[int] = field(default_factory=list)
     read_block: Callable[[int], dict] | None = None
 
@@ -153,8 +154,9 @@ def read_fingerprint(path: Path) -> str | None:
 
 
 def read_checkpoint(folder: Path, fingerprint: str, lazy: bool = False) -> EngineState | None:
-    """The state to continue from; `lazy` (low-memory path): finished blocks' layers are read
-    only when the engine needs the block (`EngineState.read_block`), not all at once."""
+    """The state to continue from; `lazy` (the low-memory path, whose store drops finished
+    blocks): finished blocks' layers are read only when the engine needs the block
+    (`EngineState.read_block`), not all at once."""
     path = checkpoint_path(folder)
     if not path.is_file():
         return None

@@ -23,6 +23,7 @@ from ..quant.act import act_quantizer, observing
 from ..quant.experts import ExpertInputs, QuantExperts, QuantExpertWeight
 from ..quant.linear import QuantLinear, weight_of
 from ..roundings import Nearest
+from .blocks import BlockStore, InMemoryBlocks
 from .chains import ChainStore, trim_heap
 from .checkpoint import EngineState, block_of
 from ..distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
@@ -74,17 +75,18 @@ def window_loss(out: torch.Tensor, target: torch.Tensor, train) -> torch.Tensor:
 
 
 class WindowEngine:
-    def __init__(self, blocks: nn.ModuleList, calls: list[BlockCall], stage, grid, activations, data,
+    def __init__(self, blocks: BlockStore | nn.ModuleList, calls: list[BlockCall], stage, grid, activations, data,
                  skip: list[str] = (), device: torch.device | str = "cpu", progress: bool = True,
-                 num_sequences: int | None = None, store: ChainStore | None = None, stream=None, prefix: str = "",
+                 num_sequences: int | None = None, store: ChainStore | None = None, prefix: str = "",
                  precision: str = "fp32"):
-        """`stage`: the windows stage's settings (schedule, init, train); `grid`, `activations`,
-        `data`: the recipe's sections; `skip`: patterns of layers left in full precision, matched
-        against the full names under `prefix`, the blocks' name in the model (adapter.is_skipped);
-        `stream`: the low-memory path's BlockStream (stream.py), which reads a block from disk
-        when a window needs it and writes and drops it once it is frozen; `precision`: bf16
-        (blocks run under autocast) or fp32, as precision.resolve gave it."""
-        self.blocks, self.calls = blocks, calls
+        """`blocks`: where the decoder blocks live (engine/blocks.py; a plain ModuleList: in
+        memory); `stage`: the windows stage's settings (schedule, init, train); `grid`,
+        `activations`, `data`: the recipe's sections; `skip`: patterns of layers left in full
+        precision, matched against the full names under `prefix`, the blocks' name in the model
+        (adapter.is_skipped); `store`: where the activation chains live (engine/chains.py);
+        `precision`: bf16 (blocks run under autocast) or fp32, as precision.resolve gave it."""
+        self.block_store = blocks if isinstance(blocks, BlockStore) else InMemoryBlocks(blocks)
+        self.blocks, self.calls = self.block_store.blocks, calls
         self.stage, self.train_cfg, self.grid, self.acts, self.skip = stage, stage.train, grid, activations, skip
         self.prefix = prefix
         self.batch_size, self.seed = data.batch_size, data.seed
@@ -94,15 +96,12 @@ class WindowEngine:
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
         self.device = torch.device(device)
         self.precision = precision
-        # where each block lives between its windows (the user's placement, usually the CPU)
-        self.stream = stream
-        self.home = [torch.device("cpu") if stream else next(b.parameters()).device for b in blocks]
-        self.released: set[int] = set()  # low-memory: finished blocks written out and back on meta
-        self.pending: dict[int, dict] = {}  # low-memory resume: checkpointed layers of blocks not yet read
-        self.read_block = None  # low-memory resume: reads a finished block's layers from its block file
-        self.dtype = [next(b.parameters()).dtype for b in blocks]  # the model's, before wrapping
+        self.released: set[int] = set()  # finished blocks the store dropped: their layers are in their block files
+        self.pending: dict[int, dict] = {}  # resume: checkpointed layers of blocks not fetched yet
+        self.read_block = None  # resume: reads a finished block's layers from its checkpoint block file
+        self.dtype = [next(b.parameters()).dtype for b in self.blocks]  # the model's, before wrapping
         self.progress = progress
-        self.schedule = make_schedule(len(blocks), stage.window, stage.stride, stage.lookahead)
+        self.schedule = make_schedule(len(self.blocks), stage.window, stage.stride, stage.lookahead)
         self.report: dict = {"windows": [], "blocks": []}
 
     # -- running blocks ------------------------------------------------------------------------
@@ -348,24 +347,17 @@ class WindowEngine:
         first = 0
         if resume is not None:
             self.report, first = resume.report, resume.next_window
-            if self.stream is None:
-                wrapped = self.restore_layers(resume.layers)
-            else:  # each block's layers are restored when it is read from disk (fetch)
-                for key, state in resume.layers.items():
-                    self.pending.setdefault(block_of(key), {})[key] = state
-                self.read_block = resume.read_block
-                self.released = set(resume.released)
-                wrapped = set(self.pending) | set(resume.released)
+            wrapped = self.resume_layers(resume)
             self.replay(chains, self.schedule[:first])
         del x0
         self.report.setdefault("report_sequences", rows["fp"])
         bar = tqdm(self.schedule, desc="windows", disable=not self.progress, unit="window", initial=first)
         for wi, w in enumerate(self.schedule[first:], start=first):
             t0 = time.time()
+            for j in range(w.start, w.target + 1):  # first: restoring a resumed layer may draw random numbers
+                self.fetch(j)
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + wi)
             torch.manual_seed(self.seed * 1_000_003 + wi)
-            for j in range(w.start, w.target + 1):
-                self.fetch(j)
             q = chains["q"]
             for j in w.trained:
                 if j not in wrapped:
@@ -402,35 +394,39 @@ class WindowEngine:
         bar.close()
         return self.report
 
+    def resume_layers(self, resume: EngineState) -> set[int]:
+        """The blocks a checkpoint had wrapped. Their layers are restored as each block is
+        fetched: from the checkpoint's state, or, for a finished block the store had dropped,
+        from that block's own checkpoint file (`resume.read_block`)."""
+        for key, state in resume.layers.items():
+            self.pending.setdefault(block_of(key), {})[key] = state
+        self.read_block = resume.read_block
+        self.released = set(resume.released)
+        return set(self.pending) | self.released
+
     def fetch(self, j: int):
-        """Block j on the device; low-memory: read from disk first (with its checkpointed layers
-        on a resumed run) if it is not in memory."""
-        if self.stream is not None and self.stream.on_meta(j):
-            self.stream.load(j)
-            states = self.pending.pop(j, None)
-            if states is None and j in self.released:
-                states = self.read_block(j)
-            if states:
-                self.restore_layers(states)
-            self.released.discard(j)
+        """Block j on the device, from its store, with its checkpointed layers on a resumed run."""
+        self.block_store.fetch(j)
+        states = self.pending.pop(j, None)
+        if states is None and j in self.released:
+            states = self.read_block(j)
+        if states:
+            self.restore_layers(states)
+        self.released.discard(j)
         self.blocks[j].to(self.device)
 
     def put_back(self, j: int, finished: bool):
-        """Block j leaves the device; low-memory: a frozen block is written out and dropped."""
-        if self.stream is not None and finished:
-            self.stream.finish(j)
+        """Block j leaves the device, back to its store (which may drop a finished block)."""
+        if self.block_store.leave(j, finished):
             self.released.add(j)
-        else:
-            self.blocks[j].to(self.home[j])
 
     def layer_states(self) -> dict[str, dict[str, torch.Tensor]]:
         return {f"{j}.{name}": m.checkpoint_state() for j, block in enumerate(self.blocks)
                 for name, m in block.named_modules() if isinstance(m, QuantLinear)}
 
-    def restore_layers(self, states: dict[str, dict[str, torch.Tensor]]) -> set[int]:
+    def restore_layers(self, states: dict[str, dict[str, torch.Tensor]]):
         """Re-wrap the blocks a checkpoint had wrapped and load their state."""
-        blocks = sorted({block_of(key) for key in states})
-        for j in blocks:
+        for j in sorted({block_of(key) for key in states}):
             for name, module, fused in self.targets(j):
                 if fused:
                     wrapper = self.new_experts(module, None)
@@ -443,7 +439,6 @@ class WindowEngine:
                 for key, m in layers.items():
                     m.load_checkpoint_state(states[key])
                 set_submodule(self.blocks[j], name, wrapper)
-        return set(blocks)
 
     @torch.no_grad()
     def advance(self, w: Window, chains: dict, fp_target: torch.Tensor | None = None,

@@ -8,13 +8,15 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config, Registry
+from ..engine.blocks import BlockStore
 
 STAGES = Registry("stage")
 
 
 class Stage(Config):
     quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
-    needs_whole_model = False  # whether it reads or changes every block at once (--low-memory refuses it)
+    needs_whole_model = False  # whether it reads or changes every block at once (a store that streams
+                               # blocks refuses it: BlockStore.admit; finetune asks job.blocks.whole_model)
 
     def run(self, model, job: "Job"):
         raise NotImplementedError
@@ -35,6 +37,7 @@ class Job:
     fingerprint: str | None = None     # identity of the run (model, recipe, calibration): checkpoints carry it
     resume: Any = None                 # the window engine's checkpoint to continue from
     on_window: Callable | None = None  # called with the engine state after every window
-    stream: Any = None                 # low-memory path: the BlockStream the weights come from (stream.py)
+    blocks: BlockStore | None = None   # where the decoder blocks live (engine/blocks.py): InMemoryBlocks, or
+                                       # stream.BlockStream on the low-memory path
     precision: str = "fp32"            # block and model compute: bf16 (autocast) or fp32, resolved (precision.py)
     report: dict = field(default_factory=dict)

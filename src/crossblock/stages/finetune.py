@@ -82,9 +82,18 @@ class Finetune(Stage):
         if n - held < 1:
             raise CrossblockError(f"finetune needs at least 2 calibration sequences (holdout {held} of {n})")
         train_ids, held_ids = job.ids[:n - held], job.ids[n - held:]
+        with job.blocks.whole_model(model, self, job.device):  # every block at once (a streamed store refuses)
+            state, resumed_at = self.fit(model, job, layers, train_ids, held_ids)
+        job.report["finetune"] = {"held_out_sequences": len(held_ids), "held_out_loss_before": state["start"],
+                                  "held_out_loss_after": state["best"], "best_step": state["best_step"],
+                                  "evals": state["evals"], "loss_trace": state["trace"],
+                                  **({"stopped": state["stopped"]} if "stopped" in state else {}),
+                                  "resumed_at_step": resumed_at, "seconds": round(time.time() - t0, 2)}
+
+    def fit(self, model, job, layers, train_ids: torch.Tensor, held_ids: torch.Tensor) -> tuple[dict, int | None]:
+        """Train the grids of `layers` (the model on the device) and bake the best step into them;
+        returns the training state and the step a checkpoint resumed at (None: from the start)."""
         device = torch.device(job.device)
-        home = next(model.parameters()).device
-        model.to(device)
         params = trainable(model, layers, self, job.grid.scale_torch_dtype)
         teacher_norms = {k: p.detach().clone() for k, p in params.items() if k.startswith("norm.")}
         # zero points move in integer units: about 1.5 units over the stage, like Adam's roundings
@@ -143,13 +152,7 @@ class Finetune(Stage):
         restore(params, best_state)
         for m in layers:
             bake(m, self.zeros, job.grid.scale_torch_dtype)
-        model.to(home)
-        job.report["finetune"] = {"held_out_sequences": len(held_ids), "held_out_loss_before": state["start"],
-                                  "held_out_loss_after": state["best"], "best_step": state["best_step"],
-                                  "evals": state["evals"], "loss_trace": state["trace"],
-                                  **({"stopped": state["stopped"]} if "stopped" in state else {}),
-                                  "resumed_at_step": saved[0]["step"] if saved else None,
-                                  "seconds": round(time.time() - t0, 2)}
+        return state, saved[0]["step"] if saved else None
 
     def batch_loss(self, forward, layers, params, teacher_norms, ids: torch.Tensor) -> torch.Tensor:
         """Mean per-token loss of the quantized model on `ids` (`forward(ids)`: its logits; teacher:

@@ -2,7 +2,6 @@
 `train` it is RTN or GPTQ; with it, block-wise / multi-block / look-ahead / CBQ reconstruction."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 from ..distributed import is_main, shard
@@ -116,13 +115,13 @@ class Windows(Stage):
         # RTN: the report's few sequences are all that is ever run through the model
         needed = job.ids[:max(self.chain_rows(job.activations.static, len(job.ids)).values())]
         ids = shard(needed)
-        with job.stream.before_blocks(ids) if job.stream else contextlib.nullcontext():
+        with job.blocks.before_blocks(ids):
             x0, calls = capture(model, ids, batch_size=job.data.batch_size, empty=store.empty)
         store.release(x0)
-        prefix, blocks = find_blocks(model)
-        engine = WindowEngine(blocks, calls, self, job.grid, job.activations, job.data, job.skip, device=job.device,
+        prefix, _ = find_blocks(model)
+        engine = WindowEngine(job.blocks, calls, self, job.grid, job.activations, job.data, job.skip, device=job.device,
                               progress=job.progress and is_main(), num_sequences=len(needed), store=store,
-                              stream=job.stream, prefix=prefix, precision=job.precision)
+                              prefix=prefix, precision=job.precision)
         inputs = [x0]
         del x0  # the engine frees the block-0 inputs once every chain has moved past block 0
         try:
