@@ -9,9 +9,9 @@ import typing
 from pathlib import Path
 
 from .errors import CrossblockError
+from .export import FORMATS
 from .recipe import PRESETS, Flat, Recipe
 
-FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS, without importing the exports
 SKIP_HELP = ("comma-separated layers to leave in full precision: full names as crossblock.json lists them "
              "(model.layers.0.self_attn.q_proj, or a block: model.layers.0), block-relative names or parts of them "
              "(q_proj, mlp), or globs (layers.0.*); a pattern that matches no layer is refused")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="a local HF folder or a hub id")
     q.add_argument("--calib", nargs="+", required=True, help="calibration text file(s)")
     q.add_argument("--out", required=True)
-    q.add_argument("--format", choices=FORMAT_NAMES, default="fake")
+    q.add_argument("--format", choices=FORMATS.names(), default="fake")
     q.add_argument("--dtype", default="float32", help="dtype to load and compute in (default float32)")
     q.add_argument("--save-dtype", default="auto", help="dtype of the saved weights (default: the model's)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
