@@ -74,6 +74,9 @@ STORIES_CASES = {
                              "--abits", "8", "--no-act-dynamic"],
     "compressed-tensors-a8": ["--recipe", "rtn", "--format", "compressed-tensors", "--wbits", "4",
                               "--group-size", "-1", "--abits", "8"],
+    # weight-only: pack-quantized, with packed zero points (the same Format.tensors as in memory)
+    "compressed-tensors-w2-g4-asym": ["--recipe", "rtn", "--format", "compressed-tensors", "--wbits", "2",
+                                      "--group-size", "4"],
     "gptq": ["--recipe", "gptq", "--format", "gptq", "--wbits", "8", "--group-size", "-1", "--sym"],
 }
 

@@ -3,7 +3,8 @@
 The model is a skeleton on the meta device (its buffers, e.g. rotary frequencies, are real).
 A block's weights are read from the model's safetensors shards (memory-mapped) when a window
 needs it, and the block is dropped back to meta once it is frozen and checkpointed; on the way
-out its output tensors (dense fake-quant or packed, in the saved dtype) are written to a spill
+out its output tensors (dense fake-quant or packed, in the saved dtype: the format's own
+`Format.tensors`, which the in-memory writer calls on the whole model) are written to a spill
 file in the run's staging folder. At the end the output shards are assembled from the spill
 files by copying bytes file to file, through transformers' own `save_pretrained` (so sharding,
 tied-weight removal and key names are the in-memory path's) with its safetensors write replaced

@@ -45,6 +45,18 @@ class CompressedTensors(Format):
     packed = True
     online_transforms = True  # as its transform config (module docstring)
     quant_method = FMT
+    loading = """Packed integers in compressed-tensors' layout (`quantization_config` in config.json).
+
+```bash
+vllm serve {out}
+```
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{out}")  # asymmetric grids: quantization_config=CompressedTensorsConfig(dequantize=True)
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights
+```"""  # the model card's "Loading" section
 
     def stored_scale_dtype(self, save_dtype):
         return save_dtype

@@ -35,6 +35,16 @@ def folded_weights(modules) -> dict[str, torch.Tensor]:
 @FORMATS.register("fake")
 class Fake(Format):
     online_transforms = True  # folded into the dense weights
+    loading = """Dense weights on the quantized grid (fake quantization): any tool that reads a transformers
+model runs it.
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{out}")
+# with crossblock's activation quantizers and run-time rotations attached, as evaluated:
+import crossblock
+model = crossblock.load("{out}")
+```"""  # the model card's "Loading" section
 
     def accepts_grid(self, grid, model):
         pass  # dense weights: any grid

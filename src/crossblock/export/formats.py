@@ -75,6 +75,11 @@ class Format:
     # the save check (api.check_reload): the written folder, read back, gives the model's logits to
     # this share of the largest logit (float order of the dequantization; a packing bug is far above)
     reload_tolerance: float = 1e-4
+    # the model card's "Loading" section ({out}: the folder's name)
+    loading = """```python
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights
+```"""
 
     def unreadable(self, folder) -> str | None:
         """Why a valid folder of this format cannot be read back here (the save check is skipped,

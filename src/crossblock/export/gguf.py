@@ -53,6 +53,17 @@ class Gguf(Format):
     bits = tuple(UNIFORM_TYPES)
     streams = False  # one file of the whole model (and the gguf grid's finishing pass needs it whole)
     file = FILE
+    loading = """One GGUF file for llama.cpp.
+
+```bash
+llama-cli -m {out}/model.gguf -p "Once upon a time"
+llama-perplexity -m {out}/model.gguf -f wiki.test.raw
+```
+
+```python
+import crossblock
+model = crossblock.load("{out}")  # through transformers' GGUF reader
+```"""  # the model card's "Loading" section
 
     def unreadable(self, folder: Path) -> str | None:
         return why_transformers_cannot_read(Path(folder) / FILE)

@@ -36,6 +36,16 @@ class Gptq(Format):
     bits = (2, 3, 4, 8)
     packed = True
     quant_method = FMT
+    loading = """GPTQ v1 layout (`qweight`, `qzeros`, `scales`, `g_idx`; `quantization_config` in config.json).
+
+```bash
+vllm serve {out} --quantization gptq
+```
+
+```python
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights (transformers needs gptqmodel)
+```"""  # the model card's "Loading" section
 
     def stored_scale_dtype(self, save_dtype):
         return torch.float16  # what transformers' GPTQConfig and vLLM read
