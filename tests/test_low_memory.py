@@ -90,6 +90,25 @@ def test_stories_same_files_both_paths(tmp_path, case):
 
 
 @pytest.mark.slow
+def test_mixed_precision_compressed_tensors_same_files_both_paths(tmp_path, monkeypatch):
+    """A grid that gives layers different settings (here: down_proj 8-bit, the rest 4-bit) is
+    written by the low-memory path as in memory: compressed-tensors' mixed-precision config, one
+    group per setting targeted by name (the same Format.tensors and write_config on both paths)."""
+    import dataclasses
+    from crossblock.grids.uniform import UniformGrid
+    one_grid = UniformGrid.for_layer
+    monkeypatch.setattr(UniformGrid, "for_layer", lambda self, name, *rest: dataclasses.replace(self, bits=8)
+                        if name.endswith("down_proj") else one_grid(self, name, *rest))
+    memory, streamed = both_paths(tmp_path, STORIES, "--recipe", "rtn", "--format", "compressed-tensors",
+                                  "--wbits", "4", "--group-size", "4", "--sym")
+    assert streamed == memory
+    config = json.loads((tmp_path / "stream" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["ignore"] == []
+    by_bits = {g["weights"]["num_bits"]: g["targets"] for g in config["config_groups"].values()}
+    assert sorted(by_bits) == [4, 8] and all(t.endswith("down_proj") for t in by_bits[8])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["--recipe", "mb", "--iters", "3", "--wbits", "4", "--group-size", "32", "--format", "gptq", "--sym"],
     ["--recipe", "gptq", "--wbits", "3", "--group-size", "32", "--save-dtype", "float32"],
