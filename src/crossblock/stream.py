@@ -254,8 +254,8 @@ class BlockStream:
             written = self.written(j, block)
             given = written.state()
             tmp = self.spill / f"block{j}.safetensors.tmp"
-            save_block_spill(given, reverted(self.model, given), tmp,
-                             {"plain": list(written.plain), "packed": {layer: list(e) for layer, e in written.packed.items()}})
+            save_block_spill(given, reverted(self.model, given), tmp, {
+                "plain": list(written.plain), "packed": {layer: list(e) for layer, e in written.packed.items()}})
             os.replace(tmp, self.spill / f"block{j}.safetensors")
         self.blocks[j] = copy.deepcopy(self.empty[j])
         gc.collect()  # what the block's window left in reference cycles would wait for a full collection

@@ -7,7 +7,8 @@ import os
 
 from torch import nn
 
-from . import fake, compressed_tensors, gptq, gguf  # noqa: F401  (register the formats, in the order the CLI lists them)
+# register the formats, in the order the CLI lists them
+from . import fake, compressed_tensors, gptq, gguf  # noqa: F401
 from .compressed_tensors import save_compressed_tensors
 from .formats import FORMATS, Format, check_format, require_known_format
 from .gptq import save_gptq

@@ -191,7 +191,8 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         return (self.quant_method is not None and isinstance(quantization, dict)
                 and quantization.get("quant_method") == self.quant_method)
 
-    def read(self, quantization: dict, tensors: dict[str, torch.Tensor], layout: nn.Module) -> dict[str, QuantizedWeight]:
+    def read(self, quantization: dict, tensors: dict[str, torch.Tensor],
+             layout: nn.Module) -> dict[str, QuantizedWeight]:
         """A packed folder's integer weights, per layer (taken out of `tensors`); `layout`: the
         model's module tree on the meta device. Packed formats define it."""
         raise NotImplementedError
