@@ -47,5 +47,7 @@ def test_api_and_cli_write_byte_identical_files(tmp_path, fmt, grid):
 
 def test_the_cli_offers_every_registered_format():
     from crossblock import export
-    from crossblock.cli import FORMAT_NAMES
-    assert sorted(FORMAT_NAMES) == sorted(export.FORMATS.names())
+    from crossblock.cli import build_parser
+    quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
+    offered = next(a.choices for a in quantize._actions if a.dest == "format")
+    assert sorted(offered) == sorted(export.FORMATS.names()) == ["compressed-tensors", "fake", "gguf", "gptq"]

@@ -9,7 +9,8 @@ import crossblock as cb
 from conftest import CALIB_FILE, STORIES
 from crossblock.cli import main
 from crossblock.data import builtin
-from crossblock.data.text import Mix, calibration_source
+from crossblock.data.calibration import calibration_source
+from crossblock.data.text import Mix
 from crossblock.errors import CrossblockError
 
 

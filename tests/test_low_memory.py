@@ -19,7 +19,7 @@ from crossblock.output import partial_dir
 
 SMALL = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--quiet"]
 VOLATILE = {"wall_seconds", "peak_rss_mib", "peak_cuda_mib", "low_memory", "resumed_at_window",
-            "save_check"}  # the in-memory path compares the saved logits, the low-memory path cannot
+            "save_check", "quality"}  # the in-memory path compares the saved logits and FP's, the low-memory path cannot
 
 
 def hashes(folder) -> dict[str, str]:
@@ -74,6 +74,9 @@ STORIES_CASES = {
                              "--abits", "8", "--no-act-dynamic"],
     "compressed-tensors-a8": ["--recipe", "rtn", "--format", "compressed-tensors", "--wbits", "4",
                               "--group-size", "-1", "--abits", "8"],
+    # weight-only: pack-quantized, with packed zero points (the same Format.tensors as in memory)
+    "compressed-tensors-w2-g4-asym": ["--recipe", "rtn", "--format", "compressed-tensors", "--wbits", "2",
+                                      "--group-size", "4"],
     "gptq": ["--recipe", "gptq", "--format", "gptq", "--wbits", "8", "--group-size", "-1", "--sym"],
 }
 
@@ -84,6 +87,25 @@ def test_stories_same_files_both_paths(tmp_path, case):
     memory, streamed = both_paths(tmp_path, STORIES, *STORIES_CASES[case])
     assert "model.safetensors" in memory
     assert streamed == memory
+
+
+@pytest.mark.slow
+def test_mixed_precision_compressed_tensors_same_files_both_paths(tmp_path, monkeypatch):
+    """A grid that gives layers different settings (here: down_proj 8-bit, the rest 4-bit) is
+    written by the low-memory path as in memory: compressed-tensors' mixed-precision config, one
+    group per setting targeted by name (the same Format.tensors and write_config on both paths)."""
+    import dataclasses
+    from crossblock.grids.uniform import UniformGrid
+    one_grid = UniformGrid.for_layer
+    monkeypatch.setattr(UniformGrid, "for_layer", lambda self, name, *rest: dataclasses.replace(self, bits=8)
+                        if name.endswith("down_proj") else one_grid(self, name, *rest))
+    memory, streamed = both_paths(tmp_path, STORIES, "--recipe", "rtn", "--format", "compressed-tensors",
+                                  "--wbits", "4", "--group-size", "4", "--sym")
+    assert streamed == memory
+    config = json.loads((tmp_path / "stream" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and config["ignore"] == []
+    by_bits = {g["weights"]["num_bits"]: g["targets"] for g in config["config_groups"].values()}
+    assert sorted(by_bits) == [4, 8] and all(t.endswith("down_proj") for t in by_bits[8])
 
 
 @pytest.mark.slow

@@ -334,7 +334,7 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
     with host RAM for a window of blocks rather than the model); None chooses it when the weights
     exceed half the available RAM, and says so."""
     from . import stream as streaming
-    from .data.text import calibration_source
+    from .data.calibration import calibration_source
 
     # every check that can fail runs before the long part
     recipe = recipe.validated()
@@ -419,7 +419,7 @@ def preprocess_folder(model_path: str, calib_files, out, alpha: float = 0.7, wei
     None) and then CFP (unless `cfp` is False) to `out`. CFP writes cfp.json; a rotation writes
     the folder as the fake format does: a plain transformers model (a run-time down_proj
     rotation is folded into its weight) whose crossblock.json records the rotation."""
-    from .data.text import calibration_source
+    from .data.calibration import calibration_source
     from .export.common import save_folder
     from .preprocess import cfp as run_cfp
     from .recipe import Data

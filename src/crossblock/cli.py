@@ -9,9 +9,9 @@ import typing
 from pathlib import Path
 
 from .errors import CrossblockError
+from .export import FORMATS
 from .recipe import PRESETS, Flat, Recipe
 
-FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS, without importing the exports
 SKIP_HELP = ("comma-separated layers to leave in full precision: full names as crossblock.json lists them "
              "(model.layers.0.self_attn.q_proj, or a block: model.layers.0), block-relative names or parts of them "
              "(q_proj, mlp), or globs (layers.0.*); a pattern that matches no layer is refused")
@@ -185,7 +185,7 @@ def cmd_plan(args):
 
 def cmd_compare(args):
     from .compare import compare, compare_table
-    from .data.text import calibration_source
+    from .data.calibration import calibration_source
 
     recipes = [recipe_from_args(args, name) for name in args.recipe.split(",") if name]
     if not recipes:
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-mix", nargs="+", type=float, default=None, metavar="WEIGHT",
                    help="one weight per --calib entry: each entry gives that share of the calibration windows")
     q.add_argument("--out", required=True)
-    q.add_argument("--format", choices=FORMAT_NAMES, default="fake")
+    q.add_argument("--format", choices=FORMATS.names(), default="fake")
     q.add_argument("--dtype", default="float32", help="dtype to load and compute in (default float32)")
     q.add_argument("--save-dtype", default="auto", help="dtype of the saved weights (default: the model's)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

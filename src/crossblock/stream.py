@@ -3,7 +3,8 @@
 The model is a skeleton on the meta device (its buffers, e.g. rotary frequencies, are real).
 A block's weights are read from the model's safetensors shards (memory-mapped) when a window
 needs it, and the block is dropped back to meta once it is frozen and checkpointed; on the way
-out its output tensors (dense fake-quant or packed, in the saved dtype) are written to a spill
+out its output tensors (dense fake-quant or packed, in the saved dtype: the format's own
+`Format.tensors`, which the in-memory writer calls on the whole model) are written to a spill
 file in the run's staging folder. At the end the output shards are assembled from the spill
 files by copying bytes file to file, through transformers' own `save_pretrained` (so sharding,
 tied-weight removal and key names are the in-memory path's) with its safetensors write replaced
@@ -43,7 +44,6 @@ from .model.loading import Source
 
 RAM_FRACTION = 0.5   # automatic choice: stream when the weights exceed this share of available RAM
 SPILL_DIR = "stream"  # in the staging folder: one file per finished block, one per other tensor
-FORMATS = ("fake", "gptq", "compressed-tensors")
 
 
 # -- choosing the path ---------------------------------------------------------------------------
@@ -117,8 +117,10 @@ def refuse_unsupported(recipe, format: str, model):
                               "model's first blocks (name a recipe, or run without --low-memory)")
     for stage in recipe.stages:  # the store's own check (BlockStore.admit), before any work
         BlockStream.admit(stage)
-    if format not in FORMATS:
-        raise CrossblockError(f"--low-memory writes {', '.join(FORMATS)}, not {format} (it needs the whole model)")
+    from .export import FORMATS, require_known_format
+    if not require_known_format(format).streams:
+        streamed = [name for name in FORMATS.names() if FORMATS[name].streams]
+        raise CrossblockError(f"--low-memory writes {', '.join(streamed)}, not {format} (it needs the whole model)")
     if recipe.grid.kind_name != "uniform":
         raise CrossblockError(f"--low-memory quantizes on the uniform grid only, not {recipe.grid.kind_name} "
                               "(its finishing pass rounds the embeddings and head of the whole model)")
@@ -221,6 +223,7 @@ class BlockStream(BlockStore):
     asked_by = "--low-memory"
 
     def __init__(self, model, folder, format: str, save_dtype: torch.dtype, skip=(), main: bool = True):
+        from .export import require_known_format
         from .model.adapter import find_blocks
         self.model, self.source = model, model.crossblock_source
         self.prefix, self.blocks = find_blocks(model)
@@ -228,6 +231,7 @@ class BlockStream(BlockStore):
         self.dtype = next(model.parameters()).dtype
         self.spill = Path(folder) / SPILL_DIR
         self.format, self.save_dtype, self.skip, self.main = format, save_dtype, list(skip), main
+        self.form = require_known_format(format)  # what it writes of each block, and its config
         self.info: dict[int, dict] = {}  # per finished block: act quantizers, unquantized weights, layer settings
         if main:
             self.spill.mkdir(parents=True, exist_ok=True)
@@ -259,13 +263,11 @@ class BlockStream(BlockStore):
         block.to(self.save_dtype)  # as api.write_folder casts the whole model
         self.info[j] = self.block_info(j, block)
         if self.main:
-            acts = self.info[j]["acts"]
-            plain, packed = block_entries(self.format, f"{self.prefix}.{j}", block, self.save_dtype,
-                                          acts and {k: v for k, v in acts.items() if k != "layers"}, self.model)
-            given = {**plain, **{k: v for entries in packed.values() for k, v in entries.items()}}
+            written = self.written(j, block)
+            given = written.state()
             tmp = self.spill / f"block{j}.safetensors.tmp"
-            save_block_spill(given, reverted(self.model, given), tmp,
-                             {"plain": list(plain), "packed": {layer: list(e) for layer, e in packed.items()}})
+            save_block_spill(given, reverted(self.model, given), tmp, {
+                "plain": list(written.plain), "packed": {layer: list(e) for layer, e in written.packed.items()}})
             os.replace(tmp, self.spill / f"block{j}.safetensors")
         self.blocks[j] = copy.deepcopy(self.empty[j])
         gc.collect()  # what the block's window left in reference cycles would wait for a full collection
@@ -281,10 +283,18 @@ class BlockStream(BlockStore):
         return {"acts": acts and {**acts, "layers": {f"{name}.{k}": v for k, v in acts["layers"].items()}},
                 "experts": any(getattr(m, "crossblock_qexperts", None) for m in block.modules()),
                 "unquantized": block_unquantized(self.prefix, j, block, self.skip),
-                "linears": [f"{name}.{n}" for n in unquantized_linears(block)],
-                "settings": sorted({(m.crossblock_qweight.bits, m.crossblock_qweight.group_size,
-                                     m.crossblock_qweight.sym) for m in block.modules()
-                                    if getattr(m, "crossblock_qweight", None) is not None})}
+                "linears": [f"{name}.{n}" for n in unquantized_linears(block)]}
+
+    def written(self, j: int, block: nn.Module):
+        """What the format writes of finished block j (`Format.tensors`, as the in-memory writer
+        computes it for the whole model); its layers' settings are kept for the format's config."""
+        name, acts = f"{self.prefix}.{j}", self.info[j]["acts"]
+        state = {f"{name}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+        written = self.form.tensors(self.model, [(f"{name}.{n}" if n else name, m) for n, m in block.named_modules()],
+                                    state, self.save_dtype, acts and {k: v for k, v in acts.items() if k != "layers"})
+        self.info[j].update(settings={n: self.form.setting(qw) for n, (_, qw) in written.layers.items()},
+                            reverted=written.reverted)
+        return written
 
     @contextlib.contextmanager
     def before_blocks(self, ids: torch.Tensor):
@@ -342,7 +352,7 @@ class BlockStream(BlockStore):
     def write_folder(self, tokenizer, folder: Path, act_scheme: dict | None):
         """config, generation config, tokenizer and weight shards, as export.save writes them
         for the in-memory model; returns what the format records in crossblock.json."""
-        from .export.common import save_folder, write_quantization_config
+        from .export.common import save_folder
         skeleton = self.model.to(self.save_dtype)  # meta: free; sets the config's dtype as save_pretrained reads it
         mapped = Mapped()  # the spill files and model shards the tensors below view
         state, packed, saved = {}, {}, {}
@@ -363,40 +373,29 @@ class BlockStream(BlockStore):
             state[key] = by_param[id(p)]
         for entries in packed.values():
             state.update(entries)
-        if any(i["experts"] for i in self.info.values()) and self.format == "compressed-tensors":
-            # as save_compressed_tensors: the whole state in the checkpoint's layout first (the blocks' already is)
+        if any(i["reverted"] for i in self.info.values()):
+            # as Format.tensors in memory: the whole state in the checkpoint's layout (the blocks' already is)
             outside = {k: v for k, v in state.items() if block_index(k, self.prefix) is None}
             state = {**reverted(skeleton, outside), **{k: v for k, v in state.items() if k not in outside}}
         with streamed_safetensors(mapped, saved):
             save_folder(skeleton, tokenizer, folder, state)
         del state, saved, mapped
         self.source.unchanged_all()  # what was copied from the model's own files is what the run read
-        settings = sorted({tuple(s) for i in self.info.values() for s in i["settings"]})
-        if self.format == "gptq":
-            from .export.gptq import gptq_config
-            if len(settings) != 1:
-                raise CrossblockError(f"gptq export needs one bits/group_size/sym setting for all layers, found {settings}")
-            write_quantization_config(folder, gptq_config(*settings[0]))
-        elif self.format == "compressed-tensors":
-            self.write_ct_config(folder, settings, act_scheme)
+        self.form.write_config(folder, self.contents(), act_scheme)
         return None
 
-    def write_ct_config(self, folder, settings, act_scheme):
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
-        from .export.compressed_tensors import routers
+    def contents(self):
+        """What the format's config is made of, as export.formats.contents_of finds it in memory."""
+        from .export.common import routers
+        from .export.formats import Contents
         from .model.adapter import is_linear
-        if len(settings) != 1:
-            raise CrossblockError("--low-memory writes compressed-tensors with one bits/group_size/sym setting")
-        scheme = ct_scheme(settings[0], act_scheme)
-        inside = {n for j in self.info for n in self.info[j]["linears"]}
-        ignore = [n for n, m in self.model.named_modules()  # unquantized_linears' order, over the skeleton
-                  if n in inside or (is_linear(m) and block_index(n, self.prefix) is None)]
-        if any(i["experts"] for i in self.info.values()):  # as save_compressed_tensors: vLLM reads routers as Linear
-            ignore += [n for n in routers(self.unquantized()) if n not in ignore]
-        config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format=scheme.format,
-                                    quantization_status=QuantizationStatus.COMPRESSED)
-        ModelCompressor(quantization_config=config).update_config(str(folder))
+        blocks = sorted(self.info)
+        inside = {n for j in blocks for n in self.info[j]["linears"]}
+        full_precision = [n for n, m in self.model.named_modules()  # unquantized_linears' order, over the skeleton
+                          if n in inside or (is_linear(m) and block_index(n, self.prefix) is None)]
+        experts = any(self.info[j]["experts"] for j in blocks)
+        return Contents({n: s for j in blocks for n, s in self.info[j]["settings"].items()}, full_precision,
+                        routers(self.unquantized()) if experts else [])
 
     def spill_outside(self, key: str, p: torch.Tensor, mapped: Mapped) -> torch.Tensor:
         """A non-block tensor in the saved dtype: a view of the model's own file when it is
@@ -423,51 +422,6 @@ def block_index(key: str, prefix: str) -> int | None:
         return None
     head = key[len(prefix) + 1:].split(".", 1)[0]
     return int(head) if head.isdigit() else None
-
-
-def ct_scheme(setting: tuple, act_scheme: dict | None):
-    """The compressed-tensors scheme of a single-setting model, as build_schemes makes it."""
-    from compressed_tensors.compressors.format import infer_module_format
-    from compressed_tensors.quantization import QuantizationScheme
-    from .export.compressed_tensors import weight_args
-    from .export.formats import act_args
-    scheme = QuantizationScheme(targets=["Linear"], weights=weight_args(*setting),
-                                input_activations=act_args(act_scheme) if act_scheme else None)
-    scheme.format = infer_module_format(nn.Linear, scheme).value
-    return scheme
-
-
-def block_entries(format: str, prefix: str, block: nn.Module, dtype: torch.dtype, act_scheme: dict | None,
-                  model: nn.Module):
-    """(plain, packed) output tensors of a finished, restored block, as the format's writer hands
-    them to save_pretrained: its state dict without the weights the format replaces, and per
-    quantized layer the tensors that replace them, in the order the writer puts them in the state
-    dict. `model`: the skeleton (its conversion mapping, for fused experts)."""
-    from .export.common import check_layers, quantized_layers
-    state = {f"{prefix}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-    if format == "fake":
-        return state, {}
-    layers = {f"{prefix}.{n}": v for n, v in quantized_layers(block).items()}
-    packed = {}
-    if format == "gptq":
-        from .export.gptq import check_zero_points, gptq_tensors
-        check_layers(format, layers)
-        for name, (_, qw) in layers.items():
-            check_zero_points(name, qw)
-            packed[name] = gptq_tensors(qw)
-    else:
-        from .export.compressed_tensors import compress_layer, expert_layers
-        experts = expert_layers(model, [(f"{prefix}.{n}", m) for n, m in block.named_modules()])
-        if experts:  # as save_compressed_tensors: the state in the checkpoint's per-expert layout
-            state = reverted(model, state)
-        layers.update({name: (None, qw) for name, qw in experts.items()})
-        check_layers(format, layers)
-        for name, (_, qw) in layers.items():
-            packed[name] = compress_layer(qw, ct_scheme((qw.bits, qw.group_size, qw.sym), act_scheme), dtype)
-    for name, entries in packed.items():
-        del state[f"{name}.weight"]
-        packed[name] = {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in entries.items()}
-    return state, packed
 
 
 # -- transformers' save-time conversion -----------------------------------------------------

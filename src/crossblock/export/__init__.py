@@ -1,13 +1,14 @@
-"""Checkpoint exports: dense fake-quant, compressed-tensors (packed ints) and GPTQ, and a loader
-for all three. The compressed_tensors package is imported only when that format is written
-or read."""
+"""Checkpoint exports: one file per format (a `Format` registered in FORMATS: what it accepts,
+writes and reads back), the loader that finds a folder's format in the registry, and `save`.
+The compressed_tensors package is imported only when that format is written or read."""
 from __future__ import annotations
 
 import os
 
 from torch import nn
 
-from . import fake, gguf  # noqa: F401  (register the formats)
+# register the formats, in the order the CLI lists them
+from . import fake, compressed_tensors, gptq, gguf  # noqa: F401
 from .compressed_tensors import save_compressed_tensors
 from .formats import FORMATS, Format, check_format, require_known_format
 from .gptq import save_gptq

@@ -8,55 +8,10 @@ from pathlib import Path
 
 import yaml
 
+from .formats import FORMATS
+
 CARD_FILE = "README.md"
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.gguf")
-
-LOADING = {
-    "fake": """Dense weights on the quantized grid (fake quantization): any tool that reads a transformers
-model runs it.
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("{out}")
-# with crossblock's activation quantizers and run-time rotations attached, as evaluated:
-import crossblock
-model = crossblock.load("{out}")
-```""",
-    "compressed-tensors": """Packed integers in compressed-tensors' layout (`quantization_config` in config.json).
-
-```bash
-vllm serve {out}
-```
-
-```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("{out}")  # asymmetric grids: quantization_config=CompressedTensorsConfig(dequantize=True)
-import crossblock
-model = crossblock.load("{out}")  # dense, exactly the evaluated weights
-```""",
-    "gptq": """GPTQ v1 layout (`qweight`, `qzeros`, `scales`, `g_idx`; `quantization_config` in config.json).
-
-```bash
-vllm serve {out} --quantization gptq
-```
-
-```python
-import crossblock
-model = crossblock.load("{out}")  # dense, exactly the evaluated weights (transformers needs gptqmodel)
-```""",
-    "gguf": """One GGUF file for llama.cpp.
-
-```bash
-llama-cli -m {out}/model.gguf -p "Once upon a time"
-llama-perplexity -m {out}/model.gguf -f wiki.test.raw
-```
-
-```python
-import crossblock
-model = crossblock.load("{out}")  # through transformers' GGUF reader
-```""",
-}
-
 
 def grid_line(recipe: dict) -> str:
     grid = recipe.get("grid", {})
@@ -126,7 +81,8 @@ def card(folder: Path, info: dict) -> str:
              f"(crossblock {versions.get('crossblock', '')}). `crossblock.json` in this folder records "
              "everything below and per-block figures.", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
-    lines += ["", "## Loading", "", LOADING.get(fmt, LOADING["fake"]).format(out=final_name(folder)), ""]
+    loading = (FORMATS[fmt] if fmt in FORMATS else FORMATS["fake"]).loading  # each format says how it is loaded
+    lines += ["", "## Loading", "", loading.format(out=final_name(folder)), ""]
     return "\n".join(lines)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from ..model.adapter import is_linear
 from ..model.loading import from_pretrained_exactly
 from ..quant.grid import QuantizedWeight
 from ..quant.linear import is_conv1d
-from .formats import check_format
 from .schema import check_qweight, need, read_json
 
 log = logging.getLogger(__name__)
@@ -32,28 +30,6 @@ def quantized_layers(model: nn.Module) -> dict[str, tuple[nn.Module, QuantizedWe
     """Every layer carrying `crossblock_qweight`, by module name."""
     return {name: (module, module.crossblock_qweight) for name, module in model.named_modules()
             if getattr(module, "crossblock_qweight", None) is not None}
-
-
-def require_quantized_layers(model: nn.Module, fmt: str) -> dict[str, tuple[nn.Module, QuantizedWeight]]:
-    layers = quantized_layers(model)
-    if not layers:
-        raise CrossblockError(f"{fmt} export needs a quantized model, but no layer carries integer weights")
-    return layers
-
-
-def check_layers(fmt: str, layers: dict[str, tuple[nn.Module, QuantizedWeight]], **kwargs):
-    """check_format on the layers as they are, once per (bits, group_size, sym) setting."""
-    other = sorted({qw.kind for _, qw in layers.values()} - {"uniform"})
-    if other:
-        raise CrossblockError(f"{fmt} export cannot store GGUF-type layers ({', '.join(other)}): "
-                              "use --format gguf, or fake")
-    by_setting = defaultdict(list)
-    for module, qw in layers.values():
-        by_setting[(qw.bits, qw.group_size, qw.sym)].append((module, qw))
-    for (bits, group_size, sym), members in by_setting.items():
-        check_format(fmt, bits, group_size, sym, [qw.q.shape[1] for _, qw in members],
-                     out_features_list=[qw.q.shape[0] for _, qw in members],
-                     has_conv1d=any(is_conv1d(module) for module, _ in members), **kwargs)
 
 
 def scales_off_grid(layers: dict[str, tuple[nn.Module, QuantizedWeight]], dtype: torch.dtype) -> list[str]:
@@ -72,6 +48,11 @@ def warn_if_scales_round(fmt: str, layers: dict[str, tuple[nn.Module, QuantizedW
                     "checkpoint differs slightly from the fake-quant model", fmt, dtype, len(rounded), rounded[0])
 
 
+def routers(unquantized: list[dict]) -> list[str]:
+    """Module names of the MoE routers (left in full precision), from the unquantized-weights list."""
+    return [w["name"].rpartition(".")[0] for w in unquantized if w["why"] == "router"]
+
+
 def unquantized_linears(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules()
             if is_linear(module) and getattr(module, "crossblock_qweight", None) is None]
@@ -87,14 +68,6 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def replace_layer_entries(state_dict: dict, name: str, new_entries: dict[str, torch.Tensor]):
-    """Drop the layer's dense `weight` and add its packed tensors (local names -> full keys);
-    the bias and everything else stay as they are."""
-    del state_dict[f"{name}.weight"]
-    for local, tensor in new_entries.items():
-        state_dict[f"{name}.{local}"] = tensor.detach().cpu().contiguous()
 
 
 def save_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None):
@@ -117,6 +90,27 @@ def write_quantization_config(out_dir: str | os.PathLike, quantization_config: d
     config = json.loads(config_file.read_text())
     config["quantization_config"] = quantization_config
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def plain_config(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The model config without its quantization_config, so transformers builds a dense model."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if isinstance(config.dtype, str):
+        config.dtype = getattr(torch, config.dtype)
+    return config
+
+
+def load_dense(path: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False) -> nn.Module:
+    """A folder of dense weights (safetensors only: a pickled .bin is never unpickled)."""
+    from transformers import AutoModelForCausalLM
+    model = from_pretrained_exactly(AutoModelForCausalLM, path, path, dtype="auto",
+                                    trust_remote_code=trust_remote_code, use_safetensors=True)
+    model = model.to(device).eval()
+    return model if dtype is None else cast_parameters(model, dtype)
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

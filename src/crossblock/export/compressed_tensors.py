@@ -30,11 +30,9 @@ from torch import nn
 
 from ..errors import CrossblockError
 from ..quant.grid import QuantizedWeight, dequantize, num_groups
-from ..model.adapter import unquantized_weights
 from ..quant.experts import expert_params, is_fused_experts
-from .common import (check_layers, layer_shape, model_dtype, quantized_layers, replace_layer_entries, require_quantized_layers,
-                     save_folder, unquantized_linears, warn_if_scales_round)
-from .formats import FORMATS, Format, act_args, check_act_scheme, check_groups
+from .common import layer_shape, model_dtype, save_folder, warn_if_scales_round
+from .formats import FORMATS, Format, act_args, check_act_scheme, check_groups, contents_of
 from .schema import check_packed, check_stored, is_int, need
 
 FMT = "compressed-tensors"
@@ -46,6 +44,19 @@ class CompressedTensors(Format):
     bits = (2, 4, 8)
     packed = True
     online_transforms = True  # as its transform config (module docstring)
+    quant_method = FMT
+    loading = """Packed integers in compressed-tensors' layout (`quantization_config` in config.json).
+
+```bash
+vllm serve {out}
+```
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{out}")  # asymmetric grids: quantization_config=CompressedTensorsConfig(dequantize=True)
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights
+```"""  # the model card's "Loading" section
 
     def stored_scale_dtype(self, save_dtype):
         return save_dtype
@@ -61,12 +72,48 @@ class CompressedTensors(Format):
                                   "its transformers loader only handles nn.Linear; use gptq or fake")
         check_act_scheme(act_scheme)
 
+    def layers(self, model, modules):
+        """The quantized linears, and each quantized fused-expert matrix under its checkpoint name."""
+        modules = list(modules)
+        return {**super().layers(model, modules), **{n: (None, qw) for n, qw in expert_layers(model, modules).items()}}
+
+    def layer_tensors(self, name, qweight, dtype, act_scheme):
+        return compress_layer(qweight, scheme(self.setting(qweight), act_scheme), dtype)
+
+    def check_model(self, model, layers):
+        super().check_model(model, layers)
+        warn_if_scales_round(FMT, layers, model_dtype(model))
+        warn_if_asymmetric(layers)
+
     def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
-        save_compressed_tensors(model, tokenizer, out_dir, act_scheme)
+        """`Format.write`, with the run-time rotations' matrices and transform config."""
+        written = self.written(model, act_scheme)
+        transforms, matrices = transform_config(model)
+        save_folder(model, tokenizer, out_dir, {**written.state(), **matrices})
+        self.write_config(out_dir, contents_of(model, self, written), act_scheme, transforms)
 
+    def write_config(self, folder, contents, act_scheme, transforms=None):
+        """One config group per setting: a single one targets "Linear" and ignores the
+        full-precision linears (the usual llm-compressor shape); mixed precision targets each
+        layer by its exact name. vLLM reads a MoE router as a Linear layer, so routers are ignored."""
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
+        by_setting: dict[tuple, list[str]] = {}
+        for name, setting in contents.settings.items():
+            by_setting.setdefault(setting, []).append(name)
+        single = len(by_setting) == 1
+        schemes = {f"group_{i}": scheme(setting, act_scheme, None if single else names)
+                   for i, (setting, names) in enumerate(sorted(by_setting.items()))}
+        ignore = list(contents.full_precision) if single else []
+        ignore += [n for n in contents.routers if n not in ignore]
+        formats = {s.format for s in schemes.values()}
+        config = QuantizationConfig(config_groups=schemes, ignore=ignore,
+                                    format=formats.pop() if len(formats) == 1 else "mixed-precision",
+                                    quantization_status=QuantizationStatus.COMPRESSED)
+        ModelCompressor(quantization_config=config, transform_config=transforms).update_config(str(folder))
 
-def layer_scheme_key(qweight: QuantizedWeight) -> tuple[int, int, bool]:
-    return qweight.bits, qweight.group_size, qweight.sym
+    def read(self, quantization, tensors, layout):
+        return read_compressed_tensors(layout, quantization, tensors)
 
 
 def weight_args(bits: int, group_size: int, sym: bool):
@@ -76,25 +123,15 @@ def weight_args(bits: int, group_size: int, sym: bool):
     return QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size)
 
 
-def build_schemes(model: nn.Module, layers: dict, act_scheme: dict | None):
-    """One config group per (bits, group_size, sym), and the scheme of each layer. A single
-    group targets "Linear" and ignores the full-precision linears (the usual llm-compressor
-    shape); mixed precision targets each layer by its exact name."""
+def scheme(setting: tuple, act_scheme: dict | None, targets: list[str] | None = None):
+    """The QuantizationScheme of layers of one (bits, group_size, sym) setting, targeting
+    `targets` by name (None: every "Linear"); its format is the compressor the library picks."""
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationScheme
-    by_key: dict[tuple, list[str]] = {}
-    for name, (_, qweight) in layers.items():
-        by_key.setdefault(layer_scheme_key(qweight), []).append(name)
-    single = len(by_key) == 1
-    schemes, scheme_of = {}, {}
-    for i, (key, names) in enumerate(sorted(by_key.items())):
-        scheme = QuantizationScheme(targets=["Linear"] if single else names, weights=weight_args(*key),
-                                    input_activations=act_args(act_scheme) if act_scheme else None)
-        scheme.format = infer_module_format(nn.Linear, scheme).value
-        schemes[f"group_{i}"] = scheme
-        scheme_of.update(dict.fromkeys(names, scheme))
-    ignore = unquantized_linears(model) if single else []
-    return schemes, ignore, scheme_of
+    result = QuantizationScheme(targets=targets or ["Linear"], weights=weight_args(*setting),
+                                input_activations=act_args(act_scheme) if act_scheme else None)
+    result.format = infer_module_format(nn.Linear, result).value
+    return result
 
 
 def compress_layer(qweight: QuantizedWeight, scheme, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -123,11 +160,6 @@ def warn_if_asymmetric(layers: dict):
                     "`AutoModelForCausalLM.from_pretrained` fails on it (upstream llm-compressor #1618); load it "
                     "with quantization_config=CompressedTensorsConfig(dequantize=True), or quantize with --sym "
                     "(sym: true) for a folder that loads plainly", len(asym))
-
-def routers(unquantized: list[dict]) -> list[str]:
-    """Module names of the MoE routers (left in full precision), from the unquantized-weights list."""
-    return [w["name"].rpartition(".")[0] for w in unquantized if w["why"] == "router"]
-
 
 def fused_expert_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every fused 3-D expert parameter (E, out, in) of the model, by full name."""
@@ -200,37 +232,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out_dir: str | os.PathL
     asymmetric pack-quantized ones, with transformers 5.23 + compressed-tensors 0.20, only with
     `quantization_config=CompressedTensorsConfig(dequantize=True)`: the default path sizes the
     zero-point parameter unpacked, and the packed checkpoint tensor is refused as a mismatch."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
-    experts = expert_layers(model)
-    layers = {**quantized_layers(model), **{n: (None, qw) for n, qw in experts.items()}}
-    if not layers:
-        require_quantized_layers(model, FMT)
-    check_layers(FMT, layers, act_scheme=act_scheme)
-    dtype = model_dtype(model)
-    warn_if_scales_round(FMT, layers, dtype)
-    warn_if_asymmetric(layers)
-
-    schemes, ignore, scheme_of = build_schemes(model, layers, act_scheme)
-    state_dict = model.state_dict()
-    if experts:
-        # the experts in the checkpoint's (unfused) layout; transformers' save-time conversion
-        # passes keys it has no rule for through unchanged
-        from transformers.core_model_loading import revert_weight_conversion
-        state_dict = revert_weight_conversion(model, state_dict)
-        # vLLM reads a MoE router as a Linear layer: a "Linear" target must not take it
-        ignore += [n for n in routers(unquantized_weights(model)) if n not in ignore]
-    for name, (_, qw) in layers.items():
-        replace_layer_entries(state_dict, name, compress_layer(qw, scheme_of[name], dtype))
-    transforms, matrices = transform_config(model)
-    state_dict.update(matrices)
-    save_folder(model, tokenizer, out_dir, state_dict)
-
-    formats = {scheme.format for scheme in schemes.values()}
-    config = QuantizationConfig(config_groups=schemes, ignore=ignore,
-                                format=formats.pop() if len(formats) == 1 else "mixed-precision",
-                                quantization_status=QuantizationStatus.COMPRESSED)
-    ModelCompressor(quantization_config=config, transform_config=transforms).update_config(str(out_dir))
+    CompressedTensors().write(model, tokenizer, out_dir, act_scheme)
 
 
 def transform_config(model: nn.Module):

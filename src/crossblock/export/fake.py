@@ -15,16 +15,17 @@ import torch
 from safetensors.torch import save_file
 
 from .common import save_folder
-from .formats import FORMATS, Format
+from .formats import FORMATS, Format, Written
 
 
 UNFOLDED_FILE = "crossblock_unfolded.safetensors"
 
 
-def folded_weights(model) -> dict[str, torch.Tensor]:
-    """name.weight -> W Hᵀ for every layer with a run-time input transform."""
+def folded_weights(modules) -> dict[str, torch.Tensor]:
+    """name.weight -> W Hᵀ for every layer with a run-time input transform among `modules`
+    ((full name, module) pairs)."""
     out = {}
-    for name, m in model.named_modules():
+    for name, m in modules:
         t = getattr(m, "crossblock_input_transform", None)
         if t is not None:
             out[f"{name}.weight"] = (m.weight.double() @ t.matrix().to(m.weight.device).T).to(m.weight.dtype)
@@ -34,13 +35,28 @@ def folded_weights(model) -> dict[str, torch.Tensor]:
 @FORMATS.register("fake")
 class Fake(Format):
     online_transforms = True  # folded into the dense weights
+    loading = """Dense weights on the quantized grid (fake quantization): any tool that reads a transformers
+model runs it.
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{out}")
+# with crossblock's activation quantizers and run-time rotations attached, as evaluated:
+import crossblock
+model = crossblock.load("{out}")
+```"""  # the model card's "Loading" section
 
     def accepts_grid(self, grid, model):
         pass  # dense weights: any grid
 
+    def tensors(self, model, modules, state, dtype, act_scheme):
+        """The dense state, each run-time input rotation folded into its layer's weight."""
+        return Written({**state, **folded_weights(modules)}, {}, {})
+
     def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
-        folded = folded_weights(model)
-        state = model.state_dict()
-        save_folder(model, tokenizer, out_dir, {**state, **folded} if folded else None)
-        if folded and act_scheme:
-            save_file({name: state[name].contiguous() for name in folded}, str(Path(out_dir) / UNFOLDED_FILE))
+        written = self.written(model, act_scheme)
+        save_folder(model, tokenizer, out_dir, written.state())
+        rotated = [f"{n}.weight" for n, m in model.named_modules() if getattr(m, "crossblock_input_transform", None)]
+        if rotated and act_scheme:  # W itself, exactly, beside W Hᵀ (module docstring)
+            state = model.state_dict()
+            save_file({name: state[name].contiguous() for name in rotated}, str(Path(out_dir) / UNFOLDED_FILE))

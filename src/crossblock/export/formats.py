@@ -1,4 +1,5 @@
-"""What each export format can represent, checked before quantization starts.
+"""The export formats' registry and their common interface (`Format`): what each can represent
+(checked before quantization starts), what it writes, and how it is read back.
 
 - fake: dense fake-quantized weights; anything goes.
 - compressed-tensors (compressed_tensors.py): 2, 4 or 8 bits. compressed-tensors 0.20 packs any width 1..8 densely
@@ -14,13 +15,20 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config import Registry
 from ..errors import CrossblockError
+from ..quant.grid import QuantizedWeight
+from ..quant.linear import is_conv1d
+from .common import (build_model, load_dense, model_dtype, plain_config, read_config, read_tensors, routers,
+                     save_folder, skeleton, unquantized_linears)
 
 
 def values_per_word_run(bits: int) -> int:
@@ -28,16 +36,50 @@ def values_per_word_run(bits: int) -> int:
     return 32 // math.gcd(32, bits)
 
 
+@dataclass
+class Written:
+    """What a format writes for a set of modules (the whole model, or one finished block of the
+    low-memory path): the same function (`Format.tensors`) gives both writers their tensors."""
+    plain: dict[str, torch.Tensor]  # the state dict's tensors written as they are (full names)
+    packed: dict[str, dict[str, torch.Tensor]]  # per quantized layer: the tensors replacing its weight (full keys)
+    layers: dict[str, tuple[nn.Module | None, QuantizedWeight]]  # the quantized layers, as the format names them
+    reverted: bool = False  # `plain` is in the checkpoint's layout already (transformers' save-time conversion)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The state dict save_pretrained gets: the plain tensors, then each layer's packed ones."""
+        return {**self.plain, **{k: v for entries in self.packed.values() for k, v in entries.items()}}
+
+
+@dataclass
+class Contents:
+    """What config.json's quantization_config is made of, gathered from the whole model (in
+    memory) or block by block (low-memory path)."""
+    settings: dict[str, tuple]  # each quantized layer, as written -> Format.setting of its record
+    full_precision: list[str]  # the linear layers left unquantized, in module order
+    routers: list[str]  # MoE routers (left unquantized) of a model whose experts are quantized, else []
+
+
 class Format:
-    """A checkpoint format: what it can store (`accepts`, checked before quantization starts and
-    again on the finished layers), the scale dtype its readers hold, and how it is written. A new
-    format is one file in export/ and one `@FORMATS.register` line."""
+    """A checkpoint format and all its I/O: what it can store (`accepts`, checked before
+    quantization starts and again on the finished layers), the tensors it writes for a set of
+    modules (`tensors`: the in-memory writer calls it on the whole model, the low-memory path on
+    each finished block), its config.json block (`write_config`) and how its folders are told
+    apart and read back (`recognizes`, `load`). A new format is one file in export/ with one
+    `@FORMATS.register` class, imported in export/__init__.py (docs/architecture.md)."""
     bits: tuple[int, ...] = ()
     online_transforms = False  # whether it can keep a run-time input rotation (rotate's down_proj Hadamard)
     packed = False  # it stores quantized layers as integers: a model with none cannot be written
+    streams = True  # --low-memory writes it block by block (False: it needs the whole model at once)
+    quant_method: str | None = None  # config.json's quantization_config["quant_method"] of its folders
+    file: str | None = None  # the one file it writes instead of an HF folder (gguf's model.gguf), if any
     # the save check (api.check_reload): the written folder, read back, gives the model's logits to
     # this share of the largest logit (float order of the dequantization; a packing bug is far above)
     reload_tolerance: float = 1e-4
+    # the model card's "Loading" section ({out}: the folder's name)
+    loading = """```python
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights
+```"""
 
     def unreadable(self, folder) -> str | None:
         """Why a valid folder of this format cannot be read back here (the save check is skipped,
@@ -48,6 +90,7 @@ class Format:
         """The dtype its scales are stored in (None: no packed scales)."""
         return None
 
+    # -- what it accepts ---------------------------------------------------------------------
     def accepts_grid(self, grid, model: nn.Module):
         """Raise CrossblockError if it cannot store this grid kind or model (before any work);
         the packed formats store the uniform grid only."""
@@ -68,9 +111,112 @@ class Format:
                                   "down_proj: use --no-rotate-online (rotations folded into weights only), "
                                   "format fake or compressed-tensors")
 
-    def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None, grid: dict | None = None):
-        """`grid`: what the grid's finishing pass recorded (crossblock.json's "grid"), if anything."""
+    def check_layer(self, name: str, qweight: QuantizedWeight):
+        """Raise CrossblockError if this finished layer's values cannot be stored (e.g. gptq's zero
+        points of 0); its settings were checked by `accepts`."""
+
+    def check_model(self, model: nn.Module, layers: dict[str, tuple[nn.Module | None, QuantizedWeight]]):
+        """Whole-model refusals and warnings of the in-memory writer, on the layers `tensors` found."""
+        if self.packed and not layers:
+            raise CrossblockError(f"{self.kind_name} export needs a quantized model, but no layer carries "
+                                  "integer weights")
+
+    # -- what it writes ------------------------------------------------------------------------
+    def setting(self, qweight: QuantizedWeight) -> tuple:
+        """What the config tells layers apart by (one config group per setting)."""
+        return qweight.bits, qweight.group_size, qweight.sym
+
+    def layers(self, model: nn.Module, modules) -> dict[str, tuple[nn.Module | None, QuantizedWeight]]:
+        """The quantized layers among `modules` ((full name, module) pairs), as the format writes
+        them: by default every layer carrying `crossblock_qweight`. `model`: the whole model, or the
+        low-memory path's skeleton (its conversion mapping names what is saved)."""
+        return {name: (m, m.crossblock_qweight) for name, m in modules
+                if getattr(m, "crossblock_qweight", None) is not None}
+
+    def layer_tensors(self, name: str, qweight: QuantizedWeight, dtype: torch.dtype,
+                      act_scheme: dict | None) -> dict[str, torch.Tensor]:
+        """The tensors (local names) that replace quantized layer `name`'s dense weight, from its
+        frozen record; `dtype`: the saved model's. Packed formats define it."""
         raise NotImplementedError
+
+    def tensors(self, model: nn.Module, modules, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                act_scheme: dict | None) -> Written:
+        """What is written for `modules` ((full name, module) pairs) whose state dict, under full
+        names, is `state`: the one function of the in-memory writer (the whole model) and the
+        low-memory path (each finished block, `model` its skeleton). A packed format drops each
+        quantized layer's dense weight for its `layer_tensors`; layers stored apart from any
+        module (module None: fused MoE experts, per expert) are named in the checkpoint's layout,
+        so the state is put in that layout first."""
+        if not self.packed:
+            return Written(state, {}, {})
+        modules = list(modules)
+        layers = self.layers(model, modules)
+        reverted = any(m is None for m, _ in layers.values())
+        if reverted:
+            from transformers.core_model_loading import revert_weight_conversion
+            state = revert_weight_conversion(model, state)
+        check_layers(self.kind_name, layers, act_scheme=act_scheme)
+        plain, packed = dict(state), {}
+        for name, (_, qw) in layers.items():
+            self.check_layer(name, qw)
+            del plain[f"{name}.weight"]
+            packed[name] = {f"{name}.{k}": v.detach().cpu().contiguous()
+                            for k, v in self.layer_tensors(name, qw, dtype, act_scheme).items()}
+        return Written(plain, packed, layers, reverted)
+
+    def write_config(self, folder, contents: Contents, act_scheme: dict | None):
+        """Add the format's quantization_config to the written config.json (none: a dense folder)."""
+
+    def write(self, model: nn.Module, tokenizer, out_dir, act_scheme: dict | None, grid: dict | None = None):
+        """The in-memory writer: `tensors` of the whole model, save_pretrained, `write_config`;
+        returns what the format records in crossblock.json (a dict, or None). `grid`: what the
+        grid's finishing pass recorded (crossblock.json's "grid"), if anything."""
+        written = self.written(model, act_scheme)
+        save_folder(model, tokenizer, out_dir, written.state())
+        self.write_config(out_dir, contents_of(model, self, written), act_scheme)
+
+    def written(self, model: nn.Module, act_scheme: dict | None) -> Written:
+        written = self.tensors(model, model.named_modules(), model.state_dict(), model_dtype(model), act_scheme)
+        self.check_model(model, written.layers)
+        return written
+
+    # -- how it is read back -------------------------------------------------------------------
+    def recognizes(self, folder: Path, quantization: dict | None) -> bool:
+        """Whether `folder` (config.json's quantization_config: `quantization`, None if absent) is
+        one of this format's: by its own file, else by quant_method (none: a dense folder)."""
+        if self.file is not None:
+            return (folder / self.file).is_file()
+        if quantization is None:
+            return self.quant_method is None
+        return (self.quant_method is not None and isinstance(quantization, dict)
+                and quantization.get("quant_method") == self.quant_method)
+
+    def read(self, quantization: dict, tensors: dict[str, torch.Tensor],
+             layout: nn.Module) -> dict[str, QuantizedWeight]:
+        """A packed folder's integer weights, per layer (taken out of `tensors`); `layout`: the
+        model's module tree on the meta device. Packed formats define it."""
+        raise NotImplementedError
+
+    def load(self, path, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+        """The folder as a transformers model with dense weights (`read`'s integers decoded exactly
+        as the fake-quant model computes them, `crossblock_qweight` re-attached)."""
+        if not self.packed:
+            return load_dense(path, device, dtype, trust_remote_code)
+        config = plain_config(path, trust_remote_code)
+        if dtype is not None:
+            config.dtype = dtype
+        tensors = read_tensors(path)
+        qweights = self.read(read_config(path)["quantization_config"], tensors, skeleton(config, trust_remote_code))
+        return build_model(config, {k: v.to(config.dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                           qweights, device, trust_remote_code, where=path)
+
+
+def contents_of(model: nn.Module, form: Format, written: Written) -> Contents:
+    """The in-memory model's Contents (the low-memory path gathers them per block)."""
+    from ..model.adapter import unquantized_weights
+    experts = any(getattr(m, "crossblock_qexperts", None) for m in model.modules())
+    return Contents({name: form.setting(qw) for name, (_, qw) in written.layers.items()}, unquantized_linears(model),
+                    routers(unquantized_weights(model)) if experts else [])
 
 
 FORMATS = Registry("export format")
@@ -94,6 +240,21 @@ def check_format(fmt: str, bits: int, group_size: int, sym: bool, in_features_li
                               f"(bits must be one of {', '.join(map(str, form.bits))})")
     form.accepts(bits, group_size, sym, set(in_features_list), set(out_features_list), has_conv1d, act_scheme,
                  list(fused_experts))
+
+
+def check_layers(fmt: str, layers: dict[str, tuple[nn.Module | None, QuantizedWeight]], **kwargs):
+    """check_format on the layers as they are, once per (bits, group_size, sym) setting."""
+    other = sorted({qw.kind for _, qw in layers.values()} - {"uniform"})
+    if other:
+        raise CrossblockError(f"{fmt} export cannot store GGUF-type layers ({', '.join(other)}): "
+                              "use --format gguf, or fake")
+    by_setting = defaultdict(list)
+    for module, qw in layers.values():
+        by_setting[(qw.bits, qw.group_size, qw.sym)].append((module, qw))
+    for (bits, group_size, sym), members in by_setting.items():
+        check_format(fmt, bits, group_size, sym, [qw.q.shape[1] for _, qw in members],
+                     out_features_list=[qw.q.shape[0] for _, qw in members],
+                     has_conv1d=any(is_conv1d(module) for module, _ in members if module is not None), **kwargs)
 
 
 def check_groups(fmt: str, group_size: int, in_features: set[int]):

@@ -51,6 +51,19 @@ def check_family(model):
 @FORMATS.register(FMT)
 class Gguf(Format):
     bits = tuple(UNIFORM_TYPES)
+    streams = False  # one file of the whole model (and the gguf grid's finishing pass needs it whole)
+    file = FILE
+    loading = """One GGUF file for llama.cpp.
+
+```bash
+llama-cli -m {out}/model.gguf -p "Once upon a time"
+llama-perplexity -m {out}/model.gguf -f wiki.test.raw
+```
+
+```python
+import crossblock
+model = crossblock.load("{out}")  # through transformers' GGUF reader
+```"""  # the model card's "Loading" section
 
     def unreadable(self, folder: Path) -> str | None:
         return why_transformers_cannot_read(Path(folder) / FILE)
@@ -86,6 +99,9 @@ class Gguf(Format):
     def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         refuse_act_scheme(FMT, act_scheme)
         return save_gguf(model, tokenizer, out_dir, grid)
+
+    def load(self, path, device="cpu", dtype=None, trust_remote_code=False):
+        return load_gguf(path, device, dtype)
 
 
 def record_of(module) -> QuantizedWeight | None:

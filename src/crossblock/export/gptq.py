@@ -24,8 +24,7 @@ from torch import nn
 
 from ..errors import CrossblockError
 from ..quant.grid import QuantizedWeight, num_groups
-from .common import (check_layers, layer_shape, replace_layer_entries, require_quantized_layers, save_folder,
-                     warn_if_scales_round, write_quantization_config)
+from .common import layer_shape, warn_if_scales_round, write_quantization_config
 from .formats import FORMATS, Format, check_groups, check_whole_words, refuse_act_scheme, values_per_word_run
 from .schema import check_stored, is_int, need
 
@@ -36,6 +35,17 @@ FMT = "gptq"
 class Gptq(Format):
     bits = (2, 3, 4, 8)
     packed = True
+    quant_method = FMT
+    loading = """GPTQ v1 layout (`qweight`, `qzeros`, `scales`, `g_idx`; `quantization_config` in config.json).
+
+```bash
+vllm serve {out} --quantization gptq
+```
+
+```python
+import crossblock
+model = crossblock.load("{out}")  # dense, exactly the evaluated weights (transformers needs gptqmodel)
+```"""  # the model card's "Loading" section
 
     def stored_scale_dtype(self, save_dtype):
         return torch.float16  # what transformers' GPTQConfig and vLLM read
@@ -47,9 +57,31 @@ class Gptq(Format):
         check_whole_words(bits, "in_features", in_features)
         check_whole_words(bits, "out_features", out_features)
 
+    def check_layer(self, name, qweight):
+        check_zero_points(name, qweight)
+
+    def check_model(self, model, layers):
+        refuse_fused_experts([n for n, m in model.named_modules() if getattr(m, "crossblock_qexperts", None)])
+        super().check_model(model, layers)
+        uniform_settings(layers)
+        warn_if_scales_round(FMT, layers, torch.float16)
+
+    def layer_tensors(self, name, qweight, dtype, act_scheme):
+        return gptq_tensors(qweight)
+
     def write(self, model, tokenizer, out_dir, act_scheme, grid=None):
         refuse_act_scheme(FMT, act_scheme)
-        save_gptq(model, tokenizer, out_dir)
+        super().write(model, tokenizer, out_dir, act_scheme, grid)
+
+    def write_config(self, folder, contents, act_scheme):
+        settings = sorted(set(contents.settings.values()))
+        if len(settings) != 1:
+            raise CrossblockError(f"gptq export needs one bits/group_size/sym setting for all layers, "
+                                  f"found {len(settings)}: {settings}; use compressed-tensors")
+        write_quantization_config(folder, gptq_config(*settings[0]))
+
+    def read(self, quantization, tensors, layout):
+        return read_gptq(quantization, tensors, layout)
 
 
 def refuse_fused_experts(fused_experts):
@@ -109,13 +141,12 @@ def gptq_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def uniform_settings(layers: dict) -> tuple[int, int, bool]:
+def uniform_settings(layers: dict):
     """GPTQ configs hold one (bits, group_size, sym) for the whole model."""
-    settings = {(qw.bits, qw.group_size, qw.sym) for _, qw in layers.values()}
+    settings = sorted({(qw.bits, qw.group_size, qw.sym) for _, qw in layers.values()})
     if len(settings) > 1:
         raise CrossblockError(f"gptq export needs one bits/group_size/sym setting for all layers, "
-                              f"found {len(settings)}: {sorted(settings)}; use compressed-tensors")
-    return settings.pop()
+                              f"found {len(settings)}: {settings}; use compressed-tensors")
 
 
 def check_zero_points(name: str, qweight: QuantizedWeight):
@@ -133,18 +164,7 @@ def gptq_config(bits: int, group_size: int, sym: bool) -> dict:
 
 def save_gptq(model: nn.Module, tokenizer, out_dir: str | os.PathLike):
     """Write `model` as a GPTQ v1 checkpoint (qweight / qzeros / scales / g_idx)."""
-    refuse_fused_experts([n for n, m in model.named_modules() if getattr(m, "crossblock_qexperts", None)])
-    layers = require_quantized_layers(model, FMT)
-    bits, group_size, sym = uniform_settings(layers)
-    check_layers(FMT, layers)
-    for name, (_, qw) in layers.items():
-        check_zero_points(name, qw)
-    warn_if_scales_round(FMT, layers, torch.float16)
-    state_dict = model.state_dict()
-    for name, (_, qw) in layers.items():
-        replace_layer_entries(state_dict, name, gptq_tensors(qw))
-    save_folder(model, tokenizer, out_dir, state_dict)
-    write_quantization_config(out_dir, gptq_config(bits, group_size, sym))
+    Gptq().write(model, tokenizer, out_dir, None)
 
 
 # -- reading ---------------------------------------------------------------------------------
