@@ -110,3 +110,4 @@ def test_cli_mix_of_builtin_and_a_file(tmp_path):
     assert calibration["files"] == ["builtin", str(CALIB_FILE)]
     windows = {s["source"]: s["windows"] for s in calibration["sources"]}
     assert windows[str(CALIB_FILE)] == 6 and sum(windows.values()) == 8
+    assert f"{CALIB_FILE} (6)" in (out / "README.md").read_text()  # the card names the sources

@@ -46,7 +46,10 @@ def card(folder: Path, info: dict) -> str:
              if acts else "full precision"), ("format", f"`{fmt}`")]
     calib = info.get("calibration")
     if calib:
-        rows.append(("calibration", f"{calib['nsamples']} x {calib['seqlen']} tokens "
+        sources = calib.get("sources")
+        origin = (" from " + ", ".join(f"{s['source']} ({s['windows']})" for s in sources)) if sources else \
+            (" from " + ", ".join(f"`{Path(f).name}`" for f in calib["files"])) if calib.get("files") else ""
+        rows.append(("calibration", f"{calib['nsamples']} x {calib['seqlen']} tokens{origin} "
                                     f"(sha256 of the ids `{calib['sha256'][:16]}`)"))
     blocks = info.get("blocks")
     if blocks:
