@@ -212,8 +212,9 @@ class WindowEngine:
 
     def gptq_init(self, w: torch.Tensor, h: torch.Tensor):
         g, st = self.grid, self.stage
+        rules = g.gptq_rules(w, st.clip_search) if hasattr(g, "gptq_rules") else None  # a grid's own (FP4)
         return gptq_quantize(w, h, g.bits, g.group_size, g.sym, st.damp, act_order=st.act_order,
-                             scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search)
+                             scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search, rules=rules)
 
     def rtn_init(self, w: torch.Tensor):
         """(base, scale, zero) of round-to-nearest on the min/max grid (clipped with clip_search)."""
