@@ -116,7 +116,7 @@ def fp4_layer_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def check_fp4_layers(layers: dict, act_scheme: dict | None):
-    if act_scheme is not None:
+    if layers and act_scheme is not None:
         raise CrossblockError(f"{FMT} export stores FP4 grids' weights only (NVFP4A16 / MXFP4A16): quantize "
                               "activations with the uniform grid, or use fake")
     for name, (_, qw) in layers.items():
