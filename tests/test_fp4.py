@@ -252,3 +252,38 @@ def test_formats_and_widths_refuse_before_work(fmt, r, match):
                         device="cpu")
     finally:
         rc.WindowEngine.quantize = before
+
+
+# -- GGUF: the mxfp4 grid is ggml's MXFP4 ------------------------------------------------------
+
+def test_mxfp4_blocks_decode_with_gguf_bit_for_bit():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from crossblock.export.gguf_pack import pack_mxfp4
+    gr, w = grid("mxfp4"), weight()
+    scale, zero = gr.params(w)
+    record = gr.frozen(gr.to_int(w, scale, zero), scale, zero)
+    data = pack_mxfp4(record.q.numpy(), fp4.e8m0_codes(record.scale).numpy())
+    decoded = torch.from_numpy(dequantize(data, GGMLQuantizationType.MXFP4).reshape(w.shape).copy())
+    fake = gr.fake_quantize(w, scale, zero)
+    assert torch.equal(decoded, fake)  # ggml writes +0.0 where compressed-tensors keeps -0.0: equal values
+
+
+@pytest.mark.slow
+def test_mxfp4_gguf_file_holds_the_fake_quant_weights(tokenizer, calib_text, tmp_path):
+    from gguf import GGUFReader
+    from test_gguf import file_tensors, tiny
+    from crossblock.export.gguf import FILE, rotary_permute
+    r = cb.Recipe.from_dict({"grid": {"type": "mxfp4"}, "data": DATA, "stages": [{"windows": {"init": "gptq"}}]})
+    model, report = cb.quantize(tiny(), tokenizer, r, calib=calib_text, format="gguf", progress=False, device="cpu")
+    cb.save(model, tokenizer, tmp_path / "g", format="gguf", report=report)  # the save check reloads it
+    tensors = file_tensors(tmp_path / "g" / FILE)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "g" / FILE)).tensors}
+    config = model.config
+    for i, block in enumerate(model.model.layers):
+        for hf, name, heads in (("self_attn.q_proj", "attn_q", config.num_attention_heads),
+                                ("self_attn.v_proj", "attn_v", 0), ("mlp.down_proj", "ffn_down", 0)):
+            w = block.get_submodule(hf).weight.detach()
+            expected = torch.from_numpy(rotary_permute(w.numpy(), heads) if heads else w.numpy())
+            assert types[f"blk.{i}.{name}.weight"] == "MXFP4"
+            assert torch.equal(torch.from_numpy(tensors[f"blk.{i}.{name}.weight"].copy()), expected), (i, hf)

@@ -113,10 +113,11 @@ def mx_exponent(amax: torch.Tensor) -> torch.Tensor:
 
 
 def mxfp4_scales(amax: torch.Tensor) -> torch.Tensor:
-    """Power-of-two group scales; straight through amax / 4 so clipping multipliers still learn."""
+    """Power-of-two group scales; straight through, d scale / d amax = scale / amax (the scale
+    moves in proportion to amax), so clipping multipliers still learn."""
     s = 2.0 ** mx_exponent(amax)
-    soft = amax / 2 ** MX_ELEM_EMAX
-    return s + (soft - soft.detach())
+    ref = amax.detach().clamp(min=torch.finfo(torch.float32).tiny)
+    return s + s.detach() * (amax - amax.detach()) / ref
 
 
 def params(w: torch.Tensor, kind: str, max_mult=None, glob: torch.Tensor | None = None):
