@@ -31,6 +31,7 @@ vllm serve {out}
 ```python
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{out}")  # asymmetric grids: quantization_config=CompressedTensorsConfig(dequantize=True)
+# nvfp4 / mxfp4 folders: from_pretrained("{out}", dtype=torch.bfloat16) (FP4 decompresses into bfloat16)
 import crossblock
 model = crossblock.load("{out}")  # dense, exactly the evaluated weights
 ```""",
