@@ -287,3 +287,32 @@ def test_mxfp4_gguf_file_holds_the_fake_quant_weights(tokenizer, calib_text, tmp
             expected = torch.from_numpy(rotary_permute(w.numpy(), heads) if heads else w.numpy())
             assert types[f"blk.{i}.{name}.weight"] == "MXFP4"
             assert torch.equal(torch.from_numpy(tensors[f"blk.{i}.{name}.weight"].copy()), expected), (i, hf)
+
+
+# -- recipes and checkpoints -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_yaml_spelling_round_trips(kind, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"preset: block\ngrid: {{type: {kind}}}\n")
+    r = cb.Recipe.from_yaml(str(path))
+    assert r.grid.kind_name == kind and r.grid.group_size == fp4.GROUP[kind]
+    assert r.summary().startswith(kind.upper())
+    assert cb.Recipe.from_dict(r.to_dict()) == r
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_frozen_layer_resumes_from_its_checkpoint_state(kind):
+    from crossblock.quant.linear import QuantLinear
+    from crossblock.roundings import SignRound
+    lin = torch.nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(weight(8, 64))
+    layer = QuantLinear(lin, grid(kind), SignRound(), lwc=True)
+    with torch.no_grad():
+        layer.offset.uniform_(-0.5, 0.5)
+    layer.freeze()
+    again = QuantLinear(lin, grid(kind), SignRound(), lwc=True)
+    again.load_checkpoint_state(layer.checkpoint_state())
+    assert again.q.dtype == torch.uint8
+    assert torch.equal(again.quantized_weight().view(torch.int32), layer.quantized_weight().view(torch.int32))
