@@ -192,6 +192,20 @@ def test_packed_folder_decompresses_to_the_fake_quant_weights(kind, tmp_path):
 
 
 @pytest.mark.slow
+def test_layers_vllm_fuses_share_one_nvfp4_global_scale():
+    """q/k/v and gate/up: one global scale from their joint amax (vLLM keeps one per fused matmul)."""
+    model = stories("nvfp4", "block")[0]
+    fp, _ = load_stories()
+    for i, block in enumerate(model.model.layers):
+        for family in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            globs = {block.get_submodule(n).crossblock_qweight.zero.unique().item() for n in family}
+            amax = max(fp.model.layers[i].get_submodule(n).weight.abs().max() for n in family)
+            assert globs == {(448 * 6 / amax).item()}, (i, family)  # a float32 division
+        own = block.self_attn.o_proj.crossblock_qweight.zero.unique().item()
+        assert own == (448 * 6 / fp.model.layers[i].self_attn.o_proj.weight.abs().max()).item()
+
+
+@pytest.mark.slow
 def test_fake_folder_loads_back_with_the_fp4_records(tmp_path):
     model, tok, report = stories("nvfp4", "rtn")
     cb.save(model, tok, tmp_path / "f", format="fake", report=report)

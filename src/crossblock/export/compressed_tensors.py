@@ -19,8 +19,8 @@ Conventions, theirs against ours (quant/grid.py):
   or E8M0 codes as uint8) and, for nvfp4, `weight_global_scale` (float32, shape [1]); formats
   nvfp4-pack-quantized / mxfp4-pack-quantized. The library's own decompression gives the
   fake-quant weights (in bfloat16, its unpacking dtype; bit for bit in float32 through its
-  `dequantize`). vLLM fuses q/k/v and gate/up and wants one global scale for them; crossblock
-  gives each layer its own (not tested in vLLM).
+  `dequantize`). vLLM fuses q/k/v and gate/up and keeps one global scale for them: the nvfp4
+  grid gives them a shared one (grids/nvfp4.py: for_block; not run in vLLM).
 - rotate's run-time rotation x -> x H before down_proj is the library's transform config: one
   `random-hadamard` scheme at location `input` per distinct H, its matrix stored as
   `<layer>.<scheme>_input.weight` = sqrt(n) H, since both compressed-tensors and vLLM apply

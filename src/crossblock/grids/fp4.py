@@ -26,6 +26,7 @@ class Fp4Grid(Config):
     sym: bool
     bits = 4
     scale_torch_dtype = None  # the scales are the format's own (E4M3 / E8M0), never rounded to another
+    fixed_global: float | None = None  # nvfp4: a global scale shared with other layers (Nvfp4Grid.for_block)
 
     @property
     def group(self) -> int:
@@ -63,7 +64,15 @@ class Fp4Grid(Config):
 
     def params(self, w, max_mult=None, min_mult=None):
         """(scale, zero): group scales and the global scale per group; min_mult is unused (symmetric)."""
-        return fp4.params(w, self.kind_name, max_mult)
+        return fp4.params(w, self.kind_name, max_mult, self.global_scale(w))
+
+    def global_scale(self, w) -> torch.Tensor | None:
+        """nvfp4: the shared global scale if one was set, else w's own; mxfp4: None."""
+        if self.kind_name != "nvfp4":
+            return None
+        if self.fixed_global is not None:
+            return torch.tensor(self.fixed_global, dtype=torch.float32, device=w.device)
+        return fp4.global_scale(w)
 
     def to_int(self, w, scale, zero, offset=None):
         """E2M1 values (float, straight-through) of w; `offset` added to W / step before rounding."""
@@ -87,7 +96,7 @@ class Fp4Grid(Config):
         best_err = torch.full_like(best_ratio, float("inf"))
         for ratio in CLIP_RATIOS:
             mult = torch.full_like(best_ratio, ratio)
-            scale, zero = fp4.params(w, self.kind_name, mult, glob)
+            scale, zero = fp4.params(w, self.kind_name, mult, self.global_scale(w) if glob is None else glob)
             err = fp4.group_view((self.fake_quantize(w, scale, zero) - w) ** 2, self.group).sum(-1)
             better = err < best_err
             best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, mult, best_ratio)
@@ -97,7 +106,7 @@ class Fp4Grid(Config):
         """GPTQ's two steps on this grid (engine/gptq.py): a group's (scale, zero) from its columns
         as error feedback left them, each (out,); one column rounded on them. NVFP4's global scale
         stays the one of the whole weight before GPTQ."""
-        glob = fp4.global_scale(w) if self.kind_name == "nvfp4" else None
+        glob = self.global_scale(w)
 
         def group_grid(cols):
             ratio = self.search_clip(cols, glob) if clip_search else None
