@@ -120,7 +120,8 @@ def check_fp4_layers(layers: dict, act_scheme: dict | None):
         raise CrossblockError(f"{FMT} export stores FP4 grids' weights only (NVFP4A16 / MXFP4A16): quantize "
                               "activations with the uniform grid, or use fake")
     for name, (_, qw) in layers.items():
-        need(qw.q.shape[1] % fp4.GROUP[qw.kind] == 0, f"{FMT} layer {name}", f"input width {qw.q.shape[1]} is not a multiple of {fp4.GROUP[qw.kind]}")
+        group = fp4.GROUP[qw.kind]
+        need(qw.q.shape[1] % group == 0, f"{FMT} layer {name}", f"input width {qw.q.shape[1]} is not a multiple of {group}")
 
 
 def weight_args(bits: int, group_size: int, sym: bool):

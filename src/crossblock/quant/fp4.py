@@ -108,8 +108,14 @@ def nvfp4_scales(amax: torch.Tensor, glob: torch.Tensor) -> torch.Tensor:
 
 def mx_exponent(amax: torch.Tensor) -> torch.Tensor:
     """MXFP4's unbiased E8M0 exponent of each group max, within the codes 0..254 (255 is NaN)."""
-    e = torch.floor(torch.log2(round_power_2(amax.detach()))) - MX_ELEM_EMAX
+    p2 = round_power_2(amax.detach())  # a power of two, or 0 (amax 0 or subnormal: log2 is -inf there)
+    e = torch.where(p2 > 0, exponent_of(p2) - MX_ELEM_EMAX, torch.full_like(p2, -127.0))
     return e.clamp(-127, 127)
+
+
+def exponent_of(p2: torch.Tensor) -> torch.Tensor:
+    """log2 of powers of two (subnormals too), exactly: frexp's exponent, not a libm log2."""
+    return (torch.frexp(p2).exponent - 1).float()
 
 
 def mxfp4_scales(amax: torch.Tensor) -> torch.Tensor:
@@ -151,7 +157,7 @@ def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int)
 
 def e8m0_codes(scale: torch.Tensor) -> torch.Tensor:
     """Power-of-two scales -> biased E8M0 codes (uint8), compressed-tensors' compress_mx_scale."""
-    return (127 + torch.floor(torch.log2(scale.float())).to(torch.int32)).to(torch.uint8)
+    return (127 + exponent_of(scale.float())).to(torch.uint8)
 
 
 def pack_codes(q: torch.Tensor) -> torch.Tensor:
