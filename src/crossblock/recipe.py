@@ -27,6 +27,7 @@ from pathlib import Path
 from .config import Config
 from .errors import CrossblockError
 from .grids import GRIDS, GgufGrid, UniformGrid
+from .grids.fp4 import Fp4Grid
 from .precision import PRECISIONS
 from .roundings import ROUNDINGS, AdaRound, LoraRound
 from .stages import STAGES, Cfp, Finetune, Rotate, Stage, Train, Windows
@@ -118,6 +119,7 @@ class Recipe(Config):
         g, w, a = self.grid, self.windows, self.activations
         acts = f"A{a.bits}" if a.bits < 16 else ""
         grid = (f"GGUF {g.quant}{' ' + acts if acts else ''}" if isinstance(g, GgufGrid) else
+                f"{g.kind_name.upper()}{' ' + acts if acts else ''}" if isinstance(g, Fp4Grid) else
                 f"W{g.bits}{acts} g{g.group_size} {'sym' if g.sym else 'asym'}")
         text = (f"{grid}, "
                 f"stages {' -> '.join(s.kind_name for s in self.stages)}, window {w.window} stride {w.stride} "

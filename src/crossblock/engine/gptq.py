@@ -69,8 +69,10 @@ def _quantize_column(w, scale, zero, qmax):
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, sym: bool,
                   damp: float = 0.01, block: int = 128, act_order: bool = False,
-                  scale_dtype: torch.dtype | None = None, clip_search: bool = False):
-    """Returns (W', scale, zero): the weight (out, in) float32 as error feedback had left each column
+                  scale_dtype: torch.dtype | None = None, clip_search: bool = False, rules=None):
+    """`rules`: a grid's own (group_grid(columns) -> (scale, zero), column(w, scale, zero) -> rounded
+    column), e.g. FP4 (grids/fp4.py: gptq_rules); None: the uniform grid of bits / sym.
+    Returns (W', scale, zero): the weight (out, in) float32 as error feedback had left each column
     when it was rounded, and the grid. Rounding W' to nearest on that grid gives GPTQ's integers;
     it is also where reconstruction starts from (`--init gptq`): a learnable rounding offset then
     explores GPTQ's neighbours instead of sitting on grid points."""
@@ -82,12 +84,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
     w[:, dead] = 0
     g = cin if group_size == -1 else group_size
     qmax = 2 ** bits - 1
+    if rules is None:
+        rules = (lambda cols: _group_grid(cols, bits, sym, scale_dtype, clip_search),
+                 lambda col, s, z: _quantize_column(col, s, z, qmax)[1])
+    group_grid, round_column = rules
     groups = num_groups(cin, group_size)
     scale = torch.zeros(out, groups, device=w.device)
     zero = torch.zeros(out, groups, device=w.device)
     if act_order:
         for gi in range(groups):
-            scale[:, gi], zero[:, gi] = _group_grid(w[:, gi * g:(gi + 1) * g], bits, sym, scale_dtype, clip_search)
+            scale[:, gi], zero[:, gi] = group_grid(w[:, gi * g:(gi + 1) * g])
         perm = torch.argsort(torch.diag(h), descending=True)
     else:
         perm = torch.arange(cin, device=w.device)
@@ -107,9 +113,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
             if not act_order and col % g == 0:
                 # the group's columns as error feedback has left them so far
                 upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g]
-                scale[:, gi], zero[:, gi] = _group_grid(upcoming, bits, sym, scale_dtype, clip_search)
+                scale[:, gi], zero[:, gi] = group_grid(upcoming)
             unrounded[:, i1 + i] = w1[:, i]
-            _, wq[:, i1 + i] = _quantize_column(w1[:, i], scale[:, gi], zero[:, gi], qmax)
+            wq[:, i1 + i] = round_column(w1[:, i], scale[:, gi], zero[:, gi])
             e = (w1[:, i] - wq[:, i1 + i]) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e

@@ -153,12 +153,16 @@ class WindowEngine:
     def wrap(self, j: int, block_input, generator: torch.Generator):
         """Wrap block j's linears and fused experts; `block_input()` gives its calibration input,
         computed only if the initialization needs it (GPTQ, static activation steps)."""
-        for name, module, fused in self.targets(j):
+        targets = self.targets(j)
+        # a grid may tie a block's layers together (nvfp4: vLLM's fused q/k/v share a global scale)
+        tied = self.grid.for_block({n: weight_of(m) for n, m, fused in targets if not fused}) \
+            if hasattr(self.grid, "for_block") else {}
+        for name, module, fused in targets:
             if fused:
                 set_submodule(self.blocks[j], name, self.new_experts(module, generator))
                 continue
             # a grid may differ per layer (a GGUF mixture) or leave a layer in full precision
-            grid = self.grid.for_layer(name, j, len(self.blocks), weight_of(module).shape[1])
+            grid = tied.get(name) or self.grid.for_layer(name, j, len(self.blocks), weight_of(module).shape[1])
             if grid is not None:
                 set_submodule(self.blocks[j], name, self.new_layer(module, generator, grid))
         if not self.stage.needs_block_input(self.static_acts):
@@ -211,8 +215,9 @@ class WindowEngine:
 
     def gptq_init(self, w: torch.Tensor, h: torch.Tensor):
         g, st = self.grid, self.stage
+        rules = g.gptq_rules(w, st.clip_search) if hasattr(g, "gptq_rules") else None  # a grid's own (FP4)
         return gptq_quantize(w, h, g.bits, g.group_size, g.sym, st.damp, act_order=st.act_order,
-                             scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search)
+                             scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search, rules=rules)
 
     def rtn_init(self, w: torch.Tensor):
         """(base, scale, zero) of round-to-nearest on the min/max grid (clipped with clip_search)."""

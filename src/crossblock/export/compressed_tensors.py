@@ -14,6 +14,13 @@ Conventions, theirs against ours (quant/grid.py):
 - scales have shape (out, groups), (out, 1) per channel, in the model dtype: the loader
   creates them that way. For float32 models the dequantized weights are bit-identical to the
   fake-quant ones; for fp16/bf16 models they are iff the scales are representable in that dtype.
+- FP4 grids (nvfp4, mxfp4) are written as llm-compressor writes NVFP4A16 / MXFP4A16:
+  `weight_packed` (uint8, two E2M1 codes a byte, the even column low), `weight_scale` (E4M3,
+  or E8M0 codes as uint8) and, for nvfp4, `weight_global_scale` (float32, shape [1]); formats
+  nvfp4-pack-quantized / mxfp4-pack-quantized. The library's own decompression gives the
+  fake-quant weights (in bfloat16, its unpacking dtype; bit for bit in float32 through its
+  `dequantize`). vLLM fuses q/k/v and gate/up and keeps one global scale for them: the nvfp4
+  grid gives them a shared one (grids/nvfp4.py: for_block; not run in vLLM).
 - rotate's run-time rotation x -> x H before down_proj is the library's transform config: one
   `random-hadamard` scheme at location `input` per distinct H, its matrix stored as
   `<layer>.<scheme>_input.weight` = sqrt(n) H, since both compressed-tensors and vLLM apply
@@ -29,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import CrossblockError
+from ..quant import fp4
 from ..quant.grid import QuantizedWeight, dequantize, num_groups
 from ..quant.experts import expert_params, is_fused_experts
 from .common import layer_shape, model_dtype, save_folder, warn_if_scales_round
@@ -54,12 +62,22 @@ vllm serve {out}
 ```python
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{out}")  # asymmetric grids: quantization_config=CompressedTensorsConfig(dequantize=True)
+# nvfp4 / mxfp4 folders: from_pretrained("{out}", dtype=torch.bfloat16) (FP4 decompresses into bfloat16)
 import crossblock
 model = crossblock.load("{out}")  # dense, exactly the evaluated weights
 ```"""  # the model card's "Loading" section
 
     def stored_scale_dtype(self, save_dtype):
         return save_dtype
+
+    def accepts_grid(self, grid, model):
+        if grid.kind_name in fp4.GROUP:
+            from ..quant.linear import is_conv1d
+            if any(is_conv1d(m) for m in model.modules()):
+                raise CrossblockError("compressed-tensors export cannot store Conv1D layers (GPT-2 style): "
+                                      "its transformers loader only handles nn.Linear; use fake")
+            return
+        super().accepts_grid(grid, model)
 
     def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme, fused_experts=()):
         check_groups(FMT, group_size, in_features)
@@ -77,7 +95,17 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         modules = list(modules)
         return {**super().layers(model, modules), **{n: (None, qw) for n, qw in expert_layers(model, modules).items()}}
 
+    def setting(self, qweight):
+        return layer_scheme_key(qweight)
+
+    def check_layers(self, layers, act_scheme):
+        fp4_layers = {n: v for n, v in layers.items() if v[1].kind in fp4.GROUP}
+        check_fp4_layers(fp4_layers, act_scheme)
+        super().check_layers({n: v for n, v in layers.items() if n not in fp4_layers}, act_scheme)
+
     def layer_tensors(self, name, qweight, dtype, act_scheme):
+        if qweight.kind in fp4.GROUP:
+            return fp4_layer_tensors(qweight)
         return compress_layer(qweight, scheme(self.setting(qweight), act_scheme), dtype)
 
     def check_model(self, model, layers):
@@ -116,6 +144,48 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         return read_compressed_tensors(layout, quantization, tensors)
 
 
+def layer_scheme_key(qweight: QuantizedWeight) -> tuple:
+    """(bits, group_size, sym) of a uniform layer; (kind,) of an FP4 one."""
+    return (qweight.kind,) if qweight.kind in fp4.GROUP else (qweight.bits, qweight.group_size, qweight.sym)
+
+
+def scheme_args(key: tuple):
+    return fp4_args(key[0]) if key[0] in fp4.GROUP else weight_args(*key)
+
+
+def fp4_args(kind: str):
+    """llm-compressor's NVFP4A16 / MXFP4A16 weight arguments."""
+    from compressed_tensors.quantization import QuantizationArgs
+    if kind == "nvfp4":
+        return QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", symmetric=True, dynamic=False,
+                                group_size=16, scale_dtype=torch.float8_e4m3fn, zp_dtype=torch.float8_e4m3fn)
+    return QuantizationArgs(num_bits=4, type="float", strategy="group", symmetric=True, dynamic=False,
+                            group_size=32, scale_dtype=torch.uint8, zp_dtype=torch.uint8)
+
+
+def fp4_layer_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """An FP4 layer's checkpoint tensors (module docstring) from its frozen record."""
+    entries = {"weight_packed": fp4.pack_codes(qweight.q)}
+    if qweight.kind == "mxfp4":
+        entries["weight_scale"] = fp4.e8m0_codes(qweight.scale)
+        return entries
+    glob = qweight.zero.reshape(-1)[:1].float()
+    if not bool((qweight.zero == glob).all()):
+        raise CrossblockError(f"{FMT} export: an nvfp4 layer has more than one global scale; use fake")
+    entries["weight_scale"] = qweight.scale.to(torch.float8_e4m3fn)
+    entries["weight_global_scale"] = glob.clone()
+    return entries
+
+
+def check_fp4_layers(layers: dict, act_scheme: dict | None):
+    if layers and act_scheme is not None:
+        raise CrossblockError(f"{FMT} export stores FP4 grids' weights only (NVFP4A16 / MXFP4A16): quantize "
+                              "activations with the uniform grid, or use fake")
+    for name, (_, qw) in layers.items():
+        group = fp4.GROUP[qw.kind]
+        need(qw.q.shape[1] % group == 0, f"{FMT} layer {name}", f"input width {qw.q.shape[1]} is not a multiple of {group}")
+
+
 def weight_args(bits: int, group_size: int, sym: bool):
     from compressed_tensors.quantization import QuantizationArgs
     if group_size == -1:
@@ -124,11 +194,11 @@ def weight_args(bits: int, group_size: int, sym: bool):
 
 
 def scheme(setting: tuple, act_scheme: dict | None, targets: list[str] | None = None):
-    """The QuantizationScheme of layers of one (bits, group_size, sym) setting, targeting
+    """The QuantizationScheme of layers of one setting ((bits, group_size, sym), or (fp4 kind,)), targeting
     `targets` by name (None: every "Linear"); its format is the compressor the library picks."""
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.quantization import QuantizationScheme
-    result = QuantizationScheme(targets=targets or ["Linear"], weights=weight_args(*setting),
+    result = QuantizationScheme(targets=targets or ["Linear"], weights=scheme_args(setting),
                                 input_activations=act_args(act_scheme) if act_scheme else None)
     result.format = infer_module_format(nn.Linear, result).value
     return result
@@ -138,8 +208,11 @@ def compress_layer(qweight: QuantizedWeight, scheme, dtype: torch.dtype) -> dict
     """The layer's checkpoint tensors, packed by the library's compressor.
 
     The compressor re-quantizes a float weight with the given scale and zero point; it gets
-    scale * (q - zero) and the scale, both float32, so that rounding gives back q exactly."""
+    scale * (q - zero) and the scale, both float32, so that rounding gives back q exactly.
+    FP4 layers are packed here (fp4_layer_tensors): their codes are already what is stored."""
     from compressed_tensors.compressors import BaseCompressor
+    if qweight.kind in fp4.GROUP:
+        return fp4_layer_tensors(qweight)
     offset = 2 ** (qweight.bits - 1)
     scale = qweight.scale.to(dtype).float()  # what the loader will hold, widened for exact division
     entries = {"weight": dequantize(qweight.q, scale, qweight.zero, qweight.group_size), "weight_scale": scale}
@@ -205,7 +278,7 @@ def expert_layers(model: nn.Module, modules=None) -> dict[str, QuantizedWeight]:
     layers = {}
     for name, (source, r) in expert_rows(model, {k: p.shape for k, (p, _) in fused.items()}).items():
         qw = fused[source][1]
-        layers[name] = QuantizedWeight(qw.q[r], qw.scale[r], qw.zero[r], qw.bits, qw.group_size, qw.sym)
+        layers[name] = QuantizedWeight(qw.q[r], qw.scale[r], qw.zero[r], qw.bits, qw.group_size, qw.sym, qw.kind)
     return layers
 
 
@@ -219,7 +292,7 @@ def fuse_expert_layers(layout: nn.Module, layers: dict[str, QuantizedWeight]) ->
         if source not in out:
             rows, groups = shape[0] * shape[1], qw.scale.shape[1]
             out[source] = QuantizedWeight(torch.zeros(rows, shape[2], dtype=torch.uint8), torch.zeros(rows, groups),
-                                          torch.zeros(rows, groups), qw.bits, qw.group_size, qw.sym)
+                                          torch.zeros(rows, groups), qw.bits, qw.group_size, qw.sym, qw.kind)
         out[source].q[r], out[source].scale[r], out[source].zero[r] = qw.q, qw.scale, qw.zero
     return out
 
@@ -267,6 +340,8 @@ def read_layer(tensors: dict, name: str, args, shape: tuple[int, int] | None = N
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     bits, offset = args.num_bits, 2 ** (args.num_bits - 1)
     where = f"compressed-tensors layer {name}"
+    if args.type == "float" and bits == 4 and args.group_size in (16, 32):
+        return read_fp4_layer(tensors, name, args, shape)
     need(is_int(bits) and 1 <= bits <= 8, where, f"num_bits must be in 1..8, got {bits!r}")
     if args.strategy not in ("channel", "group") or args.type != "int":
         raise CrossblockError(f"{where}: crossblock reads int weights with channel "
@@ -303,6 +378,32 @@ def read_layer(tensors: dict, name: str, args, shape: tuple[int, int] | None = N
     group_size = -1 if args.strategy == "channel" else args.group_size
     return QuantizedWeight((q_ct.to(torch.int16) + offset).to(torch.uint8), scale, zero,
                            bits, group_size, bool(args.symmetric))
+
+
+def read_fp4_layer(tensors: dict, name: str, args, shape: tuple[int, int] | None) -> QuantizedWeight:
+    """An nvfp4 / mxfp4 layer's record from weight_packed, weight_scale (and weight_global_scale)."""
+    kind = "nvfp4" if args.group_size == 16 else "mxfp4"
+    scale_dtype = torch.float8_e4m3fn if kind == "nvfp4" else torch.uint8
+    check_stored(FMT, name, tensors, {"weight_packed": (None, torch.uint8)})
+    rows, half = tensors[f"{name}.weight_packed"].shape
+    if shape is not None:
+        need((rows, 2 * half) == tuple(shape), f"{FMT} tensor {name}.weight_packed",
+             f"{rows}x{half} bytes, but the layer's weight is {shape[0]}x{shape[1]}")
+    groups = 2 * half // args.group_size
+    check_stored(FMT, name, tensors, {"weight_scale": ((rows, groups), scale_dtype),
+                                      **({"weight_global_scale": ((1,), torch.float32)} if kind == "nvfp4" else {})},
+                 f" for the layer's {rows}x{2 * half} weight ({kind})")
+    q = fp4.unpack_codes(tensors.pop(f"{name}.weight_packed"))
+    stored = tensors.pop(f"{name}.weight_scale")
+    if kind == "nvfp4":
+        scale = stored.float()
+        zero = tensors.pop(f"{name}.weight_global_scale").float().expand(rows, groups).clone()
+    else:
+        need(int(stored.max()) < 255 if stored.numel() else True, f"{FMT} tensor {name}.weight_scale",
+             "E8M0 code 255 (NaN)")
+        scale = 2.0 ** (stored.float() - 127)
+        zero = torch.ones(rows, groups)
+    return QuantizedWeight(q, scale, zero, 4, args.group_size, True, kind)
 
 
 def drop_transform_matrices(transforms: dict | None, tensors: dict):

@@ -115,6 +115,11 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         """Raise CrossblockError if this finished layer's values cannot be stored (e.g. gptq's zero
         points of 0); its settings were checked by `accepts`."""
 
+    def check_layers(self, layers: dict[str, tuple[nn.Module | None, QuantizedWeight]], act_scheme: dict | None):
+        """Raise CrossblockError if the finished layers' settings cannot be stored (`accepts`, once
+        per setting, on the layers as they are)."""
+        check_layers(self.kind_name, layers, act_scheme=act_scheme)
+
     def check_model(self, model: nn.Module, layers: dict[str, tuple[nn.Module | None, QuantizedWeight]]):
         """Whole-model refusals and warnings of the in-memory writer, on the layers `tensors` found."""
         if self.packed and not layers:
@@ -155,7 +160,7 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         if reverted:
             from transformers.core_model_loading import revert_weight_conversion
             state = revert_weight_conversion(model, state)
-        check_layers(self.kind_name, layers, act_scheme=act_scheme)
+        self.check_layers(layers, act_scheme)
         plain, packed = dict(state), {}
         for name, (_, qw) in layers.items():
             self.check_layer(name, qw)

@@ -7,6 +7,8 @@ Tensors, per llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, outp
 - a uniform grid maps only where ggml decodes the same floats: symmetric, groups of 32, fp16
   scales, 4 / 5 / 8 bits -> Q4_0 / Q5_0 / Q8_0 (scale * (q - 2**(bits-1)) is ggml's
   d * (q - zero)); asymmetric uniform grids are refused (Q4_1 decodes d * q + m, another float);
+- the mxfp4 grid is ggml's MXFP4 (32 E2M1 codes and one E8M0 scale a block: the same values,
+  gguf_pack.pack_mxfp4); nvfp4 is refused (ggml's NVFP4 has no per-tensor global scale);
 - everything else (norms, layers left in full precision) in the model's float dtype (F32, F16,
   BF16), so the file decodes to exactly the model.
 llama.cpp's converter permutes the rows of llama's q_proj and k_proj (its rotary layout); rows
@@ -26,10 +28,11 @@ from ..errors import CrossblockError
 from ..model.architectures import architecture, families
 from ..model.loading import from_pretrained_exactly
 from ..quant import gguf as gq
+from ..quant.fp4 import e8m0_codes
 from ..quant.grid import QuantizedWeight
 from .common import model_dtype
 from .formats import FORMATS, Format, check_groups, refuse_act_scheme
-from .gguf_pack import pack
+from .gguf_pack import pack, pack_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,10 @@ model = crossblock.load("{out}")  # through transformers' GGUF reader
                     "gguf export stores a uniform grid only as Q4_0 / Q5_0 / Q8_0 (symmetric, fp16 scales, group "
                     "size 32); for asymmetric grids use the gguf grid ({type: gguf, quant: Q4_1} or --gguf-type "
                     "Q4_1), whose values are ggml's d * q + m")
-        elif grid.kind_name != "gguf":
+        elif grid.kind_name == "nvfp4":
+            raise CrossblockError("gguf export cannot store the nvfp4 grid: ggml's NVFP4 has no per-tensor "
+                                  "global scale; use mxfp4 (ggml's MXFP4), compressed-tensors or fake")
+        elif grid.kind_name not in ("gguf", "mxfp4"):  # mxfp4: ggml's MXFP4, block for block
             super().accepts_grid(grid, model)
 
     def accepts(self, bits, group_size, sym, in_features, out_features, has_conv1d, act_scheme, fused_experts=()):
@@ -127,6 +133,8 @@ def tensor_data(weight: torch.Tensor, qw: QuantizedWeight | None, dense: str | N
         if kind == "BF16":
             return w.view(torch.int16).numpy().view(np.uint8).reshape(w.shape[0], -1), kind
         return w.to(torch.float32 if kind == "F32" else torch.float16).numpy(), kind
+    if qw.kind == "mxfp4":
+        return pack_mxfp4(qw.q.numpy(), e8m0_codes(qw.scale).numpy()), "MXFP4"
     t = gq.TYPES[qw.kind]
     codes = {k: v.numpy() for k, v in gq.codes(t, qw.scale, qw.zero).items()}
     return pack(t, qw.q.numpy(), codes), qw.kind
@@ -225,6 +233,8 @@ def file_type(model) -> int:
     if not kinds:
         return int(gguf.LlamaFileType.ALL_F32)
     kind = max(set(kinds), key=kinds.count)
+    if kind == "mxfp4":
+        return int(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)  # llama.cpp's only MXFP4 file type
     if kind in ("Q3_K", "Q4_K", "Q5_K"):  # llama.cpp names K-quant files by mixture: _M mixed, _S not
         kind += "_M" if len(set(kinds)) > 1 else "_S"
     return int(getattr(gguf.LlamaFileType, f"MOSTLY_{kind}"))

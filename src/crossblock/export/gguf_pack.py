@@ -58,6 +58,15 @@ def q3k_scales(sc: np.ndarray) -> np.ndarray:
     return np.concatenate([low, high], axis=1)
 
 
+def pack_mxfp4(codes: np.ndarray, exponent_codes: np.ndarray) -> np.ndarray:
+    """ggml's MXFP4 block (32 weights, 17 bytes): the E8M0 scale code, then byte j = code j | code
+    j+16 << 4; E2M1 codes (sign in bit 3) are ggml's kvalues indices. (out, in) -> (out, in / 32 * 17)."""
+    out_features = codes.shape[0]
+    q = codes.reshape(-1, 32).astype(np.uint8)
+    e = exponent_codes.reshape(-1, 1).astype(np.uint8)
+    return np.concatenate([e, nibbles(q[:, :16], q[:, 16:])], axis=1).reshape(out_features, -1)
+
+
 def pack(t: GgufType, q: np.ndarray, codes: dict[str, np.ndarray]) -> np.ndarray:
     out_features = q.shape[0]
     q = q.reshape(-1, t.block).astype(np.uint8)       # one row per block

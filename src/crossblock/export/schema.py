@@ -92,6 +92,9 @@ def check_qweight(name: str, qw: QuantizedWeight, layer: nn.Module):
         need(bool(torch.isfinite(t).all()), where, f"{what} hold NaN or Inf")
     top = 2 ** qw.bits - 1
     need(int(qw.q.max()) <= top if qw.q.numel() else True, where, f"integers exceed {top}, the {qw.bits}-bit maximum")
+    if qw.kind in ("nvfp4", "mxfp4"):  # E2M1 codes; zero holds the global scale (quant/fp4.py)
+        need(bool((qw.scale > 0).all() and (qw.zero > 0).all()), where, "scales must be positive")
+        return
     need(bool(((qw.zero >= 0) & (qw.zero <= top)).all()), where, f"zero points outside 0..{top}")
 
 

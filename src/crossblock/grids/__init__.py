@@ -9,10 +9,13 @@ cannot run) and `finish` (after the stages) let a grid differ per layer. A new g
 here and one `@GRIDS.register` line.
 
 - uniform.py: min-max integers, per channel or group (the default);
-- gguf.py: llama.cpp's GGUF types and mixtures (Q4_0 ... Q6_K, Q4_K_M, Q3_K_M).
+- gguf.py: llama.cpp's GGUF types and mixtures (Q4_0 ... Q6_K, Q4_K_M, Q3_K_M);
+- nvfp4.py, mxfp4.py: microscaling FP4 (E2M1 with E4M3 / E8M0 group scales; fp4.py shares them).
 """
 from .base import GRIDS
 from .gguf import GgufGrid  # registers the grid
+from .mxfp4 import Mxfp4Grid  # registers the grid
+from .nvfp4 import Nvfp4Grid  # registers the grid
 from .uniform import UniformGrid  # registers the grid
 
-__all__ = ["GRIDS", "GgufGrid", "UniformGrid"]
+__all__ = ["GRIDS", "GgufGrid", "Mxfp4Grid", "Nvfp4Grid", "UniformGrid"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import gguf
+from . import fp4, gguf
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -187,10 +187,13 @@ class QuantizedWeight:
     group_size: int        # -1: per output channel
     sym: bool
     # "uniform", or a GGUF type (quant/gguf.py): then scale is each sub-block's step and zero
-    # (out, groups, 3) holds (zero or low, d, dmin), and q decodes by that type's formula
+    # (out, groups, 3) holds (zero or low, d, dmin), and q decodes by that type's formula;
+    # or "nvfp4" / "mxfp4" (quant/fp4.py): q are E2M1 codes, zero the global scale per group
     kind: str = "uniform"
 
     def dequantize(self) -> torch.Tensor:
+        if self.kind in fp4.GROUP:
+            return fp4.decode(self.q, self.scale, self.zero, self.group_size)
         if self.kind != "uniform":
             return gguf.decode(self.q, gguf.TYPES[self.kind], self.scale, self.zero)
         return dequantize(self.q, self.scale, self.zero, self.group_size)
