@@ -34,6 +34,17 @@ VALUES = {
     "nsamples": [64, 2], "seqlen": [256, 1], "seed": [3], "skip": [["o_proj"], "down_proj"],
     "precision": ["bf16", "fp64"],
 }
+# the old Flat's defaults: every key a flat recipe file of an earlier version holds (its to_yaml wrote them all)
+OLD_FLAT = {
+    "name": "custom", "wbits": 4, "group_size": 128, "sym": False, "scale_dtype": None, "gguf_type": None,
+    "gguf_output": None, "abits": 16, "act_dynamic": True, "act_sym": False, "rotate": False, "rotate_kind": "hadamard",
+    "rotate_online": True, "cfp": False, "cfp_alpha": 0.7, "cfp_weights": False, "window": 1, "stride": 1,
+    "lookahead": 0, "target": "propagated", "loss": "mse", "kl_weight": 1.0, "init": "rtn", "rounding": "signround",
+    "lwc": True, "clip_search": False, "lora_rank": 4, "round_reg": 0.01, "ste": True, "iters": 0, "batch_size": 8,
+    "lr": None, "damp": 0.01, "act_order": False, "all_experts": True, "finetune_steps": 0, "finetune_lr": 0.002,
+    "finetune_batch_size": 2, "finetune_loss": "kl", "finetune_zeros": False, "finetune_norms": False,
+    "finetune_holdout": 0.125, "nsamples": 128, "seqlen": 512, "seed": 0, "skip": [], "precision": "auto",
+}
 # settings that give others an effect, with those others
 PAIRS = [
     (dict(rotate=True), dict(rotate_kind="random-orthogonal", rotate_online=False, seed=3, abits=8)),
@@ -54,7 +65,8 @@ PAIRS = [
     (dict(nsamples=4), dict(batch_size=2, finetune_steps=3)),
 ]
 BASES = ["flat", *(f"preset:{p}" for p in ("rtn", "gptq", "block", "cbq", "best")), "default:4:8", "default:2:16:-1",
-         "yaml:rtn.yaml", "yaml:best-finetune.yaml", "yaml:activations/cbq-w4a8.yaml"]
+         "yaml:rtn.yaml", "yaml:best-finetune.yaml", "yaml:activations/cbq-w4a8.yaml",
+         "file:cbq", "file:rtn", "file:best"]
 PAIR_BASES = ["flat", "preset:rtn", "preset:block", "preset:cbq", "default:4:8", "yaml:best-finetune.yaml"]
 
 
@@ -81,6 +93,9 @@ def make(base: str, overrides: dict):
         return Recipe.flat(**overrides)
     if kind == "preset":
         return Recipe.preset(arg, **overrides)
+    if kind == "file":  # an old flat file: every key, the preset's values over the defaults
+        from crossblock.recipe import PRESETS
+        return Recipe.from_dict({**OLD_FLAT, **PRESETS[arg], "name": arg, **overrides})
     if kind == "default":
         w, a, *g = (int(x) for x in arg.split(":"))
         return Recipe.default(w, a, *g, **overrides)
