@@ -197,14 +197,19 @@ def cli_diff(argv: list[str]):
     return {"sections": diff(r["sections"], base["sections"])} if "sections" in r else r
 
 
+def expected_flags() -> list[str]:
+    """Every option string of `crossblock quantize`."""
+    from crossblock.cli import build_parser
+    quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
+    return sorted(s for a in quantize._actions for s in a.option_strings)
+
+
 def expected_lines() -> dict:
     """What the file holds: the bases ("base: ..."), the quantize flags, then one entry per case
     ("case: ...", "cli: ...")."""
-    from crossblock.cli import build_parser
-    quantize = build_parser()._subparsers._group_actions[0].choices["quantize"]
     expected = expected_form(cases())
     return {**{f"base: {k}": v for k, v in expected["bases"].items()},
-            "quantize_flags": sorted(s for a in quantize._actions for s in a.option_strings),
+            "quantize_flags": expected_flags(),
             **{f"case: {k}": v for k, v in expected["cases"].items()},
             **{f"cli: {k}": cli_diff(argv) for k, argv in cli_cases().items()}}
 

@@ -12,34 +12,42 @@
 
 Every method is a preset: RTN and GPTQ are a `windows` stage with no training, `block`, `mb`,
 `la` and `cbq` change its window shape, target, loss and rounding. The same settings also have a
-flat spelling (`Flat`: one name per setting, e.g. `wbits`, `lora_rank`): command-line flags,
-`Recipe.preset(name, **flat)` overrides and the recipe files of earlier versions use it, and it
-converts both ways for recipes of the shape [rotate], [cfp], windows, [finetune]. Everything is validated before any
-work starts, strictly: wrong types, out-of-range values and settings that would have no effect
-are refused with one line.
+flat spelling (one name per setting, e.g. `wbits`, `lora_rank`): command-line flags,
+`Recipe.preset(name, **flat)` overrides and the recipe files of earlier versions use it. It is
+derived from the sections' dataclasses (`flat_settings`: a field declared once, with its default,
+help and checks, is a flag), and converts both ways for recipes of the shape [rotate], [cfp],
+windows, [finetune]. Everything is validated before any work starts, strictly: wrong types,
+out-of-range values and settings that would have no effect are refused with one line.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import Config
+from .config import Config, Needs, field_default, hints_of, needs_groups, no_effect, setting, type_name, type_ok
 from .errors import CrossblockError
 from .grids import GRIDS, GgufGrid, UniformGrid
 from .precision import PRECISIONS
-from .roundings import ROUNDINGS, AdaRound, LoraRound
-from .stages import STAGES, Cfp, Finetune, Rotate, Stage, Train, Windows
+from .stages import STAGES, Stage, Windows
 
 SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "precision", "stages")
+SKIP_HELP = ("comma-separated layers to leave in full precision: full names as crossblock.json lists them "
+             "(model.layers.0.self_attn.q_proj, or a block: model.layers.0), block-relative names or parts of them "
+             "(q_proj, mlp), or globs (layers.0.*); a pattern that matches no layer is refused")
+QUANTIZED = Needs("bits", lambda bits: bits < 16, "without {name} < 16")
 
 
 @dataclass
 class Data(Config):
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8   # sequences per forward pass and per optimizer step
+    nsamples: int = setting(128, "calibration sequences")
+    seqlen: int = setting(512, "tokens per calibration sequence")
+    seed: int = setting(0, "which windows of the calibration text are drawn (and the rotations' signs)")
+    batch_size: int = setting(8, "sequences per forward pass and per optimizer step")
 
     def check(self):
         self.refuse(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
@@ -53,15 +61,15 @@ class Data(Config):
 @dataclass
 class Activations(Config):
     """Inputs of every quantized linear layer: full precision (bits 16) or fake-quantized."""
-    bits: int = 16
-    dynamic: bool = True   # per-token ranges at run time; False: one learned step per tensor
-    sym: bool = False
+    flat_prefix = "act_"
+    bits: int = setting(16, "activation bits: 4..8, or 16 (none)", flat="abits")
+    dynamic: bool = setting(True, "per-token ranges at run time; off: one learned static step per tensor",
+                            needs=QUANTIZED)
+    sym: bool = setting(False, "symmetric activation grid", needs=QUANTIZED)
 
     def check(self):
         self.refuse(4 <= self.bits <= 8 or self.bits == 16,
                     f"bits must be in 4..8, or 16 (no activation quantization), got {self.bits}")
-        self.refuse(self.bits < 16 or (self.dynamic and not self.sym),
-                    "dynamic and sym have no effect on full-precision activations (bits 16)")
 
     @property
     def static(self) -> bool:
@@ -76,27 +84,25 @@ class Activations(Config):
 
 @dataclass
 class Recipe(Config):
-    name: str = "custom"
+    name: str = setting("custom", "the recipe's name (crossblock.json)")
     data: Data = field(default_factory=Data)
-    grid: Config = field(default_factory=UniformGrid)
+    grid: Config = setting(factory=UniformGrid, registry=GRIDS, flat=False)  # flat: picked by a grid's switch
     activations: Activations = field(default_factory=Activations)
-    skip: list[str] = field(default_factory=list)  # layers left in full precision: names, globs (adapter.is_skipped)
+    skip: list[str] = setting(factory=list, help=SKIP_HELP)
     stages: list[Stage] = field(default_factory=lambda: [Windows()])
-    precision: str = "auto"  # compute of blocks and model: auto, bf16 or fp32 (precision.py)
+    precision: str = setting("auto", "compute of blocks and model: auto (bf16 autocast where bf16 matmul is "
+                                     "native, else fp32), bf16 or fp32", choices=PRECISIONS)
     # how the recipe was chosen (Recipe.default, --recipe auto): recorded in crossblock.json, not part of
     # the recipe itself (to_dict leaves it out, so checkpoints and fingerprints ignore it)
-    chosen_by: dict | None = field(default=None, compare=False, repr=False)
+    chosen_by: dict | None = field(default=None, compare=False, repr=False, metadata={"flat": False})
 
     def check(self):
-        self.refuse(self.precision in PRECISIONS,
-                    f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         names = [s.kind_name for s in self.stages]
         self.refuse(sum(s.quantizes for s in self.stages) == 1,
                     f"needs exactly one stage that quantizes (windows), got stages {names}")
         self.refuse(len(set(names)) == len(names), f"a stage may appear once, got {names}")
-        order = [n for n in ("rotate", "cfp", "windows", "finetune") if n in names]
-        self.refuse([n for n in names if n in order] == order,
-                    f"stages run in the order rotate, cfp (the FP model), windows, finetune; got {names}")
+        self.refuse(names == [s.kind_name for s in sorted(self.stages, key=lambda s: s.order)],
+                    f"stages run in the order {', '.join(c.kind_name for c in stage_classes())}; got {names}")
         self.refuse("finetune" not in names or isinstance(self.grid, UniformGrid),
                     f"finetune trains a uniform grid's scales; the {self.grid.kind_name} grid's scales are quantized "
                     "themselves (drop finetune)")
@@ -134,16 +140,15 @@ class Recipe(Config):
         """A preset, with flat overrides (`wbits=2, iters=60, ...`)."""
         if not isinstance(name, str) or name not in PRESETS:
             raise CrossblockError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)} (or a .yaml file)")
-        return Flat.from_dict({**PRESETS[name], "name": name, **overrides}, "recipe").validated().recipe()
+        return from_flat({**PRESETS[name], "name": name, **overrides})
 
     @classmethod
     def default(cls, wbits: int = 4, abits: int = 16, group_size: int = 128, **overrides) -> "Recipe":
         """The best recipe measured for this bit width (`DEFAULTS`), with flat overrides: what
         `crossblock quantize` runs without --recipe. `recipe.chosen_by` says which entry and why."""
         key, entry = default_entry(wbits, abits)
-        recipe = Flat.from_dict({**PRESETS[entry["preset"]], **entry.get("settings", {}), "name": entry.get("name", entry["preset"]),
-                                 "wbits": wbits, "abits": abits, "group_size": group_size, **overrides},
-                                "recipe").validated().recipe()
+        recipe = from_flat({**PRESETS[entry["preset"]], **entry.get("settings", {}), "name": entry.get("name", entry["preset"]),
+                            "wbits": wbits, "abits": abits, "group_size": group_size, **overrides})
         recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **entry.get("settings", {}),
                             "why": entry["why"]}
         return recipe
@@ -151,7 +156,7 @@ class Recipe(Config):
     @classmethod
     def flat(cls, **settings) -> "Recipe":
         """A recipe from flat settings alone (defaults: RTN, W4 g128)."""
-        return Flat.from_dict(settings, "recipe").validated().recipe()
+        return from_flat(settings)
 
     @classmethod
     def load(cls, name_or_path: str, **overrides) -> "Recipe":
@@ -163,10 +168,10 @@ class Recipe(Config):
     def with_flat(self, **overrides) -> "Recipe":
         if not overrides:
             return self.validated()
-        return Flat.from_dict({**self.to_flat(), **overrides}, "recipe").validated().recipe()
+        return from_flat({**self.to_flat(), **overrides})
 
     def to_flat(self) -> dict:
-        return Flat.of(self).to_dict()
+        return to_flat(self)
 
     # -- YAML --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -194,7 +199,7 @@ class Recipe(Config):
         if not any(k in data for k in ("data", "grid", "activations", "stages")):
             flat = {k: v for k, v in data.items() if k != "preset"}
             start = {**PRESETS[base], "name": base} if base else {}
-            return Flat.from_dict({**start, **flat, **overrides}, "recipe").validated().recipe()
+            return from_flat({**start, **flat, **overrides})
         unknown = sorted(set(map(str, data)) - set(SECTIONS))
         if unknown:
             raise CrossblockError(f"unknown recipe section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)}; "
@@ -246,159 +251,298 @@ def parse_stage(spec) -> Stage:
     return STAGES[name].from_dict(settings, f"{name} stage")
 
 
+# -- the flat spelling ------------------------------------------------------------------------
+# One name per setting: the command line's flags, `Recipe.preset(name, **flat)` and the flat recipe
+# files of earlier versions. Everything here is derived from the sections' dataclasses; nothing
+# names a setting. A field's flat name is its class's `flat_prefix` + its name (registered kinds:
+# `<kind>_`, e.g. finetune_lr, lora_rank; data, train, windows: plain) unless `setting(flat=...)`
+# says otherwise (wbits, abits, round_reg); its type, default, choices and help are the field's. A
+# section that may be absent is on when its switch is: its first field with an `off` value (iters 0:
+# no training; finetune_steps 0: no finetune; gguf_type unset: the uniform grid), or, for a stage
+# without one, a boolean named after it (rotate, cfp). Settings that would have no effect in the
+# combination given are refused, except those of a section that says it ignores them (`Train`).
+
+
 @dataclass
-class Flat(Config):
-    """The flat spelling of a recipe of shape [rotate], [cfp], windows, [finetune]: one name per setting (the CLI's
-    flags). Settings that would have no effect in the combination given are refused."""
-    name: str = "custom"
-    # grid
-    wbits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    scale_dtype: str | None = None
-    gguf_type: str | None = None    # a GGUF type or mixture (Q4_K_M ...): the gguf grid instead of wbits etc.
-    gguf_output: str | None = None  # the gguf grid's output-head type (default: llama.cpp's)
-    # activations, rotation, CFP
-    abits: int = 16
-    act_dynamic: bool = True
-    act_sym: bool = False
-    rotate: bool = False
-    rotate_kind: str = "hadamard"
-    rotate_online: bool = True
-    cfp: bool = False
-    cfp_alpha: float = 0.7
-    cfp_weights: bool = False
-    # windows
-    window: int = 1
-    stride: int = 1
-    lookahead: int = 0
-    target: str = "propagated"
-    loss: str = "mse"
-    kl_weight: float = 1.0
-    init: str = "rtn"
-    rounding: str = "signround"
-    lwc: bool = True
-    clip_search: bool = False
-    lora_rank: int = 4
-    round_reg: float = 0.01
-    ste: bool = True
-    iters: int = 0                 # 0: no training (RTN, GPTQ)
-    batch_size: int = 8
-    lr: float | None = None
-    damp: float = 0.01
-    act_order: bool = False
-    all_experts: bool = True       # MoE, init gptq: every token through every fused expert for the Hessians
-    # finetune (end to end, after the windows): 0 steps = no finetune stage
-    finetune_steps: int = 0
-    finetune_lr: float = 2e-3
-    finetune_batch_size: int = 2
-    finetune_loss: str = "kl"
-    finetune_zeros: bool = False
-    finetune_norms: bool = False
-    finetune_holdout: float = 0.125
-    # data
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    skip: list[str] = field(default_factory=list)
-    precision: str = "auto"
+class FlatSetting:
+    """One flat name: its type, flat default and help, and the fields it sets."""
+    name: str
+    hint: Any
+    default: Any
+    help: str
+    choices: Any = None
+    owners: list = field(default_factory=list)  # [(config class, field name)]: two for a shared name (seed)
+    picks: bool = False  # a switch or a kind's name: it decides which sections there are
 
-    @classmethod
-    def section(cls) -> str:
-        return "recipe"
 
-    def check(self):
-        default = Flat()
-        changed = lambda *names: [n for n in names if getattr(self, n) != getattr(default, n)]  # noqa: E731
-        if self.gguf_type is not None:  # "" too: not a uniform grid (checked before the rules below name it)
-            self.refuse(self.gguf_type in GgufGrid.names(), f"gguf_type (--gguf-type) must be one of "
-                                                            f"{', '.join(GgufGrid.names())}, got {self.gguf_type!r}")
-        self.refuse(self.iters >= 0, f"iters must be >= 0, got {self.iters}")
-        self.refuse(self.rounding in ROUNDINGS, f"rounding must be one of {', '.join(ROUNDINGS.names())}, "
-                                                f"got {self.rounding!r}")
-        rules = [
-            (self.gguf_type is not None, changed("wbits", "group_size", "sym", "scale_dtype"), "with gguf_type"),
-            (self.gguf_type is None, changed("gguf_output"), "without gguf_type"),
-            (self.abits == 16, changed("act_dynamic", "act_sym"), "without abits < 16"),
-            (not self.cfp, changed("cfp_alpha", "cfp_weights"), "without cfp"),
-            (not self.rotate, changed("rotate_kind", "rotate_online"), "without rotate"),
-            (self.finetune_steps == 0, changed(*FINETUNE_FLAT), "without finetune_steps > 0"),
-            (self.init != "gptq", changed("damp", "act_order", "all_experts"), "without init gptq"),
-            (self.rounding not in ("adaround", "lora"), changed("round_reg", "ste"), f"with rounding {self.rounding}"),
-            (self.rounding != "lora", changed("lora_rank"), f"with rounding {self.rounding}"),
-        ]
-        for applies, names, why in rules:
-            self.refuse(not (applies and names), f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} "
-                                                 f"no effect {why}")
+def stage_classes() -> list[type]:
+    """The registered stages in the order they run."""
+    return sorted(STAGES.classes.values(), key=lambda c: c.order)
 
-    @property
-    def trains(self) -> bool:
-        """Steps, and something to learn. Recipes that do not train (rtn, gptq) ignore the training
-        settings, so that `compare` can apply one set of flags to every recipe it ranks."""
-        static_acts = self.abits < 16 and not self.act_dynamic
-        return self.iters > 0 and (self.rounding != "rtn" or self.lwc or static_acts)
 
-    def recipe(self) -> Recipe:
-        r = self
-        rounding = {"lora": lambda: LoraRound(r.lora_rank, r.round_reg, r.ste),
-                    "adaround": lambda: AdaRound(r.round_reg, r.ste)}.get(r.rounding, ROUNDINGS[r.rounding])()
-        train = Train(r.iters, r.target, r.loss, r.kl_weight, rounding, r.lwc, r.lr) if r.trains else None
-        stages = [Rotate(r.rotate_kind, r.seed, r.rotate_online)] if r.rotate else []
-        stages += [Cfp(r.cfp_alpha, r.cfp_weights)] if r.cfp else []
-        stages.append(Windows(r.window, r.stride, r.lookahead, r.init, r.damp, r.act_order, r.clip_search, train,
-                              all_experts=r.all_experts))
-        if r.finetune_steps:
-            stages.append(Finetune(r.finetune_steps, **{f.removeprefix("finetune_"): getattr(r, f) for f in FINETUNE_FLAT}))
-        return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
-                      GgufGrid(r.gguf_type, r.gguf_output) if r.gguf_type is not None else
-                      UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
-                      Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages, r.precision).validated()
+def flat_prefix(cls) -> str:
+    if "flat_prefix" in vars(cls):
+        return cls.flat_prefix
+    return f"{cls.kind_name}_" if "kind_name" in vars(cls) else ""
 
-    @classmethod
-    def of(cls, recipe: Recipe) -> "Flat":
-        kinds = [s.kind_name for s in recipe.stages]
-        g = recipe.grid
-        flat_grid = isinstance(g, UniformGrid) or (isinstance(g, GgufGrid) and g.embeddings is None)
-        if [k for k in kinds if k not in ("rotate", "cfp", "finetune")] != ["windows"] or not flat_grid:
-            raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds}, grid {recipe.grid.kind_name}) has no flat "
-                                  "form: flat settings apply to a uniform or gguf grid and stages [rotate], [cfp], "
-                                  "windows, [finetune]")
-        a, d, w = recipe.activations, recipe.data, recipe.windows
-        cfp, rotate, finetune = recipe.stage("cfp"), recipe.stage("rotate"), recipe.stage("finetune")
-        grid = (dict(gguf_type=g.quant, gguf_output=g.output) if isinstance(g, GgufGrid) else
-                dict(wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype))
-        flat = dict(name=recipe.name, **grid,
-                    abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
-                    window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
-                    act_order=w.act_order, clip_search=w.clip_search, all_experts=w.all_experts, batch_size=d.batch_size,
-                    nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, skip=list(recipe.skip),
-                    precision=recipe.precision)
-        if cfp is not None:
-            flat.update(cfp_alpha=cfp.alpha, cfp_weights=cfp.weights)
-        if rotate is not None:
-            if rotate.seed != d.seed:
-                raise CrossblockError(f"recipe {recipe.name!r} has no flat form: its rotate seed differs from data.seed")
-            flat.update(rotate=True, rotate_kind=rotate.kind, rotate_online=rotate.online)
-        if finetune is not None:
-            if finetune.eval_every != Finetune.eval_every:
-                raise CrossblockError(f"recipe {recipe.name!r} has no flat form: finetune eval_every is not a flag")
-            flat.update(finetune_steps=finetune.steps, **{f: getattr(finetune, f.removeprefix("finetune_"))
-                                                          for f in FINETUNE_FLAT})
-        t = w.train
-        if t is None:
-            flat.update(iters=0, rounding="rtn", lwc=False)
+
+def flat_name(cls, f: dataclasses.Field) -> str:
+    return f.metadata.get("flat") or flat_prefix(cls) + f.name
+
+
+def config_class(hint):
+    """The Config subclass a field holds (`Train | None` -> Train), or None."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    found = [a for a in args if isinstance(a, type) and issubclass(a, Config)]
+    return found[0] if found else None
+
+
+@functools.cache
+def parts(cls) -> tuple:
+    """(field, what, sub) for the fields of a section in the flat spelling: "setting"; "section" (a
+    nested config, sub its class); "slot" (one of a registry's configs, sub the registry); "stages"."""
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints_of(cls)[f.name]
+        if f.metadata.get("registry") is not None:
+            out.append((f, "slot", f.metadata["registry"]))
+        elif f.metadata.get("flat") is False:
+            continue
+        elif typing.get_origin(hint) is list and config_class(typing.get_args(hint)[0]) is Stage:
+            out.append((f, "stages", None))
+        elif config_class(hint) is not None:
+            out.append((f, "section", config_class(hint)))
         else:
-            flat.update(iters=t.iters, target=t.target, loss=t.loss, kl_weight=t.kl_weight, lwc=t.lwc, lr=t.lr,
-                        rounding=t.rounding.kind_name)
-            if isinstance(t.rounding, (AdaRound, LoraRound)):
-                flat.update(round_reg=t.rounding.reg, ste=t.rounding.ste)
-            if isinstance(t.rounding, LoraRound):
-                flat.update(lora_rank=t.rounding.rank)
-        return cls(**flat)
+            out.append((f, "setting", None))
+    return tuple(out)
 
 
-FINETUNE_FLAT = ("finetune_lr", "finetune_batch_size", "finetune_loss", "finetune_zeros", "finetune_norms",
-                 "finetune_holdout")
+def switch(cls) -> tuple[str, Any] | None:
+    """(flat name, off value) of what turns a section or stage on; None: always on."""
+    for f in dataclasses.fields(cls):
+        if "off" in f.metadata:
+            return flat_name(cls, f), f.metadata["off"]
+    if issubclass(cls, Stage) and not cls.quantizes:
+        return cls.kind_name, False
+    return None
+
+
+def is_on(cls, flat: dict) -> bool:
+    sw = switch(cls)
+    return sw is None or flat[sw[0]] != sw[1]
+
+
+def off_reason(cls) -> str:
+    """Why the settings of an absent section or stage have no effect."""
+    name, off = switch(cls)
+    return f"without {name} > 0" if off == 0 and off is not False else f"without {name}"
+
+
+def kinds(registry, default_kind) -> list[type]:
+    """A slot's kinds in the flat spelling: the default first, then those with a switch."""
+    return [default_kind] + [c for c in registry.classes.values() if c is not default_kind and switch(c)]
+
+
+def selector(f: dataclasses.Field, cls) -> str | None:
+    """The flat name that picks a slot's kind by name (rounding), or None (picked by switches: grid)."""
+    return None if f.metadata.get("flat") is False else flat_name(cls, f)
+
+
+def flat_settings() -> dict[str, FlatSetting]:
+    """Every flat name, in the order of the recipe's sections (read from the registries each time, so
+    that a registered stage, grid or rounding brings its settings)."""
+    table: dict[str, FlatSetting] = {}
+
+    def add(name, owner, hint, default, help, choices=None, picks=False):
+        known = table.get(name)
+        if known is None:
+            table[name] = FlatSetting(name, hint, default, help, choices, [owner], picks)
+        elif (known.hint, known.default) != (hint, default):
+            raise TypeError(f"flat name {name} is two settings: {known.owners[0]} and {owner}")  # a bug, not input
+        else:
+            known.owners.append(owner)
+
+    def walk(cls):
+        hints, sw = hints_of(cls), switch(cls)
+        for f, what, sub in parts(cls):
+            if what == "setting":
+                name, hint, default = flat_name(cls, f), hints[f.name], field_default(f)
+                picks = sw is not None and name == sw[0]
+                if picks:  # the switch: off by default
+                    default = sw[1]
+                    hint = hint if type_ok(default, hint) else typing.Optional[hint]
+                add(name, (cls, f.name), hint, default, f.metadata.get("help", ""), f.metadata.get("choices"), picks)
+            elif what == "section":
+                walk(sub)
+            elif what == "slot":
+                default_kind = type(field_default(f))
+                if selector(f, cls):
+                    add(selector(f, cls), (cls, f.name), str, default_kind.kind_name, f.metadata.get("help", ""),
+                        tuple(sub.names()), picks=True)
+                for kind in kinds(sub, default_kind) if not selector(f, cls) else sub.classes.values():
+                    walk(kind)
+            else:
+                for stage in stage_classes():
+                    sw_stage = switch(stage)
+                    if sw_stage is not None and sw_stage[1] is False:
+                        doc = (stage.__doc__ or "").strip().splitlines()[0] if stage.__doc__ else ""
+                        add(stage.kind_name, (stage, None), bool, False, f"run the {stage.kind_name} stage: {doc}",
+                            picks=True)
+                    walk(stage)
+
+    walk(Recipe)
+    return table
+
+
+def refuse(ok: bool, message: str):
+    if not ok:
+        raise CrossblockError(f"invalid recipe: {message}")
+
+
+def chosen_kind(f: dataclasses.Field, cls, registry, flat: dict) -> type:
+    """The kind a slot holds: the one whose switch is on, else the one named (rounding), else the default."""
+    default_kind = type(field_default(f))
+    switched = [k for k in registry.classes.values() if k is not default_kind and switch(k) and is_on(k, flat)]
+    refuse(len(switched) <= 1, f"{' and '.join(switch(k)[0] for k in switched)} pick different {registry.what}s")
+    if switched:
+        return switched[0]
+    return registry[flat[selector(f, cls)]] if selector(f, cls) else default_kind
+
+
+def layout(flat: dict) -> list[tuple[type, bool, str | None]]:
+    """(section class, on, why its settings have no effect when off; None: they are ignored), for
+    every section of the flat spelling, in order."""
+    out = []
+
+    def walk(cls, on, why):
+        out.append((cls, on, why))
+        for f, what, sub in parts(cls):
+            if what == "section":
+                optional = switch(sub) is not None
+                walk(sub, is_on(sub, flat), None if getattr(sub, "ignored_when_off", False) or not optional
+                     else off_reason(sub))
+            elif what == "slot":
+                chosen = chosen_kind(f, cls, sub, flat)
+                for kind in kinds(sub, type(field_default(f))) if not selector(f, cls) else sub.classes.values():
+                    if kind is chosen:
+                        why = None
+                    elif selector(f, cls):
+                        why = f"with {selector(f, cls)} {chosen.kind_name}"
+                    else:  # picked by switches: the default kind's settings go with no switch on
+                        why = off_reason(kind) if switch(kind) else f"with {switch(chosen)[0]}"
+                    walk(kind, kind is chosen, why)
+            elif what == "stages":
+                for stage in stage_classes():
+                    walk(stage, is_on(stage, flat), None if stage.quantizes else off_reason(stage))
+
+    walk(Recipe, True, None)
+    return out
+
+
+def check_flat(flat: dict, table: dict[str, FlatSetting]):
+    """Types; then the switches and names that pick sections (whatever else is on); then settings
+    that would do nothing: those of a section that is off, and those whose `Needs` fail."""
+    for name, s in table.items():
+        refuse(type_ok(flat[name], s.hint), f"{name} must be {type_name(s.hint)}, got {flat[name]!r}")
+    for name, s in table.items():
+        value = flat[name]
+        if s.picks and s.choices is not None and value is not None:
+            refuse(value in s.choices, f"{name} must be one of {', '.join(s.choices)}, got {value!r}")
+        if s.picks and type(s.default) is int:  # a count whose off value is 0
+            refuse(value >= s.default, f"{name} must be >= {s.default}, got {value}")
+    sections = layout(flat)
+    settled = {cls for cls, on, why in sections if on or why is None}  # on, or its settings ignored
+    for cls, on, why in sections:
+        if not on:
+            names = [name for name, s in table.items() if flat[name] != s.default
+                     and any(o is cls for o, _ in s.owners) and not any(o in settled for o, _ in s.owners)]
+            refuse(not names, no_effect(names, why))
+    for cls, on, _ in sections:
+        if on and not getattr(cls, "ignored_when_off", False):
+            names = {f.name: flat_name(cls, f) for f in dataclasses.fields(cls)}
+            for needs, fields in needs_groups(cls).items():
+                value = flat[names[needs.field]]
+                changed = [names[n] for n in fields if flat[names[n]] != table[names[n]].default]
+                refuse(needs.test(value) or not changed,
+                       no_effect(changed, needs.why.format(name=names[needs.field], value=value)))
+
+
+def build(cls, flat: dict):
+    """The section `cls` of the flat settings, with the sections, kinds and stages they turn on."""
+    kwargs = {}
+    for f, what, sub in parts(cls):
+        if what == "setting":
+            value = flat[flat_name(cls, f)]
+            kwargs[f.name] = list(value) if isinstance(value, list) else value
+        elif what == "section":
+            kwargs[f.name] = build(sub, flat) if is_on(sub, flat) else None
+        elif what == "slot":
+            kwargs[f.name] = build(chosen_kind(f, cls, sub, flat), flat)
+        else:
+            kwargs[f.name] = [build(stage, flat) for stage in stage_classes() if is_on(stage, flat)]
+    return cls(**kwargs)
+
+
+def from_flat(settings: dict) -> Recipe:
+    """A recipe from flat settings, the others at their defaults (`Recipe.flat`)."""
+    table = flat_settings()
+    unknown = sorted(set(map(str, settings)) - set(table))
+    if unknown:
+        raise CrossblockError(f"unknown recipe setting(s): {', '.join(unknown)} (known: {', '.join(sorted(table))})")
+    flat = {name: settings.get(name, s.default) for name, s in table.items()}
+    check_flat(flat, table)
+    recipe = build(Recipe, flat)
+    w = recipe.windows
+    if w.train is not None and not w.trains(recipe.activations.static):
+        w.train = None  # steps but nothing to learn (rtn, gptq with --iters): no training, as documented
+    return recipe.validated()
+
+
+def to_flat(recipe: Recipe) -> dict:
+    """The flat settings of a recipe of the flat spelling's shape; `from_flat` gives it back."""
+    kinds_now = [s.kind_name for s in recipe.stages]
+    stages = [("" if c.quantizes else "[") + c.kind_name + ("" if c.quantizes else "]") for c in stage_classes()]
+    grid_field = next(f for f in dataclasses.fields(Recipe) if f.name == "grid")
+    grids = kinds(GRIDS, type(field_default(grid_field)))
+    shaped = (len(set(kinds_now)) == len(kinds_now) and sum(s.quantizes for s in recipe.stages) == 1
+              and type(recipe.grid) in grids)
+    if not shaped:
+        raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds_now}, grid {recipe.grid.kind_name}) has no flat "
+                              f"form: flat settings apply to a {' or '.join(g.kind_name for g in grids)} grid and "
+                              f"stages {', '.join(stages)}")
+    found: dict[str, list] = {}  # name -> [(value, from a section that is there)]
+
+    def read(cls, obj):  # obj None: the section is absent
+        for f, what, sub in parts(cls):
+            value = None if obj is None else getattr(obj, f.name)
+            if what == "setting":
+                absent = f.metadata.get("off", field_default(f))
+                found.setdefault(flat_name(cls, f), []).append((absent, False) if obj is None else (value, True))
+            elif what == "section":
+                read(sub, value)
+            elif what == "slot":
+                if selector(f, cls):
+                    found.setdefault(selector(f, cls), []).append(
+                        (f.metadata.get("off"), False) if value is None else (value.kind_name, True))
+                for kind in sub.classes.values():
+                    read(kind, value if type(value) is kind else None)
+            else:
+                for stage in stage_classes():
+                    there = next((s for s in value if type(s) is stage), None) if value is not None else None
+                    if switch(stage) is not None and switch(stage)[1] is False:
+                        found.setdefault(stage.kind_name, []).append((there is not None, True))
+                    read(stage, there)
+
+    read(Recipe, recipe)
+    flat = {}
+    for name, values in found.items():
+        there = [v for v, present in values if present]
+        if any(v != there[0] for v in there):
+            raise CrossblockError(f"recipe {recipe.name!r} has no flat form: its sections set {name} to different "
+                                  f"values ({', '.join(map(repr, there))})")
+        flat[name] = there[0] if there else values[0][0]
+    return flat
+
 
 # The methods, in the flat spelling. Training presets share AutoRound's defaults (SignRound +
 # clipping, 200 steps, batch 8), so that schedules compare at the same budget per window.
