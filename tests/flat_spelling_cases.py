@@ -10,6 +10,7 @@ differ from its base's (the base without overrides), or the error message.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -177,11 +178,17 @@ def cli_cases() -> dict[str, list[str]]:
     return out
 
 
+@functools.cache
+def parser():
+    from crossblock.cli import build_parser
+    return build_parser()
+
+
 def cli_result(argv: list[str]):
-    from crossblock.cli import build_parser, recipe_from_args
+    from crossblock.cli import recipe_from_args
     from crossblock.errors import CrossblockError
     try:
-        args = build_parser().parse_args(["quantize", "--model", "m", "--calib", "c", "--out", "o", *argv])
+        args = parser().parse_args(["quantize", "--model", "m", "--calib", "c", "--out", "o", *argv])
     except SystemExit as e:
         return {"argparse_exit": e.code}
     try:
