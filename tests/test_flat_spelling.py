@@ -99,7 +99,8 @@ class ToyStage(Stage):
     """A stage that runs after the windows."""
     order = 35
     passes: int = setting(1, "times the toy runs")
-    gain: float = setting(1.0, "what each extra pass adds", needs=Needs("passes", lambda p: p > 1, "without {name} > 1"))
+    gain: float = setting(1.0, "what each extra pass adds",
+                          needs=Needs("passes", lambda p: p > 1, "without {name} > 1"))
 
     def check(self):
         self.refuse(self.passes >= 1, f"passes must be >= 1, got {self.passes}")
@@ -147,7 +148,8 @@ def test_no_effect_is_judged_against_the_field_default():
     field's default passes, any other is refused, in the sections as in the flat spelling."""
     from crossblock.stages import Windows
     assert Windows(damp=Windows.damp).validated() == Windows()
-    with pytest.raises(CrossblockError, match="invalid windows stage: damp, act_order have no effect without init gptq"):
+    with pytest.raises(CrossblockError, match="invalid windows stage: damp, act_order have no effect without "
+                                              "init gptq"):
         Windows(damp=0.02, act_order=True).validated()
     with pytest.raises(CrossblockError, match="invalid activations: sym has no effect without bits < 16"):
         Recipe.from_dict({"activations": {"sym": True}, "stages": ["windows"]})

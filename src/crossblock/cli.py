@@ -23,8 +23,9 @@ def flag_help(s) -> str:
     """A setting's help, choices and flat default, as its dataclass field declares them."""
     extra = [f"one of {', '.join(map(str, s.choices))}"] if s.choices else []
     if s.default is not None and s.default != []:
-        extra.append(f"default {str(s.default).lower() if isinstance(s.default, bool) else s.default}")
-    text = s.help + (f" ({'; '.join(extra)})" if extra else "")
+        extra.append(f"default {str(s.default).lower() if isinstance(s.default, bool) else s.default}"
+                     + (": off" if s.picks and type(s.default) is int and s.default == 0 else ""))
+    text = s.help.rstrip(".") + (f" ({'; '.join(extra)})" if extra else "")
     return text.replace("%", "%%")  # argparse formats help with %
 
 
@@ -35,16 +36,19 @@ def add_recipe_options(p: argparse.ArgumentParser):
     p.add_argument("--recipe", default=None, help=f"a preset ({', '.join(PRESETS)}), a YAML file, or auto (measure "
                                                   "the window schedules on a prefix of the model and run the best); "
                                                   "default: the best recipe measured for the bits (recipe.DEFAULTS)")
+    group = p.add_argument_group("recipe settings", "each overrides the recipe's value; the defaults shown are "
+                                 "those of a recipe of flags alone (a preset or file sets its own, e.g. best: "
+                                 "--iters 60 --batch-size 2 --loss token-mse)")
     for name, s in recipe_flags().items():
         flag = "--" + name.replace("_", "-")
         kind = type_name(s.hint)
         if s.hint is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=flag_help(s))
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=flag_help(s))
         elif kind.startswith("a list"):
-            p.add_argument(flag, type=lambda v: [x for x in v.split(",") if x], default=None, help=flag_help(s))
+            group.add_argument(flag, type=lambda v: [x for x in v.split(",") if x], default=None, help=flag_help(s))
         else:
             base = float if "finite number" in kind else int if "integer" in kind else str
-            p.add_argument(flag, type=base, default=None, help=flag_help(s))
+            group.add_argument(flag, type=base, default=None, help=flag_help(s))
 
 
 def add_trust_remote_code(p: argparse.ArgumentParser):

@@ -101,7 +101,8 @@ class Config:
         for needs, names in needs_groups(type(self)).items():
             value = getattr(self, needs.field)
             changed = self.changed(*names)
-            self.refuse(needs.test(value) or not changed, no_effect(changed, needs.why.format(name=needs.field, value=value)))
+            self.refuse(needs.test(value) or not changed,
+                        no_effect(changed, needs.why.format(name=needs.field, value=value)))
 
     def to_dict(self) -> dict:
         return {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -147,7 +147,8 @@ class Recipe(Config):
         """The best recipe measured for this bit width (`DEFAULTS`), with flat overrides: what
         `crossblock quantize` runs without --recipe. `recipe.chosen_by` says which entry and why."""
         key, entry = default_entry(wbits, abits)
-        recipe = from_flat({**PRESETS[entry["preset"]], **entry.get("settings", {}), "name": entry.get("name", entry["preset"]),
+        recipe = from_flat({**PRESETS[entry["preset"]], **entry.get("settings", {}),
+                            "name": entry.get("name", entry["preset"]),
                             "wbits": wbits, "abits": abits, "group_size": group_size, **overrides})
         recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **entry.get("settings", {}),
                             "why": entry["why"]}
@@ -317,14 +318,19 @@ def parts(cls) -> tuple:
     return tuple(out)
 
 
+def off_field(cls) -> tuple[str, Any] | None:
+    """(flat name, off value) of a section's first field with an `off` value, or None."""
+    return next(((flat_name(cls, f), f.metadata["off"]) for f in dataclasses.fields(cls) if "off" in f.metadata), None)
+
+
+def has_flag_switch(cls) -> bool:
+    """A stage turned on by a boolean named after it (--rotate): it does not quantize, and has no off field."""
+    return issubclass(cls, Stage) and not cls.quantizes and off_field(cls) is None
+
+
 def switch(cls) -> tuple[str, Any] | None:
     """(flat name, off value) of what turns a section or stage on; None: always on."""
-    for f in dataclasses.fields(cls):
-        if "off" in f.metadata:
-            return flat_name(cls, f), f.metadata["off"]
-    if issubclass(cls, Stage) and not cls.quantizes:
-        return cls.kind_name, False
-    return None
+    return (cls.kind_name, False) if has_flag_switch(cls) else off_field(cls)
 
 
 def is_on(cls, flat: dict) -> bool:
@@ -338,14 +344,18 @@ def off_reason(cls) -> str:
     return f"without {name} > 0" if off == 0 and off is not False else f"without {name}"
 
 
-def kinds(registry, default_kind) -> list[type]:
-    """A slot's kinds in the flat spelling: the default first, then those with a switch."""
-    return [default_kind] + [c for c in registry.classes.values() if c is not default_kind and switch(c)]
-
-
 def selector(f: dataclasses.Field, cls) -> str | None:
     """The flat name that picks a slot's kind by name (rounding), or None (picked by switches: grid)."""
     return None if f.metadata.get("flat") is False else flat_name(cls, f)
+
+
+def slot_kinds(f: dataclasses.Field, cls, registry) -> list[type]:
+    """A slot's kinds in the flat spelling: all of a registry's if picked by name; else the default
+    first, then those with a switch (a grid with neither has no flat spelling)."""
+    if selector(f, cls):
+        return list(registry.classes.values())
+    default_kind = type(field_default(f))
+    return [default_kind] + [c for c in registry.classes.values() if c is not default_kind and switch(c)]
 
 
 def flat_settings() -> dict[str, FlatSetting]:
@@ -379,12 +389,11 @@ def flat_settings() -> dict[str, FlatSetting]:
                 if selector(f, cls):
                     add(selector(f, cls), (cls, f.name), str, default_kind.kind_name, f.metadata.get("help", ""),
                         tuple(sub.names()), picks=True)
-                for kind in kinds(sub, default_kind) if not selector(f, cls) else sub.classes.values():
+                for kind in slot_kinds(f, cls, sub):
                     walk(kind)
             else:
                 for stage in stage_classes():
-                    sw_stage = switch(stage)
-                    if sw_stage is not None and sw_stage[1] is False:
+                    if has_flag_switch(stage):
                         doc = (stage.__doc__ or "").strip().splitlines()[0] if stage.__doc__ else ""
                         add(stage.kind_name, (stage, None), bool, False, f"run the {stage.kind_name} stage: {doc}",
                             picks=True)
@@ -423,7 +432,7 @@ def layout(flat: dict) -> list[tuple[type, bool, str | None]]:
                      else off_reason(sub))
             elif what == "slot":
                 chosen = chosen_kind(f, cls, sub, flat)
-                for kind in kinds(sub, type(field_default(f))) if not selector(f, cls) else sub.classes.values():
+                for kind in slot_kinds(f, cls, sub):
                     if kind is chosen:
                         why = None
                     elif selector(f, cls):
@@ -503,12 +512,12 @@ def to_flat(recipe: Recipe) -> dict:
     kinds_now = [s.kind_name for s in recipe.stages]
     stages = [("" if c.quantizes else "[") + c.kind_name + ("" if c.quantizes else "]") for c in stage_classes()]
     grid_field = next(f for f in dataclasses.fields(Recipe) if f.name == "grid")
-    grids = kinds(GRIDS, type(field_default(grid_field)))
+    grids = slot_kinds(grid_field, Recipe, GRIDS)
     shaped = (len(set(kinds_now)) == len(kinds_now) and sum(s.quantizes for s in recipe.stages) == 1
               and type(recipe.grid) in grids)
     if not shaped:
-        raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds_now}, grid {recipe.grid.kind_name}) has no flat "
-                              f"form: flat settings apply to a {' or '.join(g.kind_name for g in grids)} grid and "
+        raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds_now}, grid {recipe.grid.kind_name}) has no "
+                              f"flat form: flat settings apply to a {' or '.join(g.kind_name for g in grids)} grid and "
                               f"stages {', '.join(stages)}")
     found: dict[str, list] = {}  # name -> [(value, from a section that is there)]
 
@@ -524,12 +533,12 @@ def to_flat(recipe: Recipe) -> dict:
                 if selector(f, cls):
                     found.setdefault(selector(f, cls), []).append(
                         (f.metadata.get("off"), False) if value is None else (value.kind_name, True))
-                for kind in sub.classes.values():
+                for kind in slot_kinds(f, cls, sub):
                     read(kind, value if type(value) is kind else None)
             else:
                 for stage in stage_classes():
                     there = next((s for s in value if type(s) is stage), None) if value is not None else None
-                    if switch(stage) is not None and switch(stage)[1] is False:
+                    if has_flag_switch(stage):
                         found.setdefault(stage.kind_name, []).append((there is not None, True))
                     read(stage, there)
 

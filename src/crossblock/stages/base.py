@@ -15,7 +15,7 @@ STAGES = Registry("stage")
 class Stage(Config):
     quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
     needs_whole_model = False  # whether it reads or changes every block at once (--low-memory refuses it)
-    order = 0  # where it runs in a pipeline: stages run by increasing order (rotate 10, cfp 20, windows 30, finetune 40)
+    order = 0  # where it runs: stages run by increasing order (rotate 10, cfp 20, windows 30, finetune 40)
     # The flat spelling (flags): every field is a setting named `<stage>_<field>` (`flat_prefix`); a
     # stage that does not quantize is turned on by its switch (its first field with an `off` value,
     # e.g. finetune's steps), or else by a boolean named after it (--rotate, --cfp).

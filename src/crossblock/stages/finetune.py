@@ -55,7 +55,7 @@ class Finetune(Stage):
     """The whole model as one last window: scales trained end to end against the FP model."""
     needs_whole_model = True
     order = 40
-    steps: int = setting(100, "optimizer steps (flat: 0 = no finetune stage)", off=0)
+    steps: int = setting(100, "optimizer steps of the end-to-end finetune", off=0)
     # Adam, on log-scales (relative): ~0.2% of a scale per step (EfficientQAT's 2e-5 on raw scales of ~0.01)
     lr: float = setting(2e-3, "Adam's learning rate on log-scales (relative)")
     batch_size: int = setting(2, "sequences per step")

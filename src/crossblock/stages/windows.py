@@ -28,7 +28,7 @@ class Train(Config):
     # flat spelling: a recipe that does not train (iters 0, or nothing to learn) ignores the training
     # flags instead of refusing them, so that `compare` applies one set of flags to every recipe it ranks
     ignored_when_off = True
-    iters: int = setting(200, "optimizer steps per window (flat: 0 = no training, as RTN and GPTQ)", off=0)
+    iters: int = setting(200, "optimizer steps per window (RTN and GPTQ: none)", off=0)
     target: str = setting("propagated", "propagated: the FP model on FP input; homologous: FP blocks on "
                                         "quantized input", choices=TARGETS)
     loss: str = setting("mse", "token-mse: each token's squared error relative to its target's squared norm "
