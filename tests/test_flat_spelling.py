@@ -12,7 +12,8 @@ import flat_spelling_cases as cases
 from crossblock.cli import build_parser, recipe_from_args
 from crossblock.config import Needs, setting
 from crossblock.errors import CrossblockError
-from crossblock.recipe import PRESETS, Recipe, flat_settings
+from crossblock.flat import flat_settings
+from crossblock.recipe import PRESETS, Recipe
 from crossblock.roundings import ROUNDINGS
 from crossblock.roundings.signround import SignRound
 from crossblock.stages import STAGES, Stage
@@ -70,7 +71,7 @@ def test_old_flags_give_the_recipes_they_gave():
 
 
 def test_old_flat_defaults_are_the_fields_defaults():
-    table = flat_settings()
+    table = flat_settings(Recipe)
     assert {k: table[k].default for k in cases.OLD_FLAT} == cases.OLD_FLAT
     assert {k: table[k].default for k in NEW_KEYS} == NEW_KEYS
 
@@ -83,8 +84,8 @@ def test_flag_help_comes_from_the_field():
 
 def test_every_flag_is_in_the_command_line_doc():
     doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
-    missing = [name for name in flat_settings() if name != "name" and f"`--{name.replace('_', '-')}`" not in doc]
-    assert missing == []
+    flags = [f"`--{name.replace('_', '-')}`" for name in flat_settings(Recipe) if name != "name"]
+    assert [flag for flag in flags if flag not in doc] == []
 
 
 # -- a new setting is one field --------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_a_registered_rounding_and_stage_bring_their_flags(toys):
 
 
 def test_the_toys_leave_no_trace():
-    assert "toy" not in ROUNDINGS and "toy" not in STAGES and "toy_strength" not in flat_settings()
+    assert "toy" not in ROUNDINGS and "toy" not in STAGES and "toy_strength" not in flat_settings(Recipe)
     with pytest.raises(SystemExit):
         quantize_args("--toy-strength", "2")
 

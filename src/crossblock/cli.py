@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .config import type_name
 from .errors import CrossblockError
-from .recipe import PRESETS, Recipe, flat_settings
+from .flat import flat_settings
+from .recipe import PRESETS, Recipe
 from .stages import Cfp
 
 FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS, without importing the exports
@@ -16,7 +17,7 @@ FORMAT_NAMES = ("fake", "compressed-tensors", "gptq", "gguf")  # export.FORMATS,
 
 def recipe_flags() -> dict:
     """The flat recipe settings that are flags: all but the recipe's name."""
-    return {name: s for name, s in flat_settings().items() if name != "name"}
+    return {name: s for name, s in flat_settings(Recipe).items() if name != "name"}
 
 
 def flag_help(s) -> str:
@@ -30,7 +31,7 @@ def flag_help(s) -> str:
 
 
 def add_recipe_options(p: argparse.ArgumentParser):
-    """One option per flat recipe setting (recipe.flat_settings: e.g. --wbits, --group-size,
+    """One option per flat recipe setting (flat.flat_settings: e.g. --wbits, --group-size,
     --lookahead), help and type from the dataclass field that declares it; unset ones keep the
     recipe's value."""
     p.add_argument("--recipe", default=None, help=f"a preset ({', '.join(PRESETS)}), a YAML file, or auto (measure "

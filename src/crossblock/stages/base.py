@@ -12,6 +12,11 @@ from ..config import Config, Registry
 STAGES = Registry("stage")
 
 
+def stage_classes() -> list[type]:
+    """The registered stages in the order they run (`Stage.order`)."""
+    return sorted(STAGES.classes.values(), key=lambda c: c.order)
+
+
 class Stage(Config):
     quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
     needs_whole_model = False  # whether it reads or changes every block at once (--low-memory refuses it)
