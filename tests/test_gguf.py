@@ -238,7 +238,7 @@ def test_gguf_type_not_a_type_is_refused_by_name(value, tmp_path, capsys):
     assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",
                  "--recipe", "rtn", "--gguf-type", value]) == 2
     names = ", ".join(GgufGrid.names())
-    assert capsys.readouterr().err.strip() == (f"crossblock: error: invalid recipe: gguf_type (--gguf-type) must be one "
+    assert capsys.readouterr().err.strip() == (f"crossblock: error: invalid recipe: gguf_type must be one "
                                                f"of {names}, got {value!r}")
     assert not out.exists()
 

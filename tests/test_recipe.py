@@ -5,7 +5,7 @@ import pytest
 
 from crossblock.errors import CrossblockError
 from crossblock.grids import UniformGrid
-from crossblock.recipe import PRESETS, Flat, Recipe
+from crossblock.recipe import PRESETS, Recipe
 from crossblock.roundings import AdaRound, LoraRound, Nearest, SignRound
 from crossblock.stages import Cfp, Train, Windows
 
@@ -58,7 +58,8 @@ def test_sectioned_yaml_round_trip(tmp_path):
 
 def test_flat_files_of_earlier_versions_still_load(tmp_path):
     """Every field of the old flat Recipe, as its to_yaml wrote them (recipes/ before the stages)."""
-    flat = {**Flat(name="cbq").to_dict(), **PRESETS["cbq"], "wbits": 3, "group_size": 64}
+    from flat_spelling_cases import OLD_FLAT
+    flat = {**OLD_FLAT, "name": "cbq", **PRESETS["cbq"], "wbits": 3, "group_size": 64}
     import yaml
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(flat, sort_keys=False))
     assert Recipe.from_yaml(tmp_path / "old.yaml") == Recipe.preset("cbq", wbits=3, group_size=64)
@@ -130,7 +131,7 @@ def test_a_train_section_with_nothing_to_learn_is_refused():
     ("preset: mb\nwindow: 2.5\n", "window must be an integer"),
     ("preset: [rtn]\n", "unknown preset"),
     ("grid: {bits: 3, colour: red}\nstages: [windows]\n", "unknown grid \\(uniform\\) setting.*colour"),
-    ("stages: [windows, cfp]\n", "in the order rotate, cfp \\(the FP model\\), windows, finetune"),
+    ("stages: [windows, cfp]\n", "in the order rotate, cfp, windows, finetune; got \\['windows', 'cfp'\\]"),
     ("stages: [cfp]\n", "exactly one stage that quantizes"),
     ("stages: [{windows: {train: {rounding: {type: lora, rank: 0}}}}]\n", "rank must be >= 1"),
     ("stages: [{windows: {train: {rounding: dice}}}]\n", "unknown rounding 'dice'"),

@@ -36,7 +36,7 @@ from .engine.plan import schedule_cost, window_costs
 from .engine.schedule import make_schedule
 from .errors import CrossblockError
 from .model.adapter import find_blocks
-from .recipe import PRESETS, Flat, Recipe
+from .recipe import PRESETS, Recipe
 
 # the candidate window shapes; `+kl`: CBQ's KL term added to the loss
 SHAPES: dict[str, dict] = {
@@ -65,7 +65,7 @@ class AutoRecipe(Recipe):
         fixed = sorted(set(flat) & set(SHAPE_FLAT))
         if fixed:
             raise CrossblockError(f"--recipe auto chooses {', '.join(fixed)} itself (drop the flag, or name a recipe)")
-        base = Flat.from_dict({**PRESETS["best"], **flat, "name": "auto"}, "recipe").validated().recipe()
+        base = Recipe.flat(**{**PRESETS["best"], **flat, "name": "auto"})
         if base.windows.train is None:
             raise CrossblockError("--recipe auto compares trained schedules: iters must be >= 1 and something must "
                                   "learn (a rounding or lwc)")

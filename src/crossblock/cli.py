@@ -2,41 +2,52 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import typing
 from pathlib import Path
 
+from .config import type_name
 from .errors import CrossblockError
 from .export import FORMATS
-from .recipe import PRESETS, Flat, Recipe
+from .flat import flat_settings
+from .recipe import PRESETS, Recipe
+from .stages import Cfp
 
-SKIP_HELP = ("comma-separated layers to leave in full precision: full names as crossblock.json lists them "
-             "(model.layers.0.self_attn.q_proj, or a block: model.layers.0), block-relative names or parts of them "
-             "(q_proj, mlp), or globs (layers.0.*); a pattern that matches no layer is refused")
+def recipe_flags() -> dict:
+    """The flat recipe settings that are flags: all but the recipe's name."""
+    return {name: s for name, s in flat_settings(Recipe).items() if name != "name"}
+
+
+def flag_help(s) -> str:
+    """A setting's help, choices and flat default, as its dataclass field declares them."""
+    extra = [f"one of {', '.join(map(str, s.choices))}"] if s.choices else []
+    if s.default is not None and s.default != []:
+        extra.append(f"default {str(s.default).lower() if isinstance(s.default, bool) else s.default}"
+                     + (": off" if s.picks and type(s.default) is int and s.default == 0 else ""))
+    text = s.help.rstrip(".") + (f" ({'; '.join(extra)})" if extra else "")
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def add_recipe_options(p: argparse.ArgumentParser):
-    """One option per flat recipe setting (e.g. --wbits, --group-size, --lookahead); unset ones
-    keep the recipe's value."""
+    """One option per flat recipe setting (flat.flat_settings: e.g. --wbits, --group-size,
+    --lookahead), help and type from the dataclass field that declares it; unset ones keep the
+    recipe's value."""
     p.add_argument("--recipe", default=None, help=f"a preset ({', '.join(PRESETS)}), a YAML file, or auto (measure "
                                                   "the window schedules on a prefix of the model and run the best); "
                                                   "default: the best recipe measured for the bits (recipe.DEFAULTS)")
-    hints = typing.get_type_hints(Flat)
-    for f in dataclasses.fields(Flat):
-        if f.name == "name":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif kind == list[str]:
-            p.add_argument(flag, type=lambda s: [x for x in s.split(",") if x], default=None,
-                           help=SKIP_HELP if f.name == "skip" else "comma-separated")
+    group = p.add_argument_group("recipe settings", "each overrides the recipe's value; the defaults shown are "
+                                 "those of a recipe of flags alone (a preset or file sets its own, e.g. best: "
+                                 "--iters 60 --batch-size 2 --loss token-mse)")
+    for name, s in recipe_flags().items():
+        flag = "--" + name.replace("_", "-")
+        kind = type_name(s.hint)
+        if s.hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=flag_help(s))
+        elif kind.startswith("a list"):
+            group.add_argument(flag, type=lambda v: [x for x in v.split(",") if x], default=None, help=flag_help(s))
         else:
-            base = float if "float" in str(kind) else int if "int" in str(kind) else str
-            p.add_argument(flag, type=base, default=None)
+            base = float if "finite number" in kind else int if "integer" in kind else str
+            group.add_argument(flag, type=base, default=None, help=flag_help(s))
 
 
 def add_trust_remote_code(p: argparse.ArgumentParser):
@@ -51,8 +62,7 @@ def add_auto_budget(p: argparse.ArgumentParser):
 
 
 def recipe_from_args(args, name: str | None = None) -> Recipe:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Flat)
-                 if f.name != "name" and getattr(args, f.name, None) is not None}
+    overrides = {name: getattr(args, name) for name in recipe_flags() if getattr(args, name, None) is not None}
     name = name or args.recipe
     budget = getattr(args, "auto_budget", None)
     if budget is not None and name != "auto":
@@ -251,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--nsamples", type=int, default=128)
     pp.add_argument("--seqlen", type=int, default=512)
     pp.add_argument("--seed", type=int, default=0)
-    pp.add_argument("--cfp-alpha", type=float, default=Flat.cfp_alpha)
-    pp.add_argument("--cfp-weights", action=argparse.BooleanOptionalAction, default=Flat.cfp_weights,
+    pp.add_argument("--cfp-alpha", type=float, default=Cfp.alpha)
+    pp.add_argument("--cfp-weights", action=argparse.BooleanOptionalAction, default=Cfp.weights,
                     help="also truncate outlier weights (CBQ; default off: only scale channels, the function is kept)")
     pp.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=None,
                     help="layers whose weights are not truncated, as quantize --skip names them")

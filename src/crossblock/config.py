@@ -3,18 +3,57 @@
 Every section of a recipe (data, grid, activations, each stage, each rounding) is a small
 dataclass deriving from `Config`: its fields are checked against their annotations strictly (a
 YAML `"no"` is not a bool, `2.5` is not an int, `inf` is not a learning rate), then by the
-class's own `check()`, which also refuses settings that would have no effect. A `Registry` maps
-the names used in YAML and on the command line to those classes, so a new grid, rounding, stage
-or format is one file and one `@REGISTRY.register("name")` line.
+class's own `check()`. A field declared with `setting(...)` also carries its help text, the values
+it may take (`choices`) and when it has an effect (`needs`): the checks, the command-line flags and
+the flat spelling (recipe.py) all read them there, so each setting is declared once. A `Registry`
+maps the names used in YAML and on the command line to those classes, so a new grid, rounding,
+stage or format is one file and one `@REGISTRY.register("name")` line.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
+from dataclasses import MISSING, dataclass
+from typing import Any, Callable
 
 from .errors import CrossblockError
+
+
+@dataclass(frozen=True)
+class Needs:
+    """When a setting has an effect: `field` of the same section passes `test`. Otherwise a setting
+    changed from its default is refused, `why` saying why ({name}: the field as the user spells it,
+    {value}: its value), e.g. "damp has no effect without init gptq"."""
+    field: str
+    test: Callable[[Any], bool]
+    why: str
+
+
+def setting(default=MISSING, help: str = "", *, factory=MISSING, choices=None, needs: Needs | None = None,
+            flat: str | bool | None = None, off=MISSING, registry=None):
+    """A field of a settings dataclass, with what the checks and the command line read:
+    - help: the flag's help text; choices: the values it may take (None always passes where the
+      type allows it); needs: when it has an effect (`Needs`);
+    - flat: its name in the flat spelling (flags, flat YAML) when not the class's `flat_prefix` +
+      the field's name; False: not in the flat spelling;
+    - off: its flat value when its section is absent; a section's first such field is its switch
+      (iters 0: no training; finetune steps 0: no finetune stage);
+    - registry: the field holds one of a registry's configs (the rounding), chosen by name."""
+    metadata = {"help": help, "choices": choices, "needs": needs, "flat": flat, "registry": registry}
+    if off is not MISSING:
+        metadata["off"] = off
+    return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
+
+
+def field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def no_effect(names: list[str], why: str) -> str:
+    return f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no effect {why}"
 
 
 class Config:
@@ -32,7 +71,7 @@ class Config:
         return getattr(cls, "label", None) or cls.__name__.lower()
 
     def validated(self):
-        hints = typing.get_type_hints(type(self))
+        hints = hints_of(type(self))
         for f in dataclasses.fields(self):
             if f.name.startswith("_"):
                 continue
@@ -45,8 +84,25 @@ class Config:
             elif not type_ok(value, hints[f.name]):
                 raise CrossblockError(f"invalid {self.section()}: {f.name} must be {type_name(hints[f.name])}, "
                                       f"got {value!r}")
+            choices = f.metadata.get("choices")
+            if choices is not None and value is not None:
+                self.refuse(value in choices, f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        self.check_needs()
         self.check()
         return self
+
+    def changed(self, *names: str) -> list[str]:
+        """Those of `names` (default: all fields) whose value is not the field's declared default."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        return [n for n in names or fields if getattr(self, n) != field_default(fields[n])]
+
+    def check_needs(self):
+        """Refuse settings changed from their default where they have no effect (`Needs`)."""
+        for needs, names in needs_groups(type(self)).items():
+            value = getattr(self, needs.field)
+            changed = self.changed(*names)
+            self.refuse(needs.test(value) or not changed,
+                        no_effect(changed, needs.why.format(name=needs.field, value=value)))
 
     def to_dict(self) -> dict:
         return {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -64,6 +120,21 @@ class Config:
         if unknown:
             raise CrossblockError(f"unknown {where} setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**data)
+
+
+@functools.cache
+def hints_of(cls) -> dict:
+    """A settings class's resolved field types (cached: classes do not change)."""
+    return typing.get_type_hints(cls)
+
+
+def needs_groups(cls) -> dict[Needs, list[str]]:
+    """A settings class's fields by the condition under which they have an effect."""
+    groups: dict[Needs, list[str]] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("needs") is not None:
+            groups.setdefault(f.metadata["needs"], []).append(f.name)
+    return groups
 
 
 def to_plain(value):

@@ -12,35 +12,39 @@
 
 Every method is a preset: RTN and GPTQ are a `windows` stage with no training, `block`, `mb`,
 `la` and `cbq` change its window shape, target, loss and rounding. The same settings also have a
-flat spelling (`Flat`: one name per setting, e.g. `wbits`, `lora_rank`): command-line flags,
-`Recipe.preset(name, **flat)` overrides and the recipe files of earlier versions use it, and it
-converts both ways for recipes of the shape [rotate], [cfp], windows, [finetune]. Everything is validated before any
-work starts, strictly: wrong types, out-of-range values and settings that would have no effect
-are refused with one line.
+flat spelling (one name per setting, e.g. `wbits`, `lora_rank`): command-line flags,
+`Recipe.preset(name, **flat)` overrides and the recipe files of earlier versions use it. It is
+derived from the sections' dataclasses (flat.py: a field declared once, with its default, help
+and checks, is a flag), and converts both ways for recipes of the shape [rotate], [cfp],
+windows, [finetune]. Everything is validated before any work starts, strictly: wrong types,
+out-of-range values and settings that would have no effect are refused with one line.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
+from .config import Config, Needs, setting
 from .errors import CrossblockError
+from .flat import from_flat, to_flat
 from .grids import GRIDS, GgufGrid, UniformGrid
 from .grids.fp4 import Fp4Grid
 from .precision import PRECISIONS
-from .roundings import ROUNDINGS, AdaRound, LoraRound
-from .stages import STAGES, Cfp, Finetune, Rotate, Stage, Train, Windows
+from .stages import STAGES, Stage, Windows, stage_classes
 
 SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "precision", "stages")
+SKIP_HELP = ("comma-separated layers to leave in full precision: full names as crossblock.json lists them "
+             "(model.layers.0.self_attn.q_proj, or a block: model.layers.0), block-relative names or parts of them "
+             "(q_proj, mlp), or globs (layers.0.*); a pattern that matches no layer is refused")
+QUANTIZED = Needs("bits", lambda bits: bits < 16, "without {name} < 16")
 
 
 @dataclass
 class Data(Config):
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8   # sequences per forward pass and per optimizer step
+    nsamples: int = setting(128, "calibration sequences")
+    seqlen: int = setting(512, "tokens per calibration sequence")
+    seed: int = setting(0, "which windows of the calibration text are drawn (and the rotations' signs)")
+    batch_size: int = setting(8, "sequences per forward pass and per optimizer step")
 
     def check(self):
         self.refuse(self.nsamples >= 1 and self.seqlen >= 2, "nsamples must be >= 1 and seqlen >= 2")
@@ -54,15 +58,15 @@ class Data(Config):
 @dataclass
 class Activations(Config):
     """Inputs of every quantized linear layer: full precision (bits 16) or fake-quantized."""
-    bits: int = 16
-    dynamic: bool = True   # per-token ranges at run time; False: one learned step per tensor
-    sym: bool = False
+    flat_prefix = "act_"
+    bits: int = setting(16, "activation bits: 4..8, or 16 (none)", flat="abits")
+    dynamic: bool = setting(True, "per-token ranges at run time; off: one learned static step per tensor",
+                            needs=QUANTIZED)
+    sym: bool = setting(False, "symmetric activation grid", needs=QUANTIZED)
 
     def check(self):
         self.refuse(4 <= self.bits <= 8 or self.bits == 16,
                     f"bits must be in 4..8, or 16 (no activation quantization), got {self.bits}")
-        self.refuse(self.bits < 16 or (self.dynamic and not self.sym),
-                    "dynamic and sym have no effect on full-precision activations (bits 16)")
 
     @property
     def static(self) -> bool:
@@ -77,27 +81,25 @@ class Activations(Config):
 
 @dataclass
 class Recipe(Config):
-    name: str = "custom"
+    name: str = setting("custom", "the recipe's name (crossblock.json)")
     data: Data = field(default_factory=Data)
-    grid: Config = field(default_factory=UniformGrid)
+    grid: Config = setting(factory=UniformGrid, registry=GRIDS, flat=False)  # flat: picked by a grid's switch
     activations: Activations = field(default_factory=Activations)
-    skip: list[str] = field(default_factory=list)  # layers left in full precision: names, globs (adapter.is_skipped)
+    skip: list[str] = setting(factory=list, help=SKIP_HELP)
     stages: list[Stage] = field(default_factory=lambda: [Windows()])
-    precision: str = "auto"  # compute of blocks and model: auto, bf16 or fp32 (precision.py)
+    precision: str = setting("auto", "compute of blocks and model: auto (bf16 autocast where bf16 matmul is "
+                                     "native, else fp32), bf16 or fp32", choices=PRECISIONS)
     # how the recipe was chosen (Recipe.default, --recipe auto): recorded in crossblock.json, not part of
     # the recipe itself (to_dict leaves it out, so checkpoints and fingerprints ignore it)
-    chosen_by: dict | None = field(default=None, compare=False, repr=False)
+    chosen_by: dict | None = field(default=None, compare=False, repr=False, metadata={"flat": False})
 
     def check(self):
-        self.refuse(self.precision in PRECISIONS,
-                    f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         names = [s.kind_name for s in self.stages]
         self.refuse(sum(s.quantizes for s in self.stages) == 1,
                     f"needs exactly one stage that quantizes (windows), got stages {names}")
         self.refuse(len(set(names)) == len(names), f"a stage may appear once, got {names}")
-        order = [n for n in ("rotate", "cfp", "windows", "finetune") if n in names]
-        self.refuse([n for n in names if n in order] == order,
-                    f"stages run in the order rotate, cfp (the FP model), windows, finetune; got {names}")
+        self.refuse(names == [s.kind_name for s in sorted(self.stages, key=lambda s: s.order)],
+                    f"stages run in the order {', '.join(c.kind_name for c in stage_classes())}; got {names}")
         self.refuse("finetune" not in names or isinstance(self.grid, UniformGrid),
                     f"finetune trains a uniform grid's scales; the {self.grid.kind_name} grid's scales are quantized "
                     "themselves (drop finetune)")
@@ -136,16 +138,16 @@ class Recipe(Config):
         """A preset, with flat overrides (`wbits=2, iters=60, ...`)."""
         if not isinstance(name, str) or name not in PRESETS:
             raise CrossblockError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)} (or a .yaml file)")
-        return Flat.from_dict({**PRESETS[name], "name": name, **overrides}, "recipe").validated().recipe()
+        return from_flat(Recipe, {**PRESETS[name], "name": name, **overrides})
 
     @classmethod
     def default(cls, wbits: int = 4, abits: int = 16, group_size: int = 128, **overrides) -> "Recipe":
         """The best recipe measured for this bit width (`DEFAULTS`), with flat overrides: what
         `crossblock quantize` runs without --recipe. `recipe.chosen_by` says which entry and why."""
         key, entry = default_entry(wbits, abits)
-        recipe = Flat.from_dict({**PRESETS[entry["preset"]], **entry.get("settings", {}), "name": entry.get("name", entry["preset"]),
-                                 "wbits": wbits, "abits": abits, "group_size": group_size, **overrides},
-                                "recipe").validated().recipe()
+        recipe = from_flat(Recipe, {**PRESETS[entry["preset"]], **entry.get("settings", {}),
+                            "name": entry.get("name", entry["preset"]),
+                            "wbits": wbits, "abits": abits, "group_size": group_size, **overrides})
         recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **entry.get("settings", {}),
                             "why": entry["why"]}
         return recipe
@@ -153,7 +155,7 @@ class Recipe(Config):
     @classmethod
     def flat(cls, **settings) -> "Recipe":
         """A recipe from flat settings alone (defaults: RTN, W4 g128)."""
-        return Flat.from_dict(settings, "recipe").validated().recipe()
+        return from_flat(Recipe, settings)
 
     @classmethod
     def load(cls, name_or_path: str, **overrides) -> "Recipe":
@@ -165,10 +167,10 @@ class Recipe(Config):
     def with_flat(self, **overrides) -> "Recipe":
         if not overrides:
             return self.validated()
-        return Flat.from_dict({**self.to_flat(), **overrides}, "recipe").validated().recipe()
+        return from_flat(Recipe, {**self.to_flat(), **overrides})
 
     def to_flat(self) -> dict:
-        return Flat.of(self).to_dict()
+        return to_flat(Recipe, self)
 
     # -- YAML --------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -196,7 +198,7 @@ class Recipe(Config):
         if not any(k in data for k in ("data", "grid", "activations", "stages")):
             flat = {k: v for k, v in data.items() if k != "preset"}
             start = {**PRESETS[base], "name": base} if base else {}
-            return Flat.from_dict({**start, **flat, **overrides}, "recipe").validated().recipe()
+            return from_flat(Recipe, {**start, **flat, **overrides})
         unknown = sorted(set(map(str, data)) - set(SECTIONS))
         if unknown:
             raise CrossblockError(f"unknown recipe section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)}; "
@@ -247,160 +249,6 @@ def parse_stage(spec) -> Stage:
     (name, settings), = spec.items()
     return STAGES[name].from_dict(settings, f"{name} stage")
 
-
-@dataclass
-class Flat(Config):
-    """The flat spelling of a recipe of shape [rotate], [cfp], windows, [finetune]: one name per setting (the CLI's
-    flags). Settings that would have no effect in the combination given are refused."""
-    name: str = "custom"
-    # grid
-    wbits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    scale_dtype: str | None = None
-    gguf_type: str | None = None    # a GGUF type or mixture (Q4_K_M ...): the gguf grid instead of wbits etc.
-    gguf_output: str | None = None  # the gguf grid's output-head type (default: llama.cpp's)
-    # activations, rotation, CFP
-    abits: int = 16
-    act_dynamic: bool = True
-    act_sym: bool = False
-    rotate: bool = False
-    rotate_kind: str = "hadamard"
-    rotate_online: bool = True
-    cfp: bool = False
-    cfp_alpha: float = 0.7
-    cfp_weights: bool = False
-    # windows
-    window: int = 1
-    stride: int = 1
-    lookahead: int = 0
-    target: str = "propagated"
-    loss: str = "mse"
-    kl_weight: float = 1.0
-    init: str = "rtn"
-    rounding: str = "signround"
-    lwc: bool = True
-    clip_search: bool = False
-    lora_rank: int = 4
-    round_reg: float = 0.01
-    ste: bool = True
-    iters: int = 0                 # 0: no training (RTN, GPTQ)
-    batch_size: int = 8
-    lr: float | None = None
-    damp: float = 0.01
-    act_order: bool = False
-    all_experts: bool = True       # MoE, init gptq: every token through every fused expert for the Hessians
-    # finetune (end to end, after the windows): 0 steps = no finetune stage
-    finetune_steps: int = 0
-    finetune_lr: float = 2e-3
-    finetune_batch_size: int = 2
-    finetune_loss: str = "kl"
-    finetune_zeros: bool = False
-    finetune_norms: bool = False
-    finetune_holdout: float = 0.125
-    # data
-    nsamples: int = 128
-    seqlen: int = 512
-    seed: int = 0
-    skip: list[str] = field(default_factory=list)
-    precision: str = "auto"
-
-    @classmethod
-    def section(cls) -> str:
-        return "recipe"
-
-    def check(self):
-        default = Flat()
-        changed = lambda *names: [n for n in names if getattr(self, n) != getattr(default, n)]  # noqa: E731
-        if self.gguf_type is not None:  # "" too: not a uniform grid (checked before the rules below name it)
-            self.refuse(self.gguf_type in GgufGrid.names(), f"gguf_type (--gguf-type) must be one of "
-                                                            f"{', '.join(GgufGrid.names())}, got {self.gguf_type!r}")
-        self.refuse(self.iters >= 0, f"iters must be >= 0, got {self.iters}")
-        self.refuse(self.rounding in ROUNDINGS, f"rounding must be one of {', '.join(ROUNDINGS.names())}, "
-                                                f"got {self.rounding!r}")
-        rules = [
-            (self.gguf_type is not None, changed("wbits", "group_size", "sym", "scale_dtype"), "with gguf_type"),
-            (self.gguf_type is None, changed("gguf_output"), "without gguf_type"),
-            (self.abits == 16, changed("act_dynamic", "act_sym"), "without abits < 16"),
-            (not self.cfp, changed("cfp_alpha", "cfp_weights"), "without cfp"),
-            (not self.rotate, changed("rotate_kind", "rotate_online"), "without rotate"),
-            (self.finetune_steps == 0, changed(*FINETUNE_FLAT), "without finetune_steps > 0"),
-            (self.init != "gptq", changed("damp", "act_order", "all_experts"), "without init gptq"),
-            (self.rounding not in ("adaround", "lora"), changed("round_reg", "ste"), f"with rounding {self.rounding}"),
-            (self.rounding != "lora", changed("lora_rank"), f"with rounding {self.rounding}"),
-        ]
-        for applies, names, why in rules:
-            self.refuse(not (applies and names), f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} "
-                                                 f"no effect {why}")
-
-    @property
-    def trains(self) -> bool:
-        """Steps, and something to learn. Recipes that do not train (rtn, gptq) ignore the training
-        settings, so that `compare` can apply one set of flags to every recipe it ranks."""
-        static_acts = self.abits < 16 and not self.act_dynamic
-        return self.iters > 0 and (self.rounding != "rtn" or self.lwc or static_acts)
-
-    def recipe(self) -> Recipe:
-        r = self
-        rounding = {"lora": lambda: LoraRound(r.lora_rank, r.round_reg, r.ste),
-                    "adaround": lambda: AdaRound(r.round_reg, r.ste)}.get(r.rounding, ROUNDINGS[r.rounding])()
-        train = Train(r.iters, r.target, r.loss, r.kl_weight, rounding, r.lwc, r.lr) if r.trains else None
-        stages = [Rotate(r.rotate_kind, r.seed, r.rotate_online)] if r.rotate else []
-        stages += [Cfp(r.cfp_alpha, r.cfp_weights)] if r.cfp else []
-        stages.append(Windows(r.window, r.stride, r.lookahead, r.init, r.damp, r.act_order, r.clip_search, train,
-                              all_experts=r.all_experts))
-        if r.finetune_steps:
-            stages.append(Finetune(r.finetune_steps, **{f.removeprefix("finetune_"): getattr(r, f) for f in FINETUNE_FLAT}))
-        return Recipe(r.name, Data(r.nsamples, r.seqlen, r.seed, r.batch_size),
-                      GgufGrid(r.gguf_type, r.gguf_output) if r.gguf_type is not None else
-                      UniformGrid(r.wbits, r.group_size, r.sym, r.scale_dtype),
-                      Activations(r.abits, r.act_dynamic, r.act_sym), list(r.skip), stages, r.precision).validated()
-
-    @classmethod
-    def of(cls, recipe: Recipe) -> "Flat":
-        kinds = [s.kind_name for s in recipe.stages]
-        g = recipe.grid
-        flat_grid = isinstance(g, UniformGrid) or (isinstance(g, GgufGrid) and g.embeddings is None)
-        if [k for k in kinds if k not in ("rotate", "cfp", "finetune")] != ["windows"] or not flat_grid:
-            raise CrossblockError(f"recipe {recipe.name!r} (stages {kinds}, grid {recipe.grid.kind_name}) has no flat "
-                                  "form: flat settings apply to a uniform or gguf grid and stages [rotate], [cfp], "
-                                  "windows, [finetune]")
-        a, d, w = recipe.activations, recipe.data, recipe.windows
-        cfp, rotate, finetune = recipe.stage("cfp"), recipe.stage("rotate"), recipe.stage("finetune")
-        grid = (dict(gguf_type=g.quant, gguf_output=g.output) if isinstance(g, GgufGrid) else
-                dict(wbits=g.bits, group_size=g.group_size, sym=g.sym, scale_dtype=g.scale_dtype))
-        flat = dict(name=recipe.name, **grid,
-                    abits=a.bits, act_dynamic=a.dynamic, act_sym=a.sym, cfp=cfp is not None,
-                    window=w.window, stride=w.stride, lookahead=w.lookahead, init=w.init, damp=w.damp,
-                    act_order=w.act_order, clip_search=w.clip_search, all_experts=w.all_experts, batch_size=d.batch_size,
-                    nsamples=d.nsamples, seqlen=d.seqlen, seed=d.seed, skip=list(recipe.skip),
-                    precision=recipe.precision)
-        if cfp is not None:
-            flat.update(cfp_alpha=cfp.alpha, cfp_weights=cfp.weights)
-        if rotate is not None:
-            if rotate.seed != d.seed:
-                raise CrossblockError(f"recipe {recipe.name!r} has no flat form: its rotate seed differs from data.seed")
-            flat.update(rotate=True, rotate_kind=rotate.kind, rotate_online=rotate.online)
-        if finetune is not None:
-            if finetune.eval_every != Finetune.eval_every:
-                raise CrossblockError(f"recipe {recipe.name!r} has no flat form: finetune eval_every is not a flag")
-            flat.update(finetune_steps=finetune.steps, **{f: getattr(finetune, f.removeprefix("finetune_"))
-                                                          for f in FINETUNE_FLAT})
-        t = w.train
-        if t is None:
-            flat.update(iters=0, rounding="rtn", lwc=False)
-        else:
-            flat.update(iters=t.iters, target=t.target, loss=t.loss, kl_weight=t.kl_weight, lwc=t.lwc, lr=t.lr,
-                        rounding=t.rounding.kind_name)
-            if isinstance(t.rounding, (AdaRound, LoraRound)):
-                flat.update(round_reg=t.rounding.reg, ste=t.rounding.ste)
-            if isinstance(t.rounding, LoraRound):
-                flat.update(lora_rank=t.rounding.rank)
-        return cls(**flat)
-
-
-FINETUNE_FLAT = ("finetune_lr", "finetune_batch_size", "finetune_loss", "finetune_zeros", "finetune_norms",
-                 "finetune_holdout")
 
 # The methods, in the flat spelling. Training presets share AutoRound's defaults (SignRound +
 # clipping, 200 steps, batch 8), so that schedules compare at the same budget per window.

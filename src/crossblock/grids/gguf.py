@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
+from ..config import Config, setting
 from ..errors import CrossblockError
 from ..model.adapter import block_linears, find_blocks, is_skipped
 from ..quant import gguf as gq
@@ -37,6 +37,8 @@ FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_
 # HF linear names -> llama.cpp's tensor categories (the ones the mixtures treat apart)
 CATEGORIES = {"v_proj": "attn_v", "o_proj": "attn_output", "down_proj": "ffn_down"}
 SOFT_ROUNDINGS = ("adaround", "lora")
+QUANTS = (*gq.TYPES, *MIXTURES)   # what `quant` may be: a GGUF type or a mixture
+STORED = (*gq.TYPES, *DENSE)      # what the output head and embeddings may be
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -72,22 +74,17 @@ def fit_width(kind: str, width: int) -> str:
 @GRIDS.register("gguf")
 @dataclass
 class GgufGrid(Config):
-    quant: str = "Q4_K_M"          # a GGUF type (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K..Q6_K) or a mixture
-    output: str | None = None      # output head (and tied embeddings): None = llama.cpp's (Q6_K; Q8_0
-                                   # for Q8_0 or widths 256 does not divide); a type, F16 or F32
-    embeddings: str | None = None  # untied token embeddings: None = the base type; a type, F16 or F32
+    # flat spelling: --gguf-type picks this grid instead of the uniform one (--wbits ...)
+    quant: str = setting("Q4_K_M", "a GGUF type or mixture: the gguf grid instead of --wbits etc.",
+                         choices=QUANTS, flat="gguf_type", off=None)
+    output: str | None = setting(None, "the output head's (and tied embeddings') type; default: llama.cpp's "
+                                       "(Q6_K; Q8_0 for Q8_0 or widths 256 does not divide)", choices=STORED)
+    embeddings: str | None = setting(None, "untied token embeddings' type; default: the base type", choices=STORED)
 
     @staticmethod
     def names() -> list[str]:
         """What `quant` may be: a GGUF type or a mixture."""
-        return [*gq.TYPES, *MIXTURES]
-
-    def check(self):
-        self.refuse(self.quant in self.names(), f"quant must be one of {', '.join(self.names())}, got {self.quant!r}")
-        for field in ("output", "embeddings"):
-            value = getattr(self, field)
-            self.refuse(value is None or value in gq.TYPES or value in DENSE,
-                        f"{field} must be one of {', '.join([*gq.TYPES, *DENSE])}, got {value!r}")
+        return list(QUANTS)
 
     # -- what a recipe may combine with this grid ------------------------------------------
     @property

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
+from ..config import Config, setting
 from ..errors import CrossblockError
 from ..quant import grid as g
 from .base import GRIDS
@@ -17,17 +17,17 @@ SCALE_DTYPES = ("float32", "float16", "bfloat16")
 @GRIDS.register("uniform")
 @dataclass
 class UniformGrid(Config):
-    bits: int = 4
-    group_size: int = 128          # -1: per output channel
-    sym: bool = False
-    scale_dtype: str | None = None  # round scales to what the checkpoint stores ("float16" for gptq)
+    flat_prefix = ""  # the default grid: plain names (--wbits, --group-size)
+    bits: int = setting(4, "weight bits (2..8)", flat="wbits")
+    group_size: int = setting(128, "weights per scale along the input; -1: per output channel")
+    sym: bool = setting(False, "symmetric grid (zero point fixed at the middle)")
+    scale_dtype: str | None = setting(None, "round scales to what a checkpoint stores (float16 for gptq); "
+                                            "default: float32", choices=SCALE_DTYPES)
 
     def check(self):
         self.refuse(2 <= self.bits <= 8, f"bits must be in 2..8, got {self.bits}")
         self.refuse(self.group_size == -1 or self.group_size > 0,
                     f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
-        self.refuse(self.scale_dtype in (None, *SCALE_DTYPES),
-                    f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
     def check_windows(self, init: str, rounding: str | None):
         """Refuse an initialization or rounding this grid cannot run (any, here)."""

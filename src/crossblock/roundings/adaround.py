@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import setting
 from .base import ROUNDINGS, Rounding
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch
@@ -21,10 +22,13 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     return torch.log(p / (1 - p))
 
 
+@dataclass
 class SoftRounding(Rounding):
     """floor(W/s) + h with a soft h in [0, 1]; subclasses say where h comes from (`soft_offset`)."""
-    reg: float
-    ste: bool
+    reg: float = setting(0.01, "weight of the regularizer that pushes h to 0 or 1 (annealed beta 20 -> 2)",
+                         flat="round_reg")
+    ste: bool = setting(True, "train the hard rounding through a straight-through estimator; off: the soft "
+                              "relaxation (needs many more steps)", flat="ste")
 
     def check(self):
         self.refuse(self.reg >= 0, f"reg must be >= 0, got {self.reg}")
@@ -59,10 +63,6 @@ class SoftRounding(Rounding):
 @ROUNDINGS.register("adaround")
 @dataclass
 class AdaRound(SoftRounding):
-    reg: float = 0.01     # regularizer weight (annealed beta 20 -> 2)
-    ste: bool = True      # train the hard rounding through a straight-through estimator; False: the
-                          # soft relaxation (needs many more steps)
-
     def add_params(self, layer, generator):
         layer.v = nn.Parameter(torch.zeros_like(layer.weight, dtype=torch.float32))
         self.reset(layer)

@@ -10,6 +10,7 @@ ROUNDINGS = Registry("rounding")
 
 class Rounding(Config):
     trainable = True  # whether it has parameters of its own (rtn has none)
+    # flat spelling: a rounding's fields are settings named `<rounding>_<field>` (lora_rank), picked by --rounding
 
     def add_params(self, layer, generator: torch.Generator | None):
         pass

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import setting
 from .base import ROUNDINGS
 from .adaround import SoftRounding, inverse_rectified_sigmoid, rectified_sigmoid
 
@@ -15,9 +16,7 @@ from .adaround import SoftRounding, inverse_rectified_sigmoid, rectified_sigmoid
 @ROUNDINGS.register("lora")
 @dataclass
 class LoraRound(SoftRounding):
-    rank: int = 4
-    reg: float = 0.01
-    ste: bool = True
+    rank: int = setting(4, "rank of the low-rank term A1·A2")
 
     def check(self):
         super().check()

@@ -7,10 +7,10 @@ Quantized layers stay wrapped (frozen integers, their grid's scales still parame
 stage that makes them to the end of the pipeline, so a later stage can train them. A new stage
 is one file here and one `@STAGES.register` line.
 """
-from .base import STAGES, Job, Stage
+from .base import STAGES, Job, Stage, stage_classes
 from .cfp import Cfp
 from .finetune import Finetune
 from .rotate import Rotate
 from .windows import Train, Windows
 
-__all__ = ["STAGES", "Stage", "Job", "Rotate", "Cfp", "Windows", "Train", "Finetune"]
+__all__ = ["STAGES", "Stage", "Job", "stage_classes", "Rotate", "Cfp", "Windows", "Train", "Finetune"]

@@ -13,10 +13,19 @@ from ..engine.blocks import BlockStore
 STAGES = Registry("stage")
 
 
+def stage_classes() -> list[type]:
+    """The registered stages in the order they run (`Stage.order`)."""
+    return sorted(STAGES.classes.values(), key=lambda c: c.order)
+
+
 class Stage(Config):
     quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
     needs_whole_model = False  # whether it reads or changes every block at once (a store that streams
                                # blocks refuses it: BlockStore.admit; finetune asks job.blocks.whole_model)
+    order = 0  # where it runs: stages run by increasing order (rotate 10, cfp 20, windows 30, finetune 40)
+    # The flat spelling (flags): every field is a setting named `<stage>_<field>` (`flat_prefix`); a
+    # stage that does not quantize is turned on by its switch (its first field with an `off` value,
+    # e.g. finetune's steps), or else by a boolean named after it (--rotate, --cfp).
 
     def run(self, model, job: "Job"):
         raise NotImplementedError

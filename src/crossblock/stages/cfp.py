@@ -6,15 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..preprocess import cfp
+from ..config import setting
 from .base import STAGES, Stage
 
 
 @STAGES.register("cfp")
 @dataclass
 class Cfp(Stage):
+    """CBQ's coarse-to-fine preprocessing of the FP model (outlier channels and weights)."""
     needs_whole_model = True
-    alpha: float = 0.7     # outlier channel c is divided by (max_c / max_non_outlier) ** alpha
-    weights: bool = False  # also truncate outlier weights (CBQ; doubled SmolLM2's W4A16 ppl, see README)
+    order = 20
+    alpha: float = setting(0.7, "outlier channel c is divided by (max_c / max_non_outlier) ** alpha")
+    weights: bool = setting(False, "also truncate outlier weights (CBQ; doubled SmolLM2's W4A16 ppl)")
 
     def check(self):
         self.refuse(0 < self.alpha <= 1, f"alpha must be in (0, 1], got {self.alpha}")

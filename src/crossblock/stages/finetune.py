@@ -43,6 +43,7 @@ from ..model.adapter import find_blocks
 from ..precision import autocast
 from ..quant.grid import round_ste
 from ..quant.linear import QuantLinear
+from ..config import setting
 from .base import STAGES, Stage
 
 LOSSES = ("kl", "ce")
@@ -51,22 +52,23 @@ LOSSES = ("kl", "ce")
 @STAGES.register("finetune")
 @dataclass
 class Finetune(Stage):
+    """The whole model as one last window: scales trained end to end against the FP model."""
     needs_whole_model = True
-    steps: int = 100
-    lr: float = 2e-3              # Adam, on log-scales (relative): ~0.2% of a scale per step (EfficientQAT's
-                                  # 2e-5 on raw scales of ~0.01)
-    batch_size: int = 2           # sequences per step
-    loss: str = "kl"              # kl: KL(FP || quantized) per token; ce: next-token cross-entropy
-    zeros: bool = False           # also train zero points (rounded straight-through: they stay integers)
-    norms: bool = False           # also train the blocks' norm weights
-    holdout: float = 0.125        # fraction of the calibration sequences kept to pick the best step
-    eval_every: int = 20
+    order = 40
+    steps: int = setting(100, "optimizer steps of the end-to-end finetune", off=0)
+    # Adam, on log-scales (relative): ~0.2% of a scale per step (EfficientQAT's 2e-5 on raw scales of ~0.01)
+    lr: float = setting(2e-3, "Adam's learning rate on log-scales (relative)")
+    batch_size: int = setting(2, "sequences per step")
+    loss: str = setting("kl", "kl: KL(FP || quantized) per token; ce: next-token cross-entropy", choices=LOSSES)
+    zeros: bool = setting(False, "also train zero points (rounded straight-through: they stay integers)")
+    norms: bool = setting(False, "also train the blocks' norm weights")
+    holdout: float = setting(0.125, "fraction of the calibration sequences kept to pick the best step")
+    eval_every: int = setting(20, "steps between measurements on the held-out sequences")
 
     def check(self):
         self.refuse(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         self.refuse(self.lr > 0, f"lr must be positive, got {self.lr}")
         self.refuse(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        self.refuse(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         self.refuse(0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout}")
         self.refuse(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
 

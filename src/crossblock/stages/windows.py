@@ -2,7 +2,8 @@
 `train` it is RTN or GPTQ; with it, block-wise / multi-block / look-ahead / CBQ reconstruction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass
 
 from ..distributed import is_main, shard
 from ..engine.chains import ChainStore
@@ -10,33 +11,36 @@ from ..engine.reconstruct import WindowEngine
 from ..errors import CrossblockError
 from ..model.adapter import capture, find_blocks
 from ..roundings import ROUNDINGS, Rounding, SignRound
-from ..config import Config
+from ..config import Config, Needs, setting
 from ..engine.schedule import LOSS_SAMPLES, REPORT_SAMPLES
 from .base import STAGES, Stage
 
 TARGETS = ("propagated", "homologous")
 LOSSES = ("mse", "mse+kl", "token-mse", "token-mse+kl")
 INITS = ("rtn", "gptq")
+GPTQ_ONLY = Needs("init", lambda init: init == "gptq", "without {name} gptq")
+WITH_KL = Needs("loss", lambda loss: loss.endswith("+kl"), "with {name} {value!r} (use a +kl loss)")
 
 
 @dataclass
 class Train(Config):
     """What a window optimizes and how."""
-    iters: int = 200               # optimizer steps per window
-    target: str = "propagated"     # propagated: FP model on FP input; homologous: FP blocks on quantized input
-    loss: str = "mse"              # token-mse: each token's squared error relative to its target's
-                                   # squared norm (attention sinks do not dominate); +kl: CBQ's KL term
-    kl_weight: float = 1.0
-    rounding: Rounding = field(default_factory=SignRound)
-    lwc: bool = True               # learnable clipping multipliers
-    lr: float | None = None        # None: the rounding's default (signround 1/iters, Adam 1.5/iters)
+    # flat spelling: a recipe that does not train (iters 0, or nothing to learn) ignores the training
+    # flags instead of refusing them, so that `compare` applies one set of flags to every recipe it ranks
+    ignored_when_off = True
+    iters: int = setting(200, "optimizer steps per window (RTN and GPTQ: none)", off=0)
+    target: str = setting("propagated", "propagated: the FP model on FP input; homologous: FP blocks on "
+                                        "quantized input", choices=TARGETS)
+    loss: str = setting("mse", "token-mse: each token's squared error relative to its target's squared norm "
+                               "(attention sinks do not dominate); +kl: CBQ's KL term", choices=LOSSES)
+    kl_weight: float = setting(1.0, "weight of the KL term", needs=WITH_KL)
+    rounding: Rounding = setting(factory=SignRound, help="how a window picks each weight's grid point",
+                                 registry=ROUNDINGS, off="rtn")
+    lwc: bool = setting(True, "learnable clipping multipliers", off=False)
+    lr: float | None = setting(None, "learning rate; default: the rounding's (signround 1/iters, Adam 1.5/iters)")
 
     def check(self):
         self.refuse(self.iters >= 1, f"iters must be >= 1, got {self.iters}")
-        self.refuse(self.target in TARGETS, f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        self.refuse(self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        self.refuse(self.loss.endswith("+kl") or self.kl_weight == 1.0,
-                    f"kl_weight has no effect with loss {self.loss!r} (use a +kl loss)")
         self.refuse(self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}")
         self.refuse(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
 
@@ -57,25 +61,24 @@ class Windows(Stage):
     """Windows of `window` blocks every `stride` blocks, the loss read after `lookahead` more
     (FP, frozen) blocks; each block starts from RTN or GPTQ and is trained if `train` is set."""
     quantizes = True
-    window: int = 1
-    stride: int = 1
-    lookahead: int = 0
-    init: str = "rtn"
-    damp: float = 0.01             # GPTQ's dampening (init gptq)
-    act_order: bool = False        # GPTQ's column order by decreasing Hessian diagonal (init gptq)
-    clip_search: bool = False      # start each group's clipping at its least-weight-error ratio (1 .. 0.7)
-    train: Train | None = None     # None: no training (RTN, GPTQ)
-    all_experts: bool = True       # MoE, init gptq: every token through every fused expert for the Hessians
-                                   # (the block's output keeps the real routing)
+    order = 30
+    flat_prefix = ""
+    window: int = setting(1, "blocks trained together")
+    stride: int = setting(1, "blocks from one window's start to the next's (1..window)")
+    lookahead: int = setting(0, "FP blocks after the window before its loss is read (LA-PTQ)")
+    init: str = setting("rtn", "each block's start: round to nearest, or GPTQ", choices=INITS)
+    damp: float = setting(0.01, "GPTQ's dampening", needs=GPTQ_ONLY)
+    act_order: bool = setting(False, "GPTQ's column order by decreasing Hessian diagonal", needs=GPTQ_ONLY)
+    clip_search: bool = setting(False, "start each group's clipping at its least-weight-error ratio (1 .. 0.7)")
+    train: Train | None = setting(None, "what a window optimizes; none: no training (RTN, GPTQ)")
+    all_experts: bool = setting(True, "MoE: every token through every fused expert for GPTQ's Hessians (the "
+                                      "block's output keeps the real routing)", needs=GPTQ_ONLY)
 
     def check(self):
         self.refuse(self.window >= 1, f"window must be >= 1, got {self.window}")
         self.refuse(1 <= self.stride <= self.window, f"stride must be in 1..window ({self.window}), got {self.stride}")
         self.refuse(self.lookahead >= 0, f"lookahead must be >= 0, got {self.lookahead}")
-        self.refuse(self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         self.refuse(0 < self.damp < 1, f"damp must be in (0, 1), got {self.damp}")
-        self.refuse(self.init == "gptq" or (self.damp == 0.01 and not self.act_order and self.all_experts),
-                    "damp, act_order and all_experts have no effect without init gptq")
 
     @classmethod
     def from_dict(cls, data, where=None):
