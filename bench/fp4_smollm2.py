@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""FP4 rows on SmolLM2-135M (issue #31): crossblock's nvfp4 / mxfp4 grids against llm-compressor's
+NVFP4A16 / MXFP4A16 schemes, same 128 x 512 WikiText-2 calibration tokens, one thread per row; every
+folder is compressed-tensors and scored by `crossblock eval` (WikiText-2 test and TinyStories, first
+40 windows of 512 tokens). One row per call, so that a peer's row and ours start together:
+
+    python bench/fp4_smollm2.py crossblock --grid nvfp4 --recipe best      # rtn, gptq, best (60 x 2)
+    python bench/fp4_smollm2.py llmcompressor --scheme NVFP4A16 [--gptq]   # bench/llmcompressor/setup.sh first
+    python bench/fp4_smollm2.py table
+"""
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, SHARED
+
+CALIB = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
+TEXTS = {"wikitext2": SHARED / "data" / "wikitext2" / "wiki.test.raw", "tinystories": SHARED / "data" / "tinystories" / "valid.txt"}
+MODEL = os.environ.get("SMOLLM2", str(Path.home() / ".cache" / "crossblock-assets" / "smollm2-135m-instruct"))
+NSAMPLES, SEQLEN, SEED, ITERS, BATCH = 128, 512, 0, 60, 2
+WORK = ROOT / "bench" / "work" / "fp4_smollm2"
+JSONL = ROOT / "bench" / "results" / "fp4_smollm2.jsonl"
+BIN = Path(sys.executable).parent
+
+
+def commit() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def score(folder) -> dict:
+    out = {}
+    for name, text in TEXTS.items():
+        r = subprocess.run([str(BIN / "crossblock"), "eval", "--model", str(folder), "--ppl", str(text), "--seqlen",
+                            str(SEQLEN), "--max-windows", "40", "--quiet", "--tokenizer", MODEL],
+                           capture_output=True, text=True, check=True)
+        out[name] = float(r.stdout.strip().splitlines()[-1].split()[-1])
+    return out
+
+
+def crossblock_row(args) -> dict:
+    import torch
+    import crossblock as cb
+    from crossblock.data.text import read_texts
+    from crossblock.grids import GRIDS
+
+    torch.set_num_threads(1)
+    recipe = cb.Recipe.preset(args.recipe, nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED,
+                              **({} if args.recipe in ("rtn", "gptq") else dict(iters=ITERS, batch_size=BATCH)))
+    recipe = dataclasses.replace(recipe, grid=GRIDS.build({"type": args.grid}, "grid"))
+    out = WORK / f"cb-{args.grid}-{args.recipe}"
+    model, tok = cb.load_model(MODEL)
+    t = time.time()
+    model, report = cb.quantize(model, tok, recipe, calib=read_texts(CALIB), progress=False, device="cpu")
+    wall = time.time() - t
+    cb.save(model, tok, out, format="compressed-tensors", report=report, overwrite=True)
+    return {"row": f"crossblock {args.grid} {args.recipe}", "wall_s": round(wall, 1),
+            "precision": report["precision"]["used"], "folder": str(out.relative_to(ROOT))}
+
+
+def llmcompressor_row(args) -> dict:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    from crossblock.data.text import calibration_windows, read_texts, tokenize
+
+    tokens = WORK / "calib_tokens.safetensors"
+    ids = calibration_windows(tokenize(AutoTokenizer.from_pretrained(MODEL), read_texts(CALIB)), NSAMPLES, SEQLEN, SEED)
+    WORK.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": ids.contiguous()}, str(tokens))
+    out = WORK / f"lc-{args.scheme}{'-gptq' if args.gptq else ''}"
+    venv = ROOT / "bench" / "llmcompressor" / ".venv" / "bin" / "python"
+    subprocess.run([str(venv), str(ROOT / "bench" / "llmcompressor" / "run_llmcompressor.py"), "--model", MODEL,
+                    "--calib-tokens", str(tokens), "--out", str(out), "--scheme", args.scheme,
+                    *(["--gptq"] if args.gptq else [])], check=True, stdout=subprocess.DEVNULL)
+    info = json.loads((out / "llmcompressor.json").read_text())
+    return {"row": f"llm-compressor {args.scheme}{' GPTQ' if args.gptq else ''}", "wall_s": info["quantize_wall_s"],
+            "folder": str(out.relative_to(ROOT))}
+
+
+def table():
+    rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
+    lines = ["# FP4 on SmolLM2-135M-Instruct: crossblock vs llm-compressor", "",
+             f"Weights only (A16). Calibration: {NSAMPLES} x {SEQLEN} tokens of `wiki.valid.tokens` (seed {SEED}), the "
+             "same windows for every row; perplexity on the first 40 x 512 tokens of WikiText-2 test and of "
+             "TinyStories, by `crossblock eval` on each row's compressed-tensors folder. One torch thread per row. "
+             f"crossblock `best`: {ITERS} steps x batch {BATCH} per window.", "",
+             "| row | WikiText-2 | TinyStories | quantize wall s | commit |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['wikitext2']:.2f} | {r['tinystories']:.2f} | {r.get('wall_s', '-')} | {r['commit']} |")
+    notes = JSONL.with_name(JSONL.stem + ".notes.md")
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    JSONL.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("crossblock")
+    c.add_argument("--grid", choices=("nvfp4", "mxfp4"), required=True)
+    c.add_argument("--recipe", choices=("rtn", "gptq", "best"), required=True)
+    lc = sub.add_parser("llmcompressor")
+    lc.add_argument("--scheme", choices=("NVFP4A16", "MXFP4A16"), required=True)
+    lc.add_argument("--gptq", action="store_true")
+    sub.add_parser("table")
+    args = p.parse_args()
+    if args.what == "table":
+        return table()
+    sha = commit()
+    row = crossblock_row(args) if args.what == "crossblock" else llmcompressor_row(args)
+    row.update(score(ROOT / row["folder"]), commit=sha)
+    with open(JSONL, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    table()
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
