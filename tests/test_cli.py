@@ -18,6 +18,7 @@ def quantize_args(out, *extra, model=STORIES, calib=CALIB_FILE):
     return ["quantize", "--model", str(model), "--calib", str(calib), "--out", str(out), "--quiet", *FAST, *extra]
 
 
+@pytest.mark.slow  # a whole quantization in its fixture or body (>1.2 s)
 def test_quantize_eval_plan_report_end_to_end(tmp_path, capsys):
     out = tmp_path / "q"
     assert main(quantize_args(out, "--recipe", "la", "--wbits", "3", "--group-size", "-1", "--iters", "3")) == 0

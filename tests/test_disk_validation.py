@@ -67,6 +67,7 @@ HOSTILE_REPORTS = {
 }
 
 
+@pytest.mark.slow  # a whole quantization in its fixture or body (>1.2 s)
 @pytest.mark.parametrize("case", HOSTILE_REPORTS)
 def test_hostile_crossblock_json_is_refused_at_eval(case, folders, tmp_path, capsys):
     folder = tmp_path / "m"
@@ -172,6 +173,7 @@ TAMPERED = {  # format, edit of the tensors, the line after "crossblock: error: 
 }
 
 
+@pytest.mark.slow  # a whole quantization in its fixture or body (>1.2 s)
 @pytest.mark.parametrize("case", TAMPERED)
 def test_tampered_packed_folder_names_the_tensor(case, packed, tmp_path, capsys):
     """load/eval of a packed folder with one tensor edited says what is wrong with which tensor

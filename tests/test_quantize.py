@@ -103,6 +103,7 @@ def test_block_with_token_mse_beats_rtn(bits):
     assert ours[0] < ppl("rtn", wbits=bits, group_size=-1, **CALIB)
 
 
+@pytest.mark.slow  # a whole quantization in its fixture or body (>1.2 s)
 @pytest.mark.parametrize("preset,bits,group", [("gptq", 3, 32), ("block", 2, -1)])
 def test_quantized_weights_lie_on_their_grid(preset, bits, group):
     model = run(preset, wbits=bits, group_size=group, **(TRAIN if preset == "block" else CALIB))[2]
