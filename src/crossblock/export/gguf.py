@@ -30,7 +30,6 @@ from ..model.loading import from_pretrained_exactly
 from ..quant import gguf as gq
 from ..quant.fp4 import e8m0_codes
 from ..quant.grid import QuantizedWeight
-from .common import model_dtype
 from .formats import FORMATS, Format, check_groups, refuse_act_scheme
 from .gguf_pack import pack, pack_mxfp4
 

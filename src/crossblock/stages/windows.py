@@ -2,7 +2,6 @@
 `train` it is RTN or GPTQ; with it, block-wise / multi-block / look-ahead / CBQ reconstruction."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 from ..distributed import is_main, shard
