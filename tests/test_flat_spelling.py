@@ -19,7 +19,9 @@ from crossblock.roundings.signround import SignRound
 from crossblock.stages import STAGES, Stage
 
 BEFORE = json.loads((Path(__file__).parent / "flat_spelling_before.json").read_text())
-NEW_KEYS = {"gguf_embeddings": None, "finetune_eval_every": 20}  # fields that had no flag before
+NEW_KEYS = {"gguf_embeddings": None, "finetune_eval_every": 20,  # fields that had no flag before
+            "bpw": None, "bits_options": ["2", "3", "4"], "pin": [], "bits_measure": "fisher", "bits_rows": 8,
+            "bits_tie": "fused"}
 # the only answers that changed: error messages, the recipe still refused
 CHANGED_MESSAGES = {
     "invalid recipe: gguf_type (--gguf-type) must be one of": "invalid recipe: gguf_type must be one of",
@@ -64,8 +66,9 @@ def test_old_flat_keys_give_the_recipes_they_gave(base):
 
 def test_old_flags_give_the_recipes_they_gave():
     assert sorted(set(BEFORE["quantize_flags"]) - set(cases.expected_flags())) == []
-    assert sorted(set(cases.expected_flags()) - set(BEFORE["quantize_flags"])) == ["--calib-mix", "--finetune-eval-every",
-                                                                                  "--gguf-embeddings"]
+    assert sorted(set(cases.expected_flags()) - set(BEFORE["quantize_flags"])) == [
+        "--bits-measure", "--bits-options", "--bits-rows", "--bits-tie", "--bpw", "--calib-mix", "--finetune-eval-every",
+        "--gguf-embeddings", "--pin"]
     for case, argv in cases.cli_cases().items():
         assert json.loads(json.dumps(cases.cli_diff(argv))) == as_now(BEFORE[f"cli: {case}"]), case
 

@@ -131,7 +131,7 @@ def test_a_train_section_with_nothing_to_learn_is_refused():
     ("preset: mb\nwindow: 2.5\n", "window must be an integer"),
     ("preset: [rtn]\n", "unknown preset"),
     ("grid: {bits: 3, colour: red}\nstages: [windows]\n", "unknown grid \\(uniform\\) setting.*colour"),
-    ("stages: [windows, cfp]\n", "in the order rotate, cfp, windows, finetune; got \\['windows', 'cfp'\\]"),
+    ("stages: [windows, cfp]\n", "in the order rotate, cfp, bits, windows, finetune; got \\['windows', 'cfp'\\]"),
     ("stages: [cfp]\n", "exactly one stage that quantizes"),
     ("stages: [{windows: {train: {rounding: {type: lora, rank: 0}}}}]\n", "rank must be >= 1"),
     ("stages: [{windows: {train: {rounding: dice}}}]\n", "unknown rounding 'dice'"),

@@ -200,14 +200,18 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
                               f"(e.g. {next(iter(experts))}): their inputs are internal to the experts module; "
                               f"quantize weights only (abits 16)")
     form.accepts_grid(grid, model)
+    bits = recipe.stage("bits")  # mixed precision: every option must be storable, the budget reachable
+    if bits is not None:
+        form.accepts_mixed(bits.tie)
+        bits.plan(model, grid, recipe.skip)
     if grid.kind_name in ("nvfp4", "mxfp4") and form.packed and recipe.activations.bits < 16:
         raise CrossblockError(f"{format} export stores {grid.kind_name} weights only (weight-only FP4): "
                               "drop activation quantization (abits 16), or use --format fake")
-    if grid.kind_name == "uniform":
-        export.check_format(format, grid.bits, grid.group_size, grid.sym, [s[1] for s in shapes],
-                            out_features_list=[s[0] for s in shapes],
-                            has_conv1d=any(is_conv1d(m) for m in layers), act_scheme=recipe.activations.scheme(),
-                            fused_experts=sorted(experts))
+    for option in bits.grids(grid) if bits is not None else [grid]:
+        if option.kind_name == "uniform":
+            export.check_format(format, option.bits, option.group_size, option.sym, [s[1] for s in shapes],
+                                out_features_list=[s[0] for s in shapes], has_conv1d=any(is_conv1d(m) for m in layers),
+                                act_scheme=recipe.activations.scheme(), fused_experts=sorted(experts))
     rotate = recipe.stage("rotate")
     form.accepts_online_transforms(rotate is not None and rotate.online)
     stored = form.stored_scale_dtype(save_dtype or checkpoint_dtype(model))
@@ -278,7 +282,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib=None, device: str | None = 
     for stage in recipe.stages:
         stage.run(model, job)
     restore_quantized(model)
-    finished = recipe.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
+    finished = job.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
     report = {**job.report, **({"grid": finished} if finished else {}),
               "unquantized": stream.unquantized() if stream else unquantized_weights(model, recipe.skip),
               "recipe": recipe.to_dict(),

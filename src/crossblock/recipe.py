@@ -103,6 +103,9 @@ class Recipe(Config):
         self.refuse("finetune" not in names or isinstance(self.grid, UniformGrid),
                     f"finetune trains a uniform grid's scales; the {self.grid.kind_name} grid's scales are quantized "
                     "themselves (drop finetune)")
+        bits = self.stage("bits")
+        if bits is not None:
+            bits.grids(self.grid)  # every option and pin is a grid of the recipe's kind
         w = self.windows
         self.grid.check_windows(w.init, w.train.rounding.kind_name if w.train is not None else None)
         if w.train is not None:
@@ -120,9 +123,12 @@ class Recipe(Config):
     def summary(self) -> str:
         g, w, a = self.grid, self.windows, self.activations
         acts = f"A{a.bits}" if a.bits < 16 else ""
+        bits = self.stage("bits")
         grid = (f"GGUF {g.quant}{' ' + acts if acts else ''}" if isinstance(g, GgufGrid) else
                 f"{g.kind_name.upper()}{' ' + acts if acts else ''}" if isinstance(g, Fp4Grid) else
                 f"W{g.bits}{acts} g{g.group_size} {'sym' if g.sym else 'asym'}")
+        if bits is not None:
+            grid = f"mixed {'/'.join(bits.options)} at {bits.bpw} bpw ({bits.measure}), base grid {grid}"
         text = (f"{grid}, "
                 f"stages {' -> '.join(s.kind_name for s in self.stages)}, window {w.window} stride {w.stride} "
                 f"lookahead {w.lookahead}, init {w.init}")

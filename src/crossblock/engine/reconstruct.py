@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..model.adapter import BlockCall, block_experts, block_linears, is_skipped, set_submodule
 from ..quant.act import act_quantizer, observing
-from ..quant.experts import ExpertInputs, QuantExperts, QuantExpertWeight
+from ..quant.experts import ExpertInputs, QuantExperts, QuantExpertWeight, expert_params
 from ..quant.linear import QuantLinear, weight_of
 from ..roundings import Nearest
 from .blocks import BlockStore, InMemoryBlocks
@@ -132,23 +132,29 @@ class WindowEngine:
         t = self.train_cfg if self.trains else None
         return (t.rounding, t.lwc) if t else (Nearest(), False)
 
-    def new_layer(self, module: nn.Module, generator: torch.Generator | None, grid=None) -> QuantLinear:
-        ql = QuantLinear(module, grid or self.grid, *self.learned(), generator, self.stage.clip_search)
+    def new_layer(self, module: nn.Module, generator: torch.Generator | None, grid) -> QuantLinear:
+        ql = QuantLinear(module, grid, *self.learned(), generator, self.stage.clip_search)
         if self.acts.bits < 16:
             ql.act_quant = act_quantizer(self.acts.bits, self.acts.dynamic, self.acts.sym).to(ql.weight.device)
         return ql
 
-    def new_experts(self, module: nn.Module, generator: torch.Generator | None) -> QuantExperts:
+    def new_experts(self, module: nn.Module, generator: torch.Generator | None, grid) -> QuantExperts:
         """A fused experts module wrapped: one QuantExpertWeight per 3-D parameter, set up as
         new_layer sets up a linear (activations are refused for fused experts by the API)."""
         return QuantExperts(module, lambda experts, param: QuantExpertWeight(
-            experts, param, self.grid, *self.learned(), generator, self.stage.clip_search))
+            experts, param, grid, *self.learned(), generator, self.stage.clip_search))
 
     def targets(self, j: int) -> list[tuple[str, nn.Module, bool]]:
         """(name, module, is fused experts) of everything in block j that gets quantized."""
         block = self.blocks[j]
         return [(n, m, False) for n, m in block_linears(block) if not is_skipped(self.skip, self.prefix, j, n)] + \
                [(n, m, True) for n, m in block_experts(block) if not is_skipped(self.skip, self.prefix, j, n)]
+
+    def layer_grid(self, j: int, name: str, module: nn.Module, fused: bool):
+        """The grid of block j's layer `name`: it may differ per layer (a GGUF mixture, mixed
+        precision), or be None: the layer stays in full precision."""
+        width = next(iter(expert_params(module).values())).shape[2] if fused else weight_of(module).shape[1]
+        return self.grid.for_layer(name, j, len(self.blocks), width)
 
     def wrap(self, j: int, block_input, generator: torch.Generator):
         """Wrap block j's linears and fused experts; `block_input()` gives its calibration input,
@@ -158,13 +164,9 @@ class WindowEngine:
         tied = self.grid.for_block({n: weight_of(m) for n, m, fused in targets if not fused}) \
             if hasattr(self.grid, "for_block") else {}
         for name, module, fused in targets:
-            if fused:
-                set_submodule(self.blocks[j], name, self.new_experts(module, generator))
-                continue
-            # a grid may differ per layer (a GGUF mixture) or leave a layer in full precision
-            grid = tied.get(name) or self.grid.for_layer(name, j, len(self.blocks), weight_of(module).shape[1])
+            grid = tied.get(name) or self.layer_grid(j, name, module, fused)
             if grid is not None:
-                set_submodule(self.blocks[j], name, self.new_layer(module, generator, grid))
+                set_submodule(self.blocks[j], name, (self.new_experts if fused else self.new_layer)(module, generator, grid))
         if not self.stage.needs_block_input(self.static_acts):
             return
         x_in = block_input()
@@ -210,20 +212,21 @@ class WindowEngine:
                     self.report.setdefault("rtn_fallback", []).append(
                         {"block": j, "layer": names[m], "expert": e if isinstance(m, QuantExpertWeight) else None,
                          "tokens": 0, "why": "no calibration token reached it: rounded to nearest"})
-                parts.append(self.rtn_init(weights[e]) if a.count == 0 else self.gptq_init(weights[e], a.h))
+                parts.append(self.rtn_init(weights[e], m.grid) if a.count == 0 else
+                             self.gptq_init(weights[e], a.h, m.grid))
             m.set_init(*(torch.cat(t) for t in zip(*parts)))
 
-    def gptq_init(self, w: torch.Tensor, h: torch.Tensor):
-        g, st = self.grid, self.stage
+    def gptq_init(self, w: torch.Tensor, h: torch.Tensor, g):
+        st = self.stage
         rules = g.gptq_rules(w, st.clip_search) if hasattr(g, "gptq_rules") else None  # a grid's own (FP4)
         return gptq_quantize(w, h, g.bits, g.group_size, g.sym, st.damp, act_order=st.act_order,
                              scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search, rules=rules)
 
-    def rtn_init(self, w: torch.Tensor):
-        """(base, scale, zero) of round-to-nearest on the min/max grid (clipped with clip_search)."""
+    def rtn_init(self, w: torch.Tensor, grid):
+        """(base, scale, zero) of round-to-nearest on the layer's min/max grid (clipped with clip_search)."""
         w = w.float()
-        ratio = self.grid.search_clip(w) if self.stage.clip_search else None
-        scale, zero = self.grid.params(w, ratio, ratio)
+        ratio = grid.search_clip(w) if self.stage.clip_search else None
+        scale, zero = grid.params(w, ratio, ratio)
         return w, scale, zero
 
     # -- one window ----------------------------------------------------------------------------
@@ -433,11 +436,14 @@ class WindowEngine:
         """Re-wrap the blocks a checkpoint had wrapped and load their state."""
         for j in sorted({block_of(key) for key in states}):
             for name, module, fused in self.targets(j):
+                grid = self.layer_grid(j, name, module, fused)
+                if grid is None:
+                    continue
                 if fused:
-                    wrapper = self.new_experts(module, None)
+                    wrapper = self.new_experts(module, None, grid)
                     layers = {f"{j}.{name}.weights.{p}": m for p, m in wrapper.weights.items()}
                 else:
-                    wrapper = self.new_layer(module, None)
+                    wrapper = self.new_layer(module, None, grid)
                     layers = {f"{j}.{name}": wrapper}
                 if not all(key in states for key in layers):
                     continue

@@ -53,6 +53,7 @@ class CompressedTensors(Format):
     packed = True
     online_transforms = True  # as its transform config (module docstring)
     quant_method = FMT
+    mixed = "fused"  # vLLM runs q/k/v and gate/up as one matmul each: one scheme for them
     loading = """Packed integers in compressed-tensors' layout (`quantization_config` in config.json).
 
 ```bash

@@ -75,6 +75,9 @@ class Format:
     # the save check (api.check_reload): the written folder, read back, gives the model's logits to
     # this share of the largest logit (float order of the dequantization; a packing bug is far above)
     reload_tolerance: float = 1e-4
+    # the per-layer grids of mixed precision (the bits stage) it stores: "any"; "fused": layers a serving
+    # engine runs as one matmul (q/k/v, gate/up) must share one; "none": one setting for the whole model
+    mixed = "any"
     # the model card's "Loading" section ({out}: the folder's name)
     loading = """```python
 import crossblock
@@ -102,6 +105,15 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
                 has_conv1d: bool, act_scheme: dict | None, fused_experts: list[str] = ()):
         """Raise CrossblockError, naming the format and the setting, if it cannot store this
         (`fused_experts`: names of the 3-D MoE expert parameters to be quantized)."""
+
+    def accepts_mixed(self, tie: str):
+        """Raise CrossblockError if it cannot store per-layer grids tied as `tie` (the bits stage's)."""
+        if self.mixed == "none":
+            raise CrossblockError(f"{self.kind_name} export stores one grid for the whole model, not mixed precision "
+                                  "(--bpw): use compressed-tensors, gguf or fake")
+        if self.mixed == "fused" and tie != "fused":
+            raise CrossblockError(f"{self.kind_name} export needs q/k/v and gate/up on one grid (vLLM runs each as one "
+                                  f"matmul): drop bits tie {tie} (--bits-tie fused)")
 
     def accepts_online_transforms(self, present: bool):
         """Raise CrossblockError if the model (about to) carry a run-time input rotation that this

@@ -36,6 +36,7 @@ class Gptq(Format):
     bits = (2, 3, 4, 8)
     packed = True
     quant_method = FMT
+    mixed = "none"  # quantize_config.json holds one bits/group_size/sym
     loading = """GPTQ v1 layout (`qweight`, `qzeros`, `scales`, `g_idx`; `quantization_config` in config.json).
 
 ```bash

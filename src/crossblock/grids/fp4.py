@@ -58,6 +58,14 @@ class Fp4Grid(Config):
     def finish(self, model, skip=()) -> dict | None:
         return None
 
+    def option(self, text: str):
+        raise CrossblockError(f"the {self.kind_name} grid has one format: mixed precision chooses among the uniform "
+                              "grid's bit widths or GGUF types (--bits-options)")
+
+    def bits_per_weight(self, width: int) -> float:
+        """4-bit values and one 8-bit scale per group (nvfp4's one global scale per tensor not counted)."""
+        return 4 + 8 / self.group
+
     # -- the grid interface (grids/__init__.py) ------------------------------------------------
     def num_groups(self, in_features: int) -> int:
         return in_features // self.group

@@ -115,6 +115,18 @@ class GgufGrid(Config):
         kind = self.layer_kind(local_name, index, count, width)
         return None if kind == "F32" else GgufGrid(kind, self.output, self.embeddings)
 
+    def option(self, text: str) -> "GgufGrid":
+        """This grid with another single type (mixed precision's options: Q2_K, Q3_K, ...)."""
+        if text not in gq.TYPES:
+            raise CrossblockError(f"invalid bits option {text!r} for the gguf grid: one of {', '.join(gq.TYPES)}")
+        return GgufGrid(text, self.output, self.embeddings)
+
+    def bits_per_weight(self, width: int) -> float:
+        """llama.cpp's size of the type per weight (scales and mins included), at the type this
+        width gets (fit_width); a mixture: its base type."""
+        kind = fit_width(MIXTURES.get(self.quant, self.quant), width)
+        return 32.0 if kind == "F32" else gq.TYPES[kind].bits_per_weight
+
     @property
     def type(self) -> gq.GgufType:
         if self.quant not in gq.TYPES:

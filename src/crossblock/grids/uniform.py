@@ -2,6 +2,8 @@
 per group of input columns (the math is in quant/grid.py, shared with GPTQ and the exports)."""
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,20 @@ class UniformGrid(Config):
     def finish(self, model, skip=()) -> dict | None:
         """After the stages: anything the grid adds to the model and to the report (nothing)."""
         return None
+
+    def option(self, text: str) -> "UniformGrid":
+        """This grid with another bit width (and group size): "3", or "3g64" (mixed precision's options)."""
+        m = re.fullmatch(r"(\d+)(?:g(-?\d+))?", text.strip())
+        if m is None:
+            raise CrossblockError(f"invalid bits option {text!r}: a bit width (3) or bits and group size (3g64)")
+        group = self.group_size if m[2] is None else int(m[2])
+        return dataclasses.replace(self, bits=int(m[1]), group_size=group).validated()
+
+    def bits_per_weight(self, width: int) -> float:
+        """Stored bits per weight of a layer `width` inputs wide: the integers, one 16-bit scale per
+        group and, asymmetric, one `bits`-bit zero point per group (packed, as gptq and
+        compressed-tensors store them)."""
+        return self.bits + (16 + (0 if self.sym else self.bits)) * self.num_groups(width) / width
 
     def check_widths(self, in_features: dict[str, int]):
         """Every quantized layer must be at least one group wide (a ragged last group is fine for

@@ -56,6 +56,12 @@ class GgufType:
     def signed_scales(self) -> bool:
         return self.scale_bits > 0 and not self.has_min
 
+    @property
+    def bits_per_weight(self) -> float:
+        """The stored size: values, a 16-bit step (and min) per block, sub-block scales (and mins)."""
+        per_block = 16 * (1 + self.has_min) + self.subs * self.scale_bits * (1 + self.has_min)
+        return self.bits + per_block / self.block
+
 
 TYPES = {t.name: t for t in (
     GgufType("Q4_0", 32, 32, 4, 0, False), GgufType("Q4_1", 32, 32, 4, 0, True),

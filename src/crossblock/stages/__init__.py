@@ -8,9 +8,10 @@ stage that makes them to the end of the pipeline, so a later stage can train the
 is one file here and one `@STAGES.register` line.
 """
 from .base import STAGES, Job, Stage, stage_classes
+from .bits import Bits
 from .cfp import Cfp
 from .finetune import Finetune
 from .rotate import Rotate
 from .windows import Train, Windows
 
-__all__ = ["STAGES", "Stage", "Job", "stage_classes", "Rotate", "Cfp", "Windows", "Train", "Finetune"]
+__all__ = ["STAGES", "Stage", "Job", "stage_classes", "Rotate", "Cfp", "Bits", "Windows", "Train", "Finetune"]

@@ -22,7 +22,7 @@ class Stage(Config):
     quantizes = False  # whether it turns linear layers into quantized ones (one such stage per recipe)
     needs_whole_model = False  # whether it reads or changes every block at once (a store that streams
                                # blocks refuses it: BlockStore.admit; finetune asks job.blocks.whole_model)
-    order = 0  # where it runs: stages run by increasing order (rotate 10, cfp 20, windows 30, finetune 40)
+    order = 0  # where it runs: stages run by increasing order (rotate 10, cfp 20, bits 25, windows 30, finetune 40)
     # The flat spelling (flags): every field is a setting named `<stage>_<field>` (`flat_prefix`); a
     # stage that does not quantize is turned on by its switch (its first field with an `off` value,
     # e.g. finetune's steps), or else by a boolean named after it (--rotate, --cfp).
@@ -36,7 +36,7 @@ class Job:
     """What a running pipeline gives every stage besides its own settings."""
     ids: torch.Tensor                  # calibration token windows (nsamples, seqlen), all of them
     data: Any                          # recipe.data: nsamples, seqlen, seed, batch_size
-    grid: Any                          # recipe.grid
+    grid: Any                          # recipe.grid (after the bits stage: each layer's own, stages/bits.py)
     activations: Any                   # recipe.activations
     skip: list[str]
     device: torch.device | str = "cpu"

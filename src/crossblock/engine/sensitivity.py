@@ -1,0 +1,166 @@
+"""What rounding each unit (engine/allocate.py) to each option costs the model: mixed precision's
+sensitivity, a (units, options) table, per token of the measured rows.
+
+- kl, the reference: the mean KL(FP || quantized) of the next-token distributions when that unit
+  alone is rounded to nearest on that option. One forward pass per unit and option.
+- fisher: 1/2 sum F * (W - Q(W))^2, F the diagonal Fisher information of the model's own
+  next-token distribution (squared gradients of log p(y), y sampled from the FP model; one
+  backward pass per row). That is the second-order term of the same KL around the FP model, so it
+  predicts it, downstream layers included, with no pass per option.
+- hessian: sum (W - Q(W))^2 diag(X^T X) per layer (GPTQ's objective with its Hessian's diagonal;
+  one forward pass): the error of each layer's own output, blind to what follows it.
+bench/bits_sensitivity.py measures how well the two proxies rank the units as the reference does.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CrossblockError
+from ..model.adapter import find_blocks
+from ..precision import autocast
+from ..quant.experts import expert_params, is_fused_experts
+from ..quant.linear import is_conv1d
+
+MEASURES = ("fisher", "hessian", "kl")
+
+
+def members(model: nn.Module, unit) -> list[tuple[nn.Module, str, nn.Parameter, bool]]:
+    """(module, local name, parameter, is experts) of each weight matrix of `unit`."""
+    block = find_blocks(model)[1][unit.block]
+    out = []
+    for local in unit.members:
+        module = block.get_submodule(local)
+        if is_fused_experts(module):
+            out += [(module, local, p, True) for p in expert_params(module).values()]
+        else:
+            out.append((module, local, module.weight, False))
+    return out
+
+
+def as_rows(t: torch.Tensor, module: nn.Module, experts: bool) -> torch.Tensor:
+    """A weight (or its gradient) as (rows, width), sharing storage: (out, in), or (E * out, in)."""
+    if experts:
+        return t.view(-1, t.shape[-1])
+    return t.t() if is_conv1d(module) else t
+
+
+def error(model, unit, grid, count: int) -> list[torch.Tensor]:
+    """(W - Q(W)) of each matrix of `unit` rounded to nearest on `grid` (a layer the grid leaves in
+    full precision: zeros)."""
+    out = []
+    for module, local, p, experts in members(model, unit):
+        w = as_rows(p.data, module, experts).float()
+        layer_grid = grid.for_layer(local, unit.block, count, w.shape[1])
+        out.append(torch.zeros_like(w) if layer_grid is None else w - layer_grid.rtn(w))
+    return out
+
+
+@contextlib.contextmanager
+def rounded(model, unit, grid, count: int):
+    """The model with `unit` alone rounded to nearest on `grid`."""
+    saved = []
+    errors = error(model, unit, grid, count)
+    for (module, _, p, experts), e in zip(members(model, unit), errors):
+        saved.append((p, p.data.clone()))
+        w = as_rows(p.data, module, experts)
+        w.copy_((w.float() - e).to(w.dtype))
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data.copy_(data)
+
+
+def logits(model, row: torch.Tensor, device, precision: str) -> torch.Tensor:
+    with autocast(device, precision):
+        return model(input_ids=row[None].to(device), use_cache=False).logits[0, :-1].float()
+
+
+@torch.no_grad()
+def kl_costs(model, units, grids, rows, device, precision, progress=None) -> torch.Tensor:
+    reference = [F.log_softmax(logits(model, r, device, precision), -1) for r in rows]
+    count = len(find_blocks(model)[1])
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    for k, unit in enumerate(units):
+        for j, grid in enumerate(grids):
+            with rounded(model, unit, grid, count):
+                kl = [F.kl_div(F.log_softmax(logits(model, r, device, precision), -1), ref, log_target=True,
+                               reduction="sum") for r, ref in zip(rows, reference)]
+            out[k, j] = float(sum(kl)) / sum(ref.shape[0] for ref in reference)
+        if progress:
+            progress()
+    return out
+
+
+def fisher_costs(model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
+    matrices = [m for u in units for m in members(model, u)]
+    params = [p for _, _, p, _ in matrices]
+    squares = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = 0
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for r in rows:
+            out = logits(model, r, device, precision)
+            with torch.no_grad():  # labels from the FP model's own distribution: the Fisher of its KL
+                y = torch.multinomial(F.softmax(out, -1), 1, generator=generator)
+            loss = F.log_softmax(out, -1).gather(-1, y).sum()
+            for s, g in zip(squares, torch.autograd.grad(loss, params)):
+                s += g.float() ** 2
+            tokens += out.shape[0]
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    fisher = {id(p): s for p, s in zip(params, squares)}
+    return weighted_costs(model, units, grids, lambda module, p, experts: as_rows(fisher[id(p)], module, experts),
+                          0.5 / tokens)
+
+
+@torch.no_grad()
+def hessian_costs(model, units, grids, rows, device, precision) -> torch.Tensor:
+    matrices = [m for u in units for m in members(model, u)]
+    if any(experts for *_, experts in matrices):
+        raise CrossblockError("bits measure hessian does not see fused MoE experts' inputs (they are internal to the "
+                              "experts module): use measure fisher or kl")
+    diag = {id(module): torch.zeros(as_rows(p, module, False).shape[1], device=p.device) for module, _, p, _ in matrices}
+
+    def add(module, args):
+        x = args[0].detach().float()
+        diag[id(module)] += (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
+
+    hooks = [module.register_forward_pre_hook(add) for module, *_ in matrices]
+    tokens = 0
+    try:
+        for r in rows:
+            tokens += logits(model, r, device, precision).shape[0] + 1
+    finally:
+        for h in hooks:
+            h.remove()
+    return weighted_costs(model, units, grids, lambda module, p, experts: diag[id(module)][None, :], 1 / tokens)
+
+
+@torch.no_grad()
+def weighted_costs(model, units, grids, weight, factor: float) -> torch.Tensor:
+    """factor * sum weight * (W - Q(W))^2 over each unit's matrices, per option."""
+    count = len(find_blocks(model)[1])
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    for k, unit in enumerate(units):
+        for j, grid in enumerate(grids):
+            errors = error(model, unit, grid, count)
+            out[k, j] = factor * sum(float((weight(module, p, experts) * e ** 2).sum())
+                                     for (module, _, p, experts), e in zip(members(model, unit), errors))
+    return out
+
+
+def costs(measure: str, model, units, grids, rows, device, precision, seed: int = 0, progress=None) -> torch.Tensor:
+    """The (units, options) sensitivity table by `measure` (MEASURES)."""
+    if measure == "kl":
+        return kl_costs(model, units, grids, rows, device, precision, progress)
+    if measure == "fisher":
+        return fisher_costs(model, units, grids, rows, device, precision, seed)
+    return hessian_costs(model, units, grids, rows, device, precision)
