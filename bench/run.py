@@ -5,7 +5,8 @@ WikiText-2 perplexity with `crossblock eval`, append one JSON line per row and r
     python bench/run.py --name smollm2_w2g64 --wbits 2 --group-size 64 --iters 20 \
         --nsamples 64 --seqlen 512 --batch-size 8 --eval-windows 40 --rows fp,rtn,gptq,block,autoround
 
-Rows: fp, any preset (rtn gptq block mb la cbq), `autoround`, or NAME=PRESET:FLAGS for a custom
+Rows: fp, any preset (rtn gptq block mb la cbq), `autoround`, `autoscheme` (AutoRound's mixed bits:
+"as3.0=autoscheme:--avg-bits 3.0 --options 2,3,4 --iters 0"), or NAME=PRESET:FLAGS for a custom
 recipe, e.g. "cbq-sr=cbq:--rounding signround" (flags come last, so they override the common
 ones: "block-60x2=block:--iters 60 --batch-size 2"; "ar-60x2=autoround:--iters 60 --batch-size 2"
 passes them to run_autoround.py). Every row's exact command goes in the table.
@@ -102,18 +103,23 @@ def run_row(row, args, work, log):
                         "top1_tinystories": 1.0} if args.second_text else {})}
         return {"row": name, "ppl": evaluate(args.model, args, log), "command": "(full precision)",
                 **({"ppl_tinystories": evaluate(args.model, args, log, SECOND)} if args.second_text else {})}
-    if preset == "autoround":
+    if preset in ("autoround", "autoscheme"):
         if getattr(args, "abits", 16) < 16:
-            raise SystemExit("the autoround row quantizes weights only; drop it or --abits")
+            raise SystemExit(f"the {preset} row quantizes weights only; drop it or --abits")
         sh(["bash", AUTOROUND / "setup.sh"], log)
         tokens = work / "calib_tokens.safetensors"
         calib_tokens(args, tokens)
-        cmd = [AUTOROUND / ".venv" / "bin" / "python", AUTOROUND / "run_autoround.py", "--model", args.model,
-               "--bits", args.wbits, "--group-size", args.group_size, "--iters", args.iters,
-               "--nsamples", args.nsamples, "--seqlen", args.seqlen, "--batch-size", args.batch_size,
-               "--seed", args.seed, "--calib-tokens", tokens, "--out", out, *shlex.split(flags)]
+        shared = ["--model", args.model, "--group-size", args.group_size, "--nsamples", args.nsamples,
+                  "--seqlen", args.seqlen, "--batch-size", args.batch_size, "--seed", args.seed,
+                  "--calib-tokens", tokens, "--out", out]
+        if preset == "autoround":
+            cmd = [AUTOROUND / ".venv" / "bin" / "python", AUTOROUND / "run_autoround.py", *shared,
+                   "--bits", args.wbits, "--iters", args.iters, *shlex.split(flags)]
+        else:  # AutoScheme's mixed bits: flags give --avg-bits, --options, --iters
+            cmd = [AUTOROUND / ".venv" / "bin" / "python", AUTOROUND / "run_autoscheme.py", *shared,
+                   *shlex.split(flags)]
         sh(cmd, log)
-        info = json.loads((out / "autoround.json").read_text())
+        info = json.loads((out / f"{preset}.json").read_text())
         wall, rss = info["quantize_wall_s"], info["peak_rss_mib"]
     else:
         steps = [] if preset in ("rtn", "gptq") else ["--iters", args.iters]

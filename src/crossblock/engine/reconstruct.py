@@ -161,8 +161,7 @@ class WindowEngine:
         computed only if the initialization needs it (GPTQ, static activation steps)."""
         targets = self.targets(j)
         # a grid may tie a block's layers together (nvfp4: vLLM's fused q/k/v share a global scale)
-        tied = self.grid.for_block({n: weight_of(m) for n, m, fused in targets if not fused}) \
-            if hasattr(self.grid, "for_block") else {}
+        tied = self.grid.for_block({n: weight_of(m) for n, m, fused in targets if not fused})
         for name, module, fused in targets:
             grid = tied.get(name) or self.layer_grid(j, name, module, fused)
             if grid is not None:
@@ -218,7 +217,7 @@ class WindowEngine:
 
     def gptq_init(self, w: torch.Tensor, h: torch.Tensor, g):
         st = self.stage
-        rules = g.gptq_rules(w, st.clip_search) if hasattr(g, "gptq_rules") else None  # a grid's own (FP4)
+        rules = g.gptq_rules(w, st.clip_search)  # a grid's own (FP4), or None
         return gptq_quantize(w, h, g.bits, g.group_size, g.sym, st.damp, act_order=st.act_order,
                              scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search, rules=rules)
 

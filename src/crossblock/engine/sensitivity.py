@@ -164,3 +164,10 @@ def costs(measure: str, model, units, grids, rows, device, precision, seed: int 
     if measure == "fisher":
         return fisher_costs(model, units, grids, rows, device, precision, seed)
     return hessian_costs(model, units, grids, rows, device, precision)
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two equally long sets of values (ties broken by position)."""
+    ra, rb = (t.flatten().double().argsort().argsort().double() for t in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))

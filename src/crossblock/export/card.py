@@ -13,12 +13,21 @@ from .formats import FORMATS
 CARD_FILE = "README.md"
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.gguf")
 
-def grid_line(recipe: dict) -> str:
+def grid_line(recipe: dict, bits: dict | None = None) -> str:
     grid = recipe.get("grid", {})
     if grid.get("type") == "gguf":
-        return f"GGUF {grid.get('quant')}"
-    group = "per channel" if grid.get("group_size") == -1 else f"groups of {grid.get('group_size')}"
-    return f"{grid.get('bits')}-bit uniform, {group}, {'symmetric' if grid.get('sym') else 'asymmetric'}"
+        line = f"GGUF {grid.get('quant')}"
+    else:
+        group = "per channel" if grid.get("group_size") == -1 else f"groups of {grid.get('group_size')}"
+        line = f"{grid.get('bits')}-bit uniform, {group}, {'symmetric' if grid.get('sym') else 'asymmetric'}"
+    if not bits:
+        return line
+    counts = {}  # mixed precision (stages/bits.py): how many layer groups got each option
+    for unit in bits["units"]:
+        counts[unit["option"]] = counts.get(unit["option"], 0) + 1
+    spread = ", ".join(f"{n} at {o}" for o, n in sorted(counts.items()))
+    return (f"mixed precision, {bits['bpw']} stored bits per weight (budget {bits['bpw_asked']}): layer groups "
+            f"{spread}, chosen by {bits['measure']} sensitivity; options of the grid {line}")
 
 
 def final_name(folder: Path) -> str:
@@ -41,7 +50,7 @@ def card(folder: Path, info: dict) -> str:
     if model and not Path(model).exists() and model.count("/") == 1:  # a hub id (a local path names nothing)
         header["base_model"] = model
     rows = [("base model", f"`{model}`" if model else "-"), ("recipe", f"`{recipe.get('name', '-')}`"),
-            ("weights", grid_line(recipe) if recipe else "-"),
+            ("weights", grid_line(recipe, info.get("bits")) if recipe else "-"),
             ("activations", f"{acts['bits']}-bit, {'dynamic per token' if acts.get('dynamic') else 'static'}"
              if acts else "full precision"), ("format", f"`{fmt}`")]
     calib = info.get("calibration")

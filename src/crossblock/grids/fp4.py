@@ -55,6 +55,10 @@ class Fp4Grid(Config):
     def for_layer(self, local_name: str, index: int, count: int, width: int):
         return self
 
+    def for_block(self, weights: dict) -> dict:
+        """nvfp4 ties vLLM's fused layers (Nvfp4Grid.for_block); mxfp4 has nothing to tie."""
+        return {}
+
     def finish(self, model, skip=()) -> dict | None:
         return None
 

@@ -110,6 +110,9 @@ class GgufGrid(Config):
     def layer_kind(self, local_name: str, index: int, count: int, width: int) -> str:
         return fit_width(mixture_type(self.quant, local_name, index, count), width)
 
+    def for_block(self, weights: dict) -> dict:
+        return {}
+
     def for_layer(self, local_name: str, index: int, count: int, width: int) -> "GgufGrid | None":
         """The grid of one block linear (a single type), or None: it stays in full precision."""
         kind = self.layer_kind(local_name, index, count, width)

@@ -39,6 +39,14 @@ class UniformGrid(Config):
         precision. One grid for all, here."""
         return self
 
+    def for_block(self, weights: dict) -> dict:
+        """Grids that tie a block's layers together (nvfp4's shared global scale), by name: none here."""
+        return {}
+
+    def gptq_rules(self, w, clip_search: bool):
+        """GPTQ's own rounding rules for this grid (engine/gptq.py); None: its uniform grid of bits / sym."""
+        return None
+
     def finish(self, model, skip=()) -> dict | None:
         """After the stages: anything the grid adds to the model and to the report (nothing)."""
         return None

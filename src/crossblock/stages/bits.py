@@ -89,9 +89,12 @@ class Bits(Stage):
 
     def record(self, units, picked, chosen, cost, grid, seconds: float) -> dict:
         """crossblock.json's account: every unit's option, size and sensitivity, and the uniform
-        assignments' size and cost beside the chosen one's."""
+        assignments' (every unit at one option, pins ignored) size and cost beside the chosen one's."""
         index = {o: j for j, o in enumerate(self.options)}
-        total = lambda options: sum(float(cost[k, index[o]]) for k, o in enumerate(options) if o in index)  # noqa: E731
+
+        def total(options):  # summed cost (a pin that is no option counts 0)
+            return sum(float(cost[k, index[o]]) for k, o in enumerate(options) if o in index)
+
         uniform = {o: {"bpw": round(allocate.bits_per_weight(units, [grid.option(o)] * len(units)), 4),
                        "cost": total([o] * len(units))} for o in self.options}
         return {"bpw_asked": self.bpw, "bpw": round(allocate.bits_per_weight(units, chosen), 4),
@@ -117,6 +120,7 @@ class Assigned:
         finished = self.base.finish(model, skip)
         if finished and "types" in finished:  # gguf: each layer's type is its option's, not the mixture's
             for name in finished["types"]:
+                # block layers have dotted names; "output" / "token_embd" keep the base grid's types
                 qw = getattr(model.get_submodule(name), "crossblock_qweight", None) if "." in name else None
                 if qw is not None:
                     finished["types"][name] = qw.kind

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Which sensitivity measure predicts the model's output (issue 30): on SmolLM2, every unit of layers
+(q/k/v, o, gate/up, down of each block) rounded to nearest alone at every option, scored by the
+exact KL of the final logits from FP and by the two proxies (fisher, hessian); the rank correlation
+of each proxy with the exact measure, over all (unit, option) pairs and over the gains of one more
+bit (what the allocation trades), and each measure's wall time.
+
+    python bench/bits_sensitivity.py --name bits_sensitivity_smollm2 --options 2,3,4 --group-size 64 --rows 4
+
+Writes bench/results/NAME.json (the three tables) and NAME.md.
+"""
+import argparse
+import json
+import subprocess
+import time
+
+import torch
+
+import crossblock as cb
+from crossblock.api import calibration_ids
+from crossblock.engine import allocate, sensitivity
+from crossblock.precision import resolve
+from crossblock.recipe import Data
+
+from common import ROOT
+from run import prepare_model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True)
+    p.add_argument("--model", default=None, help="default: SmolLM2-135M built by prepare.py")
+    p.add_argument("--options", default="2,3,4")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--rows", type=int, default=4, help="calibration sequences each measure runs on")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--precision", default="auto")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model_dir = args.model or prepare_model()
+    model, tokenizer = cb.load_model(model_dir)
+    model.eval().requires_grad_(False)
+    ids = calibration_ids(tokenizer, None, Data(nsamples=args.rows, seqlen=args.seqlen, batch_size=1))  # built-in set
+    grid = cb.Recipe.preset("rtn", group_size=args.group_size).grid
+    options = args.options.split(",")
+    grids = [grid.option(o) for o in options]
+    units = allocate.find_units(model)
+    precision = resolve(args.precision, "cpu")[0]
+    tables, seconds = {}, {}
+    for measure in ("hessian", "fisher", "kl"):
+        t0 = time.time()
+        tables[measure] = sensitivity.costs(measure, model, units, grids, ids, "cpu", precision)
+        seconds[measure] = round(time.time() - t0, 1)
+        print(measure, seconds[measure], "s", flush=True)
+    exact = tables["kl"]
+    gains = lambda t: t[:, :-1] - t[:, 1:]  # noqa: E731  what one more bit buys each unit
+    corr = {m: {"costs": round(sensitivity.rank_correlation(tables[m], exact), 4),
+                "gains": round(sensitivity.rank_correlation(gains(tables[m]), gains(exact)), 4),
+                **{f"units at {o}": round(sensitivity.rank_correlation(tables[m][:, j], exact[:, j]), 4)
+                   for j, o in enumerate(options)}}
+            for m in ("hessian", "fisher")}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    out = ROOT / "bench" / "results" / args.name
+    record = {"model": model_dir, "options": options, "group_size": args.group_size, "rows": args.rows,
+              "seqlen": args.seqlen, "precision": precision, "commit": commit, "seconds": seconds,
+              "correlation": corr, "units": [u.name for u in units],
+              "tables": {m: t.tolist() for m, t in tables.items()}}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    cols = list(corr["fisher"])
+    lines = [f"# {args.name}", "",
+             f"SmolLM2-135M-Instruct, units of layers that share a grid (q/k/v, o, gate/up, down; {len(units)} in all), "
+             f"each rounded to nearest alone at W{'/'.join(options)} g{args.group_size} asym; measured on {args.rows} x "
+             f"{args.seqlen} tokens of the built-in calibration set, {precision}, one thread. Spearman rank correlation of "
+             "each proxy with the exact measure (mean KL(FP || Q) of the final logits):", "",
+             "| measure | " + " | ".join(cols) + " | wall s |", "|---|" + "---|" * (len(cols) + 1)]
+    for m in ("hessian", "fisher"):
+        lines.append(f"| {m} | " + " | ".join(f"{corr[m][c]:.3f}" for c in cols) + f" | {seconds[m]} |")
+    lines += [f"| kl (exact) | " + " | ".join("1" for _ in cols) + f" | {seconds['kl']} |", "",
+              f"Command (commit {commit}): `python bench/bits_sensitivity.py --name {args.name} --options {args.options} "
+              f"--group-size {args.group_size} --rows {args.rows} --seqlen {args.seqlen}`", "",
+              "costs: all (unit, option) pairs; gains: cost(b) - cost(b+1) of every unit, what the allocation trades; "
+              "units at b: the units ranked at one option. Tables: the .json beside this file."]
+    notes = out.with_name(out.name + ".notes.md")
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
