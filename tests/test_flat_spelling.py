@@ -64,8 +64,8 @@ def test_old_flat_keys_give_the_recipes_they_gave(base):
 
 def test_old_flags_give_the_recipes_they_gave():
     assert sorted(set(BEFORE["quantize_flags"]) - set(cases.expected_flags())) == []
-    assert sorted(set(cases.expected_flags()) - set(BEFORE["quantize_flags"])) == ["--calib-mix", "--finetune-eval-every",
-                                                                                  "--gguf-embeddings"]
+    assert sorted(set(cases.expected_flags()) - set(BEFORE["quantize_flags"])) == [
+        "--act-type", "--calib-mix", "--finetune-eval-every", "--gguf-embeddings", "--grid"]
     for case, argv in cases.cli_cases().items():
         assert json.loads(json.dumps(cases.cli_diff(argv))) == as_now(BEFORE[f"cli: {case}"]), case
 
