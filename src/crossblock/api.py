@@ -200,9 +200,7 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
                               f"(e.g. {next(iter(experts))}): their inputs are internal to the experts module; "
                               f"quantize weights only (abits 16)")
     form.accepts_grid(grid, model)
-    if grid.kind_name in ("nvfp4", "mxfp4") and form.packed and recipe.activations.bits < 16:
-        raise CrossblockError(f"{format} export stores {grid.kind_name} weights only (weight-only FP4): "
-                              "drop activation quantization (abits 16), or use --format fake")
+    form.accepts_activations(grid.kind_name, recipe.activations.scheme())
     if grid.kind_name == "uniform":
         export.check_format(format, grid.bits, grid.group_size, grid.sym, [s[1] for s in shapes],
                             out_features_list=[s[0] for s in shapes],

@@ -103,6 +103,10 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         """Raise CrossblockError, naming the format and the setting, if it cannot store this
         (`fused_experts`: names of the 3-D MoE expert parameters to be quantized)."""
 
+    def accepts_activations(self, grid_kind: str, act_scheme: dict | None):
+        """Raise CrossblockError if it cannot store this activation scheme with weights of this
+        grid kind (the packed formats that store integer activations check them in `accepts`)."""
+
     def accepts_online_transforms(self, present: bool):
         """Raise CrossblockError if the model (about to) carry a run-time input rotation that this
         format cannot store; checked before quantization (from the recipe) and at save."""
@@ -290,11 +294,22 @@ def refuse_act_scheme(fmt: str, act_scheme: dict | None):
 # act_scheme keys -> compressed-tensors QuantizationArgs fields
 ACT_KEYS = {"bits": "num_bits", "dynamic": "dynamic", "strategy": "strategy",
             "symmetric": "symmetric", "group_size": "group_size"}
+# float activation types (quant/act.py) -> the compressed-tensors preset whose input_activations they run
+ACT_PRESETS = {"nvfp4": "NVFP4", "mxfp4": "MXFP4", "fp8": "FP8_DYNAMIC"}
 
 
 def act_args(act_scheme: dict):
-    """The compressed-tensors QuantizationArgs of an act_scheme dict (imports compressed_tensors)."""
+    """The compressed-tensors QuantizationArgs of an act_scheme dict (imports compressed_tensors):
+    a float type's are its preset's own (NVFP4: tensor_group 16, dynamic "local", E4M3 scales;
+    MXFP4: group 32, dynamic; FP8_DYNAMIC: token, dynamic), so llm-compressor's names hold."""
     from compressed_tensors.quantization import QuantizationArgs
+    if "type" in act_scheme:
+        kind = act_scheme["type"]
+        if kind not in ACT_PRESETS:
+            raise CrossblockError(f"compressed-tensors export: unknown activation type {kind!r} "
+                                  f"(known: {', '.join(ACT_PRESETS)})")
+        from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+        return preset_name_to_scheme(ACT_PRESETS[kind], ["Linear"]).input_activations
     unknown = sorted(set(act_scheme) - set(ACT_KEYS))
     if unknown:
         raise CrossblockError(f"compressed-tensors export: unknown act_scheme key {unknown[0]!r} "

@@ -139,7 +139,7 @@ class Fp4ActQuant(nn.Module):
             rows = x.reshape(-1, x.shape[-1]).float()
             scale, zero = fp4.params(rows, self.kind, glob=self.glob if self.kind == "nvfp4" else None)
             xq = fp4.decode(fp4.to_values(rows, scale, zero, self.group), scale, zero, self.group)
-        return x + (xq.view(x.shape).to(x.dtype) - x).detach()
+        return straight_through(x, xq.view(x.shape).to(x.dtype))
 
     def scheme(self) -> dict:
         return act_scheme(4, True, True, self.kind)
@@ -161,13 +161,21 @@ class Fp8ActQuant(nn.Module):
             step = rows.abs().amax(-1, keepdim=True) / FP8_MAX
             step = torch.where(step == 0, torch.finfo(torch.float32).eps, step)  # compressed-tensors' eps
             xq = (rows / step).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * step
-        return x + (xq.view(x.shape).to(x.dtype) - x).detach()
+        return straight_through(x, xq.view(x.shape).to(x.dtype))
 
     def scheme(self) -> dict:
         return act_scheme(8, True, True, "fp8")
 
     def freeze(self):
         pass
+
+
+def straight_through(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """xq forward, identity backward; without gradients xq itself (x + (xq - x) may round, and
+    loses -0.0), so the float formats equal compressed-tensors' fake quantization bit for bit."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return xq
+    return x + (xq - x).detach()
 
 
 def act_quantizer(bits: int, dynamic: bool, sym: bool, type: str = "int") -> nn.Module:
