@@ -582,6 +582,8 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
     report = Path(path) / REPORT_FILE
     info = schema.read_json(report) if report.is_file() else {}
     recorded, folded = info.get("activations"), info.get("format", "fake") == "fake"
+    if not report.is_file():  # a folder another tool wrote: its own config may describe activations
+        recorded = export.loader.folder_format(path).activations(path, model)
     if has_transform_config(path) and not info.get("transforms"):
         raise CrossblockError(f"{path} has run-time rotations (transform_config) but its crossblock.json does not "
                               "record them: crossblock loads the ones it wrote")

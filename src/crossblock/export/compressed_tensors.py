@@ -34,6 +34,7 @@ Conventions, theirs against ours (quant/grid.py):
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -162,6 +163,9 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
 
     def read(self, quantization, tensors, layout):
         return read_compressed_tensors(layout, quantization, tensors)
+
+    def activations(self, path, model):
+        return config_activations(path, model)
 
 
 def layer_scheme_key(qweight: QuantizedWeight) -> tuple:
@@ -437,6 +441,55 @@ def read_fp4_layer(tensors: dict, name: str, args, shape: tuple[int, int] | None
         scale = 2.0 ** (stored.float() - 127)
         zero = torch.ones(rows, groups)
     return QuantizedWeight(q, scale, zero, 4, args.group_size, True, kind)
+
+
+def act_kind(args) -> str | None:
+    """Which of crossblock's activation quantizers compressed-tensors' input_activations `args`
+    are: a float preset's (nvfp4, mxfp4, fp8), "int" (dynamic per token), or None (none here)."""
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    for kind, preset in ACT_PRESETS.items():
+        if args.model_dump() == preset_name_to_scheme(preset, ["Linear"]).input_activations.model_dump():
+            return kind
+    if args.type == "int" and args.dynamic is True and args.strategy == "token" and 2 <= args.num_bits <= 8:
+        return "int"
+    return None
+
+
+def config_activations(path, model: nn.Module) -> dict | None:
+    """A compressed-tensors folder's activation quantizers from its config (and NVFP4's
+    `input_global_scale` tensors), as act.record writes them: how crossblock.load runs a W4A4 /
+    W8A8 folder written by llm-compressor as vLLM would."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules
+    from ..quant.act import act_scheme
+    from .common import read_config, read_tensors
+    quantization = {k: v for k, v in read_config(path)["quantization_config"].items() if k != "transform_config"}
+    config = QuantizationConfig.model_validate(quantization)
+    found: dict[str, object] = {}
+    for scheme in config.config_groups.values():
+        if scheme.input_activations is not None:
+            found.update({name: scheme.input_activations for name, _ in
+                          match_named_modules(model, scheme.targets, config.ignore) if name not in found})
+    if not found:
+        return None
+    kinds = {act_kind(a) for a in found.values()}
+    first = next(iter(found.values()))
+    if None in kinds or len({json.dumps(a.model_dump(), sort_keys=True, default=str) for a in found.values()}) > 1:
+        raise CrossblockError(f"{path}: crossblock runs one dynamic activation scheme for every layer (nvfp4, mxfp4, "
+                              f"fp8, or integers per token); this folder's input_activations are not that one")
+    kind = kinds.pop()
+    if kind == "int":
+        scheme = act_scheme(first.num_bits, True, bool(first.symmetric))
+    else:
+        scheme = act_scheme(first.num_bits, True, True, kind)
+    globs = {}
+    if kind == "nvfp4":
+        tensors = read_tensors(path)
+        for name in found:
+            key = f"{name}.input_global_scale"
+            check_stored(FMT, name, tensors, {"input_global_scale": ((1,), torch.float32)})
+            globs[name] = [tensors[key].item()]
+    return {**scheme, "layers": {name: globs.get(name) for name in sorted(found)}}
 
 
 def drop_transform_matrices(transforms: dict | None, tensors: dict):

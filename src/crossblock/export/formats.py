@@ -200,6 +200,11 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         return (self.quant_method is not None and isinstance(quantization, dict)
                 and quantization.get("quant_method") == self.quant_method)
 
+    def activations(self, path, model: nn.Module) -> dict | None:
+        """The activation quantizers a folder of this format describes itself (in act.record's
+        form), for folders without crossblock.json (written by another tool); None: none."""
+        return None
+
     def read(self, quantization: dict, tensors: dict[str, torch.Tensor],
              layout: nn.Module) -> dict[str, QuantizedWeight]:
         """A packed folder's integer weights, per layer (taken out of `tensors`); `layout`: the
