@@ -268,3 +268,21 @@ def test_pairs_without_a_scheme_are_refused_before_work(spec, match):
                         format="compressed-tensors", progress=False, device="cpu")
     finally:
         rc.WindowEngine.quantize = before
+
+
+@pytest.mark.slow
+def test_transformers_runs_an_int_w4_fp8_folder_as_crossblock_does(tmp_path):
+    """Integer weights with FP8 per-token inputs (compressed-tensors' W4AFP8 shape), in float32:
+    transformers' compressed-tensors forward and crossblock.load give the same logits."""
+    from transformers import AutoModelForCausalLM
+    model, tok = load_stories()
+    r = cb.Recipe.preset("rtn", wbits=4, group_size=-1, sym=True, abits=8, act_type="fp8", nsamples=8, seqlen=64,
+                         batch_size=4)
+    model, report = cb.quantize(model, tok, r, calib=CALIB_FILE.read_text(), format="compressed-tensors",
+                                progress=False, device="cpu")
+    cb.save(model, tok, tmp_path / "q", format="compressed-tensors", report=report)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, cb.load(tmp_path / "q")(input_ids=ids).logits)
+        assert torch.equal(theirs(input_ids=ids).logits, model(input_ids=ids).logits)
