@@ -7,9 +7,16 @@ folder is compressed-tensors and scored by `crossblock eval` (WikiText-2 test an
     python bench/fp4_smollm2.py crossblock --grid nvfp4 --recipe best      # rtn, gptq, best (60 x 2)
     python bench/fp4_smollm2.py llmcompressor --scheme NVFP4A16 [--gptq]   # bench/llmcompressor/setup.sh first
     python bench/fp4_smollm2.py table
+
+W4A4 rows (activations quantized too; `crossblock eval` runs them as the folder's config says):
+
+    python bench/fp4_smollm2.py crossblock --grid nvfp4 --acts nvfp4 --recipe best   # = llm-compressor's NVFP4
+    python bench/fp4_smollm2.py llmcompressor --scheme NVFP4 [--gptq]
+    python bench/fp4_smollm2.py crossblock --grid mxfp4 --acts mxfp4 --recipe gptq   # = MXFP4
+    python bench/fp4_smollm2.py llmcompressor --scheme MXFP4 [--gptq]
+    python bench/fp4_smollm2.py crossblock --grid nvfp4 --acts fp8 --recipe best     # W4A8 (FP8 per token)
 """
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -46,19 +53,19 @@ def crossblock_row(args) -> dict:
     import torch
     import crossblock as cb
     from crossblock.data.text import read_texts
-    from crossblock.grids import GRIDS
 
     torch.set_num_threads(1)
-    recipe = cb.Recipe.preset(args.recipe, nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED,
+    acts = {} if args.acts == "none" else dict(abits=8 if args.acts == "fp8" else 4, act_type=args.acts)
+    recipe = cb.Recipe.preset(args.recipe, nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED, grid=args.grid, **acts,
                               **({} if args.recipe in ("rtn", "gptq") else dict(iters=ITERS, batch_size=BATCH)))
-    recipe = dataclasses.replace(recipe, grid=GRIDS.build({"type": args.grid}, "grid"))
-    out = WORK / f"cb-{args.grid}-{args.recipe}"
+    tag = "" if args.acts == "none" else f"-a{args.acts}"
+    out = WORK / f"cb-{args.grid}{tag}-{args.recipe}"
     model, tok = cb.load_model(MODEL)
     t = time.time()
     model, report = cb.quantize(model, tok, recipe, calib=read_texts(CALIB), progress=False, device="cpu")
     wall = time.time() - t
     cb.save(model, tok, out, format="compressed-tensors", report=report, overwrite=True)
-    return {"row": f"crossblock {args.grid} {args.recipe}", "wall_s": round(wall, 1),
+    return {"row": f"crossblock {args.grid}{'' if args.acts == 'none' else ' A ' + args.acts} {args.recipe}", "wall_s": round(wall, 1),
             "precision": report["precision"]["used"], "folder": str(out.relative_to(ROOT))}
 
 
@@ -84,7 +91,8 @@ def llmcompressor_row(args) -> dict:
 def table():
     rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
     lines = ["# FP4 on SmolLM2-135M-Instruct: crossblock vs llm-compressor", "",
-             f"Weights only (A16). Calibration: {NSAMPLES} x {SEQLEN} tokens of `wiki.valid.tokens` (seed {SEED}), the "
+             "Weights only (A16) unless the row names activations (`A nvfp4`, llm-compressor's `NVFP4`: W4A4). "
+             f"Calibration: {NSAMPLES} x {SEQLEN} tokens of `wiki.valid.tokens` (seed {SEED}), the "
              "same windows for every row; perplexity on the first 40 x 512 tokens of WikiText-2 test and of "
              "TinyStories, by `crossblock eval` on each row's compressed-tensors folder. One torch thread per row. "
              f"crossblock `best`: {ITERS} steps x batch {BATCH} per window.", "",
@@ -103,8 +111,10 @@ def main():
     c = sub.add_parser("crossblock")
     c.add_argument("--grid", choices=("nvfp4", "mxfp4"), required=True)
     c.add_argument("--recipe", choices=("rtn", "gptq", "best"), required=True)
+    c.add_argument("--acts", choices=("none", "nvfp4", "mxfp4", "fp8"), default="none",
+                   help="activations too: nvfp4 / mxfp4 (W4A4), fp8 per token (W4A8)")
     lc = sub.add_parser("llmcompressor")
-    lc.add_argument("--scheme", choices=("NVFP4A16", "MXFP4A16"), required=True)
+    lc.add_argument("--scheme", choices=("NVFP4A16", "MXFP4A16", "NVFP4", "MXFP4"), required=True)
     lc.add_argument("--gptq", action="store_true")
     sub.add_parser("table")
     args = p.parse_args()

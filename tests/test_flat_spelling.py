@@ -67,8 +67,8 @@ def test_old_flat_keys_give_the_recipes_they_gave(base):
 def test_old_flags_give_the_recipes_they_gave():
     assert sorted(set(BEFORE["quantize_flags"]) - set(cases.expected_flags())) == []
     assert sorted(set(cases.expected_flags()) - set(BEFORE["quantize_flags"])) == [
-        "--bits-measure", "--bits-options", "--bits-rows", "--bits-tie", "--bpw", "--calib-mix", "--finetune-eval-every",
-        "--gguf-embeddings", "--pin"]
+        "--act-type", "--bits-measure", "--bits-options", "--bits-rows", "--bits-tie", "--bpw", "--calib-mix",
+        "--finetune-eval-every", "--gguf-embeddings", "--grid", "--pin"]
     for case, argv in cases.cli_cases().items():
         assert json.loads(json.dumps(cases.cli_diff(argv))) == as_now(BEFORE[f"cli: {case}"]), case
 

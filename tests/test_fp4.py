@@ -250,7 +250,8 @@ def test_settings_the_formats_cannot_hold_are_refused_in_one_line():
 @pytest.mark.parametrize("fmt, r, match", [
     ("gptq", {}, "gptq export cannot store the nvfp4 grid"),
     ("gguf", {}, "gguf export cannot store the nvfp4 grid"),
-    ("compressed-tensors", {"activations": {"bits": 8}}, "compressed-tensors export stores nvfp4 weights only"),
+    ("compressed-tensors", {"activations": {"bits": 8}},
+     "compressed-tensors export has no scheme of integer activations with nvfp4 weights"),
     ("fake", {"skip": []}, "nvfp4 needs every quantized layer's input width to be a multiple of 16: "
                            "model.layers.0.mlp.down_proj has 172"),
 ])

@@ -4,7 +4,9 @@
 Run with bench/llmcompressor/.venv/bin/python (see setup.sh). Quantizes a local HF folder with
 llm-compressor's `oneshot` on exactly the calibration windows crossblock uses, with one of its
 preset schemes (NVFP4A16: FP4 E2M1 weights, E4M3 scales per 16, a global FP32 scale; MXFP4A16:
-E8M0 scales per 32), and writes its compressed-tensors folder (`crossblock eval` reads it).
+E8M0 scales per 32; NVFP4 / MXFP4: the same weights with the activations quantized too, W4A4:
+NVFP4's input global scale calibrated by its static min-max observer), and writes its
+compressed-tensors folder (`crossblock eval` reads it, activation quantizers included).
 
     run_llmcompressor.py --model DIR --calib-tokens calib.safetensors --out DIR --scheme NVFP4A16 [--gptq]
 
@@ -23,7 +25,7 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--calib-tokens", required=True, help="safetensors with int64 'input_ids' (nsamples, seqlen)")
     p.add_argument("--out", required=True)
-    p.add_argument("--scheme", default="NVFP4A16", choices=("NVFP4A16", "MXFP4A16"))
+    p.add_argument("--scheme", default="NVFP4A16", choices=("NVFP4A16", "MXFP4A16", "NVFP4", "MXFP4"))
     p.add_argument("--gptq", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ignore", nargs="*", default=[], help="more layers to leave unquantized (regex: re:.*down_proj)")

@@ -204,9 +204,7 @@ def for_format(recipe: Recipe, model, format: str = "fake", save_dtype: torch.dt
     if bits is not None:
         form.accepts_mixed(bits.tie)
         bits.plan(model, grid, recipe.skip)
-    if grid.kind_name in ("nvfp4", "mxfp4") and form.packed and recipe.activations.bits < 16:
-        raise CrossblockError(f"{format} export stores {grid.kind_name} weights only (weight-only FP4): "
-                              "drop activation quantization (abits 16), or use --format fake")
+    form.accepts_activations(grid.kind_name, recipe.activations.scheme())
     for option in bits.grids(grid) if bits is not None else [grid]:
         if option.kind_name == "uniform":
             export.check_format(format, option.bits, option.group_size, option.sym, [s[1] for s in shapes],
@@ -588,6 +586,8 @@ def load(path, device: str = "cpu", dtype: str | torch.dtype | None = None, trus
     report = Path(path) / REPORT_FILE
     info = schema.read_json(report) if report.is_file() else {}
     recorded, folded = info.get("activations"), info.get("format", "fake") == "fake"
+    if not report.is_file():  # a folder another tool wrote: its own config may describe activations
+        recorded = export.loader.folder_format(path).activations(path, model)
     if has_transform_config(path) and not info.get("transforms"):
         raise CrossblockError(f"{path} has run-time rotations (transform_config) but its crossblock.json does not "
                               "record them: crossblock loads the ones it wrote")

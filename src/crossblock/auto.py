@@ -143,7 +143,8 @@ class AutoRecipe(Recipe):
             "candidates": rows, "chosen": chosen.name, "metric": "last prefix block's rel_mse against FP",
             "reused_windows": reused,
             "reused_block_passes": sum(c for _, c in window_costs(chosen, num_blocks)[:reused]),
-            "replay_block_passes": replayed * sum(chosen.windows.chain_rows(chosen.activations.static, n).values()),
+            "replay_block_passes": replayed * sum(chosen.windows.chain_rows(chosen.activations.static, n,
+                                                                         chosen.activations.calibrated).values()),
             "reuse": ("the chosen schedule's first windows continue from the comparison" if reused else
                       "none: " + ("the comparison ran with fewer steps and sequences than the full run" if fidelity > 1
                                   else "a stage runs before the windows" if not reusable

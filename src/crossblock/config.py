@@ -33,7 +33,7 @@ class Needs:
 
 
 def setting(default=MISSING, help: str = "", *, factory=MISSING, choices=None, needs: Needs | None = None,
-            flat: str | bool | None = None, off=MISSING, registry=None):
+            flat: str | bool | None = None, off=MISSING, registry=None, terse: bool = False):
     """A field of a settings dataclass, with what the checks and the command line read:
     - help: the flag's help text; choices: the values it may take (None always passes where the
       type allows it); needs: when it has an effect (`Needs`);
@@ -41,8 +41,11 @@ def setting(default=MISSING, help: str = "", *, factory=MISSING, choices=None, n
       the field's name; False: not in the flat spelling;
     - off: its flat value when its section is absent; a section's first such field is its switch
       (iters 0: no training; finetune steps 0: no finetune stage);
-    - registry: the field holds one of a registry's configs (the rounding), chosen by name."""
-    metadata = {"help": help, "choices": choices, "needs": needs, "flat": flat, "registry": registry}
+    - registry: the field holds one of a registry's configs (the rounding), chosen by name;
+    - terse: left out of `to_dict` and the flat form while at its default, so that recipes written
+      before the setting existed keep their exact sections and flat form (and fingerprints)."""
+    metadata = {"help": help, "choices": choices, "needs": needs, "flat": flat, "registry": registry,
+                "terse": terse}
     if off is not MISSING:
         metadata["off"] = off
     return dataclasses.field(default=default, default_factory=factory, metadata=metadata)
@@ -105,7 +108,8 @@ class Config:
                         no_effect(changed, needs.why.format(name=needs.field, value=value)))
 
     def to_dict(self) -> dict:
-        return {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.metadata.get("terse") and getattr(self, f.name) == field_default(f))}
 
     @classmethod
     def from_dict(cls, data, where: str | None = None):

@@ -38,6 +38,7 @@ class FlatSetting:
     choices: Any = None
     owners: list = field(default_factory=list)  # [(config class, field name)]: two for a shared name (seed)
     picks: bool = False  # a switch or a kind's name: it decides which sections there are
+    terse: bool = False  # left out of the flat form at its default (config.setting)
 
 
 def flat_prefix(cls) -> str:
@@ -104,17 +105,23 @@ def off_reason(cls) -> str:
 
 
 def selector(f: dataclasses.Field, cls) -> str | None:
-    """The flat name that picks a slot's kind by name (rounding), or None (picked by switches: grid)."""
+    """The flat name that picks a slot's kind by name (rounding, grid), or None (picked by switches only)."""
     return None if f.metadata.get("flat") is False else flat_name(cls, f)
 
 
 def slot_kinds(f: dataclasses.Field, cls, registry) -> list[type]:
     """A slot's kinds in the flat spelling: all of a registry's if picked by name; else the default
-    first, then those with a switch (a grid with neither has no flat spelling)."""
+    first, then those with a switch."""
     if selector(f, cls):
         return list(registry.classes.values())
     default_kind = type(field_default(f))
     return [default_kind] + [c for c in registry.classes.values() if c is not default_kind and switch(c)]
+
+
+def named_kinds(registry) -> tuple[str, ...]:
+    """The kinds a slot's selector may name: those without a switch of their own (a kind with one,
+    the gguf grid, is picked by it: --gguf-type)."""
+    return tuple(name for name, c in registry.classes.items() if not switch(c))
 
 
 def flat_settings(root) -> dict[str, FlatSetting]:
@@ -122,10 +129,10 @@ def flat_settings(root) -> dict[str, FlatSetting]:
     registries each time, so that a registered stage, grid or rounding brings its settings)."""
     table: dict[str, FlatSetting] = {}
 
-    def add(name, owner, hint, default, help, choices=None, picks=False):
+    def add(name, owner, hint, default, help, choices=None, picks=False, terse=False):
         known = table.get(name)
         if known is None:
-            table[name] = FlatSetting(name, hint, default, help, choices, [owner], picks)
+            table[name] = FlatSetting(name, hint, default, help, choices, [owner], picks, terse)
         elif (known.hint, known.default) != (hint, default):
             raise TypeError(f"flat name {name} is two settings: {known.owners[0]} and {owner}")  # a bug, not input
         else:
@@ -140,14 +147,15 @@ def flat_settings(root) -> dict[str, FlatSetting]:
                 if picks:  # the switch: off by default
                     default = sw[1]
                     hint = hint if type_ok(default, hint) else typing.Optional[hint]
-                add(name, (cls, f.name), hint, default, f.metadata.get("help", ""), f.metadata.get("choices"), picks)
+                add(name, (cls, f.name), hint, default, f.metadata.get("help", ""), f.metadata.get("choices"), picks,
+                    f.metadata.get("terse", False))
             elif what == "section":
                 walk(sub)
             elif what == "slot":
                 default_kind = type(field_default(f))
                 if selector(f, cls):
                     add(selector(f, cls), (cls, f.name), str, default_kind.kind_name, f.metadata.get("help", ""),
-                        tuple(sub.names()), picks=True)
+                        named_kinds(sub), picks=True, terse=f.metadata.get("terse", False))
                 for kind in slot_kinds(f, cls, sub):
                     walk(kind)
             else:
@@ -168,13 +176,16 @@ def refuse(ok: bool, message: str):
 
 
 def chosen_kind(f: dataclasses.Field, cls, registry, flat: dict) -> type:
-    """The kind a slot holds: the one whose switch is on, else the one named (rounding), else the default."""
+    """The kind a slot holds: the one whose switch is on, else the one named (rounding, grid), else the default."""
     default_kind = type(field_default(f))
     switched = [k for k in registry.classes.values() if k is not default_kind and switch(k) and is_on(k, flat)]
     refuse(len(switched) <= 1, f"{' and '.join(switch(k)[0] for k in switched)} pick different {registry.what}s")
+    named = flat[selector(f, cls)] if selector(f, cls) else None
     if switched:
+        refuse(named in (None, default_kind.kind_name), f"{selector(f, cls)} {named} and {switch(switched[0])[0]} "
+                                                        f"pick different {registry.what}s")
         return switched[0]
-    return registry[flat[selector(f, cls)]] if selector(f, cls) else default_kind
+    return registry[named] if named is not None else default_kind
 
 
 def layout(root, flat: dict) -> list[tuple[type, bool, str | None]]:
@@ -194,10 +205,12 @@ def layout(root, flat: dict) -> list[tuple[type, bool, str | None]]:
                 for kind in slot_kinds(f, cls, sub):
                     if kind is chosen:
                         why = None
-                    elif selector(f, cls):
+                    elif switch(kind):  # a kind with a switch (gguf): its settings need it on
+                        why = off_reason(kind)
+                    elif switch(chosen):  # the others' settings have none with a switch on
+                        why = f"with {switch(chosen)[0]}"
+                    else:
                         why = f"with {selector(f, cls)} {chosen.kind_name}"
-                    else:  # picked by switches: the default kind's settings go with no switch on
-                        why = off_reason(kind) if switch(kind) else f"with {switch(chosen)[0]}"
                     walk(kind, kind is chosen, why)
             elif what == "stages":
                 for stage in stage_classes():
@@ -290,8 +303,11 @@ def to_flat(root, recipe) -> dict:
                 read(sub, value)
             elif what == "slot":
                 if selector(f, cls):
+                    # a kind picked by its own switch (gguf_type) is not named again
+                    name = None if value is None else (type(field_default(f)).kind_name if switch(type(value))
+                                                       else value.kind_name)
                     found.setdefault(selector(f, cls), []).append(
-                        (f.metadata.get("off"), False) if value is None else (value.kind_name, True))
+                        (f.metadata.get("off"), False) if value is None else (name, True))
                 for kind in slot_kinds(f, cls, sub):
                     read(kind, value if type(value) is kind else None)
             else:
@@ -309,4 +325,5 @@ def to_flat(root, recipe) -> dict:
             raise CrossblockError(f"recipe {recipe.name!r} has no flat form: its sections set {name} to different "
                                   f"values ({', '.join(map(repr, there))})")
         flat[name] = there[0] if there else values[0][0]
-    return flat
+    table = flat_settings(root)
+    return {name: v for name, v in flat.items() if not (table[name].terse and v == table[name].default)}

@@ -30,6 +30,7 @@ from .flat import from_flat, to_flat
 from .grids import GRIDS, GgufGrid, UniformGrid
 from .grids.fp4 import Fp4Grid
 from .precision import PRECISIONS
+from .quant.act import FLOAT_TYPES, TYPES as ACT_TYPES
 from .stages import STAGES, Stage, Windows, stage_classes
 
 SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "precision", "stages")
@@ -57,33 +58,54 @@ class Data(Config):
 
 @dataclass
 class Activations(Config):
-    """Inputs of every quantized linear layer: full precision (bits 16) or fake-quantized."""
+    """Inputs of every quantized linear layer: full precision (bits 16) or fake-quantized, on an
+    integer grid (type int) or in a float format: nvfp4 / mxfp4 (4 bits, dynamic group scales;
+    nvfp4's global scale calibrated) or fp8 (E4M3 per token), as compressed-tensors runs them."""
     flat_prefix = "act_"
     bits: int = setting(16, "activation bits: 4..8, or 16 (none)", flat="abits")
     dynamic: bool = setting(True, "per-token ranges at run time; off: one learned static step per tensor",
                             needs=QUANTIZED)
     sym: bool = setting(False, "symmetric activation grid", needs=QUANTIZED)
+    # terse: recipes that leave it at int keep the sections and flat form they had before it
+    type: str = setting("int", "activation format: int (the integer grid of --abits), nvfp4 or mxfp4 (with "
+                               "--abits 4: E2M1, dynamic scales per 16 / 32 values), fp8 (with --abits 8: E4M3 "
+                               "per token)", choices=ACT_TYPES, needs=QUANTIZED, terse=True)
 
     def check(self):
         self.refuse(4 <= self.bits <= 8 or self.bits == 16,
                     f"bits must be in 4..8, or 16 (no activation quantization), got {self.bits}")
+        if self.type == "int" or self.bits == 16:
+            return
+        width = FLOAT_TYPES[self.type]
+        self.refuse(self.bits == width, f"type {self.type} is {width}-bit: bits must be {width}, got {self.bits}")
+        self.refuse(self.dynamic, f"type {self.type} computes its scales at run time: dynamic must be true "
+                                  "(static steps: type int)")
+        self.refuse(not self.sym, f"type {self.type} is symmetric by format: leave sym false (it has no effect)")
 
     @property
     def static(self) -> bool:
         """One learned step per tensor (calibrated, then trained with the weights)."""
         return self.bits < 16 and not self.dynamic
 
+    @property
+    def calibrated(self) -> bool:
+        """Quantizers that observe the calibration inputs: static steps, NVFP4's global scale."""
+        return self.static or (self.bits < 16 and self.type == "nvfp4")
+
     def scheme(self) -> dict | None:
         """The export's description of the activation quantizer, or None (see export/formats.py)."""
         from .quant.act import act_scheme
-        return act_scheme(self.bits, self.dynamic, self.sym)
+        return act_scheme(self.bits, self.dynamic, self.sym, self.type)
 
 
 @dataclass
 class Recipe(Config):
     name: str = setting("custom", "the recipe's name (crossblock.json)")
     data: Data = field(default_factory=Data)
-    grid: Config = setting(factory=UniformGrid, registry=GRIDS, flat=False)  # flat: picked by a grid's switch
+    # flat: --grid names the kind (uniform, nvfp4, mxfp4); gguf is picked by its own switch, --gguf-type
+    grid: Config = setting(factory=UniformGrid, registry=GRIDS, flat="grid", terse=True,
+                           help="weight grid: uniform (integers: --wbits, --group-size, --sym), nvfp4 or mxfp4 "
+                                "(microscaling FP4, group and scales fixed by the format); GGUF types: --gguf-type")
     activations: Activations = field(default_factory=Activations)
     skip: list[str] = setting(factory=list, help=SKIP_HELP)
     stages: list[Stage] = field(default_factory=lambda: [Windows()])
@@ -122,7 +144,7 @@ class Recipe(Config):
 
     def summary(self) -> str:
         g, w, a = self.grid, self.windows, self.activations
-        acts = f"A{a.bits}" if a.bits < 16 else ""
+        acts = (f"A{a.bits}" + (f" {a.type}" if a.type != "int" else "")) if a.bits < 16 else ""
         bits = self.stage("bits")
         grid = (f"GGUF {g.quant}{' ' + acts if acts else ''}" if isinstance(g, GgufGrid) else
                 f"{g.kind_name.upper()}{' ' + acts if acts else ''}" if isinstance(g, Fp4Grid) else

@@ -9,13 +9,13 @@ BACKWARD_COST = 2  # a backward pass costs about two forward passes
 def window_cost(recipe, w: Window, first_new: int | None = None) -> int:
     """Forward passes of one block over one calibration sequence, backward counted as 2.
     Blocks first_new..end-1 (default: all the window trains) are wrapped in this window."""
-    stage, static = recipe.windows, recipe.activations.static
+    stage, static, observed = recipe.windows, recipe.activations.static, recipe.activations.calibrated
     depth = w.target - w.start + 1
     n = recipe.data.nsamples
-    chains = sum(stage.chain_rows(static, n).values())  # FP, quantized (+ RTN reference)
+    chains = sum(stage.chain_rows(static, n, observed).values())  # FP, quantized (+ RTN reference)
     cost = chains * len(w.finished)
-    if stage.needs_block_input(static):  # each new block's input, then a pass for GPTQ / static steps
-        per_block = (stage.init == "gptq") + static
+    if stage.needs_block_input(observed):  # each new block's input, then a pass for GPTQ / observed inputs
+        per_block = (stage.init == "gptq") + observed
         cost += sum(n * (j - w.start + per_block) for j in range(w.start if first_new is None else first_new, w.end))
     if stage.trains(static):
         train = stage.train

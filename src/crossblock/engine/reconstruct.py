@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model.adapter import BlockCall, block_experts, block_linears, is_skipped, set_submodule
-from ..quant.act import act_quantizer, observing
+from ..quant.act import act_quantizer, calibrated, observing
 from ..quant.experts import ExpertInputs, QuantExperts, QuantExpertWeight, expert_params
 from ..quant.linear import QuantLinear, weight_of
 from ..roundings import Nearest
@@ -91,6 +91,7 @@ class WindowEngine:
         self.prefix = prefix
         self.batch_size, self.seed = data.batch_size, data.seed
         self.static_acts = activations.static
+        self.calibrated_acts = activations.calibrated  # static steps, nvfp4's global scale
         self.trains = stage.trains(self.static_acts)
         self.store = store or ChainStore("ram")
         self.num_sequences = num_sequences  # across all ranks (data parallel); None: this process's
@@ -135,7 +136,8 @@ class WindowEngine:
     def new_layer(self, module: nn.Module, generator: torch.Generator | None, grid) -> QuantLinear:
         ql = QuantLinear(module, grid, *self.learned(), generator, self.stage.clip_search)
         if self.acts.bits < 16:
-            ql.act_quant = act_quantizer(self.acts.bits, self.acts.dynamic, self.acts.sym).to(ql.weight.device)
+            ql.act_quant = act_quantizer(self.acts.bits, self.acts.dynamic, self.acts.sym,
+                                         self.acts.type).to(ql.weight.device)
         return ql
 
     def new_experts(self, module: nn.Module, generator: torch.Generator | None, grid) -> QuantExperts:
@@ -158,7 +160,8 @@ class WindowEngine:
 
     def wrap(self, j: int, block_input, generator: torch.Generator):
         """Wrap block j's linears and fused experts; `block_input()` gives its calibration input,
-        computed only if the initialization needs it (GPTQ, static activation steps)."""
+        computed only if the initialization needs it (GPTQ, static activation steps, nvfp4's
+        activation global scale)."""
         targets = self.targets(j)
         # a grid may tie a block's layers together (nvfp4: vLLM's fused q/k/v share a global scale)
         tied = self.grid.for_block({n: weight_of(m) for n, m, fused in targets if not fused})
@@ -166,14 +169,14 @@ class WindowEngine:
             grid = tied.get(name) or self.layer_grid(j, name, module, fused)
             if grid is not None:
                 set_submodule(self.blocks[j], name, (self.new_experts if fused else self.new_layer)(module, generator, grid))
-        if not self.stage.needs_block_input(self.static_acts):
+        if not self.stage.needs_block_input(self.calibrated_acts):
             return
         x_in = block_input()
         if self.stage.init == "gptq":
             self.init_gptq(j, x_in)
-        if self.static_acts:
-            # static steps start from the range observed on the block's input
-            with observing([m.act_quant for m in quant_layers([self.blocks[j]])]):
+        if self.calibrated_acts:
+            # static steps start from the range observed on the block's input (nvfp4: its global scale)
+            with observing(calibrated(m.act_quant for m in quant_layers([self.blocks[j]]))):
                 self.run_all(j, j, x_in)
 
     @torch.no_grad()
@@ -346,7 +349,7 @@ class WindowEngine:
         # chains: FP model, quantized model, and (for the report) the RTN-quantized model, each on
         # the first sequences it needs (stage.chain_rows): a third full chain would cost 12% of a
         # 128 x 512 `block` run, and an untrained recipe needs FP outputs only for its report
-        rows = self.stage.chain_rows(self.static_acts, self.global_len(x0))
+        rows = self.stage.chain_rows(self.static_acts, self.global_len(x0), self.calibrated_acts)
         local = {name: len(local_part(torch.arange(k))) for name, k in rows.items()}
         # never modified in place; a whole chain stays x0 itself (--offload disk releases it by identity)
         chains = {name: x0 if k == len(x0) else x0[:k] for name, k in local.items()}

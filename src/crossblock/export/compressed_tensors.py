@@ -21,6 +21,11 @@ Conventions, theirs against ours (quant/grid.py):
   fake-quant weights (in bfloat16, its unpacking dtype; bit for bit in float32 through its
   `dequantize`). vLLM fuses q/k/v and gate/up and keeps one global scale for them: the nvfp4
   grid gives them a shared one (grids/nvfp4.py: for_block; not run in vLLM).
+- activations (input_activations of every scheme): integers with the uniform grid; FP4 ones as
+  llm-compressor's W4A4 presets, NVFP4 with nvfp4 weights (each layer's static
+  `input_global_scale`, float32 [1], stored as compressed-tensors keeps it: 448 * 6 / amax, the
+  multiplier, as `weight_global_scale`) and MXFP4 with mxfp4 weights; FP8_DYNAMIC's per-token
+  FP8 with any weights (W4A8). Other pairs have no preset: refused (`check_act_pair`).
 - rotate's run-time rotation x -> x H before down_proj is the library's transform config: one
   `random-hadamard` scheme at location `input` per distinct H, its matrix stored as
   `<layer>.<scheme>_input.weight` = sqrt(n) H, since both compressed-tensors and vLLM apply
@@ -29,6 +34,7 @@ Conventions, theirs against ours (quant/grid.py):
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -40,7 +46,7 @@ from ..quant import fp4
 from ..quant.grid import QuantizedWeight, dequantize, num_groups
 from ..quant.experts import expert_params, is_fused_experts
 from .common import layer_shape, model_dtype, save_folder, warn_if_scales_round
-from .formats import FORMATS, Format, act_args, check_act_scheme, check_groups, contents_of
+from .formats import ACT_PRESETS, FORMATS, Format, act_args, check_act_scheme, check_groups, contents_of
 from .schema import check_packed, check_stored, is_int, need
 
 FMT = "compressed-tensors"
@@ -89,6 +95,11 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         if has_conv1d:
             raise CrossblockError("compressed-tensors export cannot store Conv1D layers (GPT-2 style): "
                                   "its transformers loader only handles nn.Linear; use gptq or fake")
+        check_act_pair("uniform", act_scheme)
+        check_act_scheme(act_scheme)
+
+    def accepts_activations(self, grid_kind, act_scheme):
+        check_act_pair(grid_kind, act_scheme)
         check_act_scheme(act_scheme)
 
     def layers(self, model, modules):
@@ -103,6 +114,16 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
         fp4_layers = {n: v for n, v in layers.items() if v[1].kind in fp4.GROUP}
         check_fp4_layers(fp4_layers, act_scheme)
         super().check_layers({n: v for n, v in layers.items() if n not in fp4_layers}, act_scheme)
+
+    def tensors(self, model, modules, state, dtype, act_scheme):
+        """`Format.tensors`, with each NVFP4-activation layer's calibrated `input_global_scale`."""
+        from ..quant.act import Fp4ActQuant
+        written = super().tensors(model, modules, state, dtype, act_scheme)
+        for name, (module, _) in written.layers.items():
+            q = getattr(module, "crossblock_act_quant", None)
+            if isinstance(q, Fp4ActQuant) and q.kind == "nvfp4":
+                written.packed[name][f"{name}.input_global_scale"] = q.glob.detach().float().reshape(1).cpu().clone()
+        return written
 
     def layer_tensors(self, name, qweight, dtype, act_scheme):
         if qweight.kind in fp4.GROUP:
@@ -144,6 +165,9 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
     def read(self, quantization, tensors, layout):
         return read_compressed_tensors(layout, quantization, tensors)
 
+    def activations(self, path, model):
+        return config_activations(path, model)
+
 
 def layer_scheme_key(qweight: QuantizedWeight) -> tuple:
     """(bits, group_size, sym) of a uniform layer; (kind,) of an FP4 one."""
@@ -178,10 +202,23 @@ def fp4_layer_tensors(qweight: QuantizedWeight) -> dict[str, torch.Tensor]:
     return entries
 
 
+def check_act_pair(weight_kind: str, act_scheme: dict | None):
+    """Weights and activations as a scheme compressed-tensors has (module docstring)."""
+    if act_scheme is None:
+        return
+    act = act_scheme.get("type", "int")
+    if act == "fp8" or act == weight_kind or (act == "int" and weight_kind == "uniform"):
+        return
+    if act == "int":
+        raise CrossblockError(f"{FMT} export has no scheme of integer activations with {weight_kind} weights: "
+                              f"use --act-type {weight_kind} (W4A4) or fp8 (W4A8), or format fake")
+    raise CrossblockError(f"{FMT} export stores {act} activations with {act} weights only (llm-compressor's "
+                          f"{ACT_PRESETS[act]}), not with {weight_kind} weights: use --grid {act}, or format fake")
+
+
 def check_fp4_layers(layers: dict, act_scheme: dict | None):
-    if layers and act_scheme is not None:
-        raise CrossblockError(f"{FMT} export stores FP4 grids' weights only (NVFP4A16 / MXFP4A16): quantize "
-                              "activations with the uniform grid, or use fake")
+    for kind in sorted({qw.kind for _, qw in layers.values()}):
+        check_act_pair(kind, act_scheme)
     for name, (_, qw) in layers.items():
         group = fp4.GROUP[qw.kind]
         need(qw.q.shape[1] % group == 0, f"{FMT} layer {name}", f"input width {qw.q.shape[1]} is not a multiple of {group}")
@@ -407,6 +444,55 @@ def read_fp4_layer(tensors: dict, name: str, args, shape: tuple[int, int] | None
     return QuantizedWeight(q, scale, zero, 4, args.group_size, True, kind)
 
 
+def act_kind(args) -> str | None:
+    """Which of crossblock's activation quantizers compressed-tensors' input_activations `args`
+    are: a float preset's (nvfp4, mxfp4, fp8), "int" (dynamic per token), or None (none here)."""
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    for kind, preset in ACT_PRESETS.items():
+        if args.model_dump() == preset_name_to_scheme(preset, ["Linear"]).input_activations.model_dump():
+            return kind
+    if args.type == "int" and args.dynamic is True and args.strategy == "token" and 2 <= args.num_bits <= 8:
+        return "int"
+    return None
+
+
+def config_activations(path, model: nn.Module) -> dict | None:
+    """A compressed-tensors folder's activation quantizers from its config (and NVFP4's
+    `input_global_scale` tensors), as act.record writes them: how crossblock.load runs a W4A4 /
+    W8A8 folder written by llm-compressor as vLLM would."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules
+    from ..quant.act import act_scheme
+    from .common import read_config, read_tensors
+    quantization = {k: v for k, v in read_config(path)["quantization_config"].items() if k != "transform_config"}
+    config = QuantizationConfig.model_validate(quantization)
+    found: dict[str, object] = {}
+    for scheme in config.config_groups.values():
+        if scheme.input_activations is not None:
+            found.update({name: scheme.input_activations for name, _ in
+                          match_named_modules(model, scheme.targets, config.ignore) if name not in found})
+    if not found:
+        return None
+    kinds = {act_kind(a) for a in found.values()}
+    first = next(iter(found.values()))
+    if None in kinds or len({json.dumps(a.model_dump(), sort_keys=True, default=str) for a in found.values()}) > 1:
+        raise CrossblockError(f"{path}: crossblock runs one dynamic activation scheme for every layer (nvfp4, mxfp4, "
+                              f"fp8, or integers per token); this folder's input_activations are not that one")
+    kind = kinds.pop()
+    if kind == "int":
+        scheme = act_scheme(first.num_bits, True, bool(first.symmetric))
+    else:
+        scheme = act_scheme(first.num_bits, True, True, kind)
+    globs = {}
+    if kind == "nvfp4":
+        tensors = read_tensors(path)
+        for name in found:
+            key = f"{name}.input_global_scale"
+            check_stored(FMT, name, tensors, {"input_global_scale": ((1,), torch.float32)})
+            globs[name] = [tensors[key].item()]
+    return {**scheme, "layers": {name: globs.get(name) for name in sorted(found)}}
+
+
 def drop_transform_matrices(transforms: dict | None, tensors: dict):
     """Remove the run-time rotations' stored matrices: crossblock.load re-attaches the rotations
     from crossblock.json (api.load), which `save_compressed_tensors` wrote them from."""
@@ -427,6 +513,9 @@ def read_compressed_tensors(layout: nn.Module, quantization_config: dict, tensor
     from compressed_tensors.utils.match import match_named_modules
     quantization_config = dict(quantization_config)
     drop_transform_matrices(quantization_config.pop("transform_config", None), tensors)
+    # NVFP4 activations' global scales: crossblock.load re-attaches the quantizers from crossblock.json
+    for key in [k for k in tensors if k.endswith(".input_global_scale")]:
+        del tensors[key]
     config = QuantizationConfig.model_validate(quantization_config)
     if config.quantization_status != "compressed":
         raise CrossblockError(f"compressed-tensors folder has quantization_status "

@@ -115,6 +115,10 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
             raise CrossblockError(f"{self.kind_name} export needs q/k/v and gate/up on one grid (vLLM runs each as one "
                                   f"matmul): drop bits tie {tie} (--bits-tie fused)")
 
+    def accepts_activations(self, grid_kind: str, act_scheme: dict | None):
+        """Raise CrossblockError if it cannot store this activation scheme with weights of this
+        grid kind (the packed formats that store integer activations check them in `accepts`)."""
+
     def accepts_online_transforms(self, present: bool):
         """Raise CrossblockError if the model (about to) carry a run-time input rotation that this
         format cannot store; checked before quantization (from the recipe) and at save."""
@@ -207,6 +211,11 @@ model = crossblock.load("{out}")  # dense, exactly the evaluated weights
             return self.quant_method is None
         return (self.quant_method is not None and isinstance(quantization, dict)
                 and quantization.get("quant_method") == self.quant_method)
+
+    def activations(self, path, model: nn.Module) -> dict | None:
+        """The activation quantizers a folder of this format describes itself (in act.record's
+        form), for folders without crossblock.json (written by another tool); None: none."""
+        return None
 
     def read(self, quantization: dict, tensors: dict[str, torch.Tensor],
              layout: nn.Module) -> dict[str, QuantizedWeight]:
@@ -302,11 +311,22 @@ def refuse_act_scheme(fmt: str, act_scheme: dict | None):
 # act_scheme keys -> compressed-tensors QuantizationArgs fields
 ACT_KEYS = {"bits": "num_bits", "dynamic": "dynamic", "strategy": "strategy",
             "symmetric": "symmetric", "group_size": "group_size"}
+# float activation types (quant/act.py) -> the compressed-tensors preset whose input_activations they run
+ACT_PRESETS = {"nvfp4": "NVFP4", "mxfp4": "MXFP4", "fp8": "FP8_DYNAMIC"}
 
 
 def act_args(act_scheme: dict):
-    """The compressed-tensors QuantizationArgs of an act_scheme dict (imports compressed_tensors)."""
+    """The compressed-tensors QuantizationArgs of an act_scheme dict (imports compressed_tensors):
+    a float type's are its preset's own (NVFP4: tensor_group 16, dynamic "local", E4M3 scales;
+    MXFP4: group 32, dynamic; FP8_DYNAMIC: token, dynamic), so llm-compressor's names hold."""
     from compressed_tensors.quantization import QuantizationArgs
+    if "type" in act_scheme:
+        kind = act_scheme["type"]
+        if kind not in ACT_PRESETS:
+            raise CrossblockError(f"compressed-tensors export: unknown activation type {kind!r} "
+                                  f"(known: {', '.join(ACT_PRESETS)})")
+        from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+        return preset_name_to_scheme(ACT_PRESETS[kind], ["Linear"]).input_activations
     unknown = sorted(set(act_scheme) - set(ACT_KEYS))
     if unknown:
         raise CrossblockError(f"compressed-tensors export: unknown act_scheme key {unknown[0]!r} "

@@ -39,12 +39,15 @@ def read_json(path) -> dict:
 
 
 def check_activations(recorded, where, quantizable: set[str]) -> dict | None:
-    """crossblock.json's `activations`: the scheme, and per layer [step, zero point] (static)
-    or null (dynamic), only on layers crossblock quantizes (the decoder blocks' linears)."""
+    """crossblock.json's `activations`: the scheme, and per layer [step, zero point] (static),
+    [global scale] (nvfp4) or null (dynamic), only on layers crossblock quantizes (the decoder
+    blocks' linears). A float type's scheme is the one quant/act.py writes for it."""
     if recorded is None:
         return None
     where = f"{where}: activations"
     need(isinstance(recorded, dict), where, "expected an object")
+    if "type" in recorded:
+        return check_float_activations(recorded, where, quantizable)
     bits, dynamic, sym, layers = (recorded.get(k) for k in ("bits", "dynamic", "symmetric", "layers"))
     need(is_int(bits) and 2 <= bits <= 8, where, f"bits must be an integer in 2..8, got {bits!r}")
     need(isinstance(dynamic, bool) and isinstance(sym, bool), where, "dynamic and symmetric must be true or false")
@@ -57,6 +60,24 @@ def check_activations(recorded, where, quantizable: set[str]) -> dict | None:
         ok = isinstance(static, list) and len(static) == 2 and all(is_number(v) for v in static)
         need(ok and static[0] > 0 and 0 <= static[1] <= 2 ** bits - 1, where,
              f"layer {name}: expected [step > 0, zero point in 0..{2 ** bits - 1}], got {static!r}")
+    return recorded
+
+
+def check_float_activations(recorded: dict, where: str, quantizable: set[str]) -> dict:
+    from ..quant.act import FLOAT_TYPES, act_scheme
+    kind, layers = recorded.get("type"), recorded.get("layers")
+    need(kind in FLOAT_TYPES, where, f"type must be one of {', '.join(FLOAT_TYPES)}, got {kind!r}")
+    expected = act_scheme(FLOAT_TYPES[kind], True, True, kind)
+    need({k: v for k, v in recorded.items() if k != "layers"} == expected, where,
+         f"a {kind} scheme must read {json.dumps(expected)}")
+    need(isinstance(layers, dict) and layers, where, "layers must be a non-empty object")
+    for name, static in layers.items():
+        need(name in quantizable, where, f"{name!r} is not a quantized linear layer of the model")
+        if kind != "nvfp4":
+            need(static is None, where, f"layer {name}: a dynamic quantizer has nothing stored")
+            continue
+        need(isinstance(static, list) and len(static) == 1 and is_number(static[0]) and static[0] > 0, where,
+             f"layer {name}: expected [global scale > 0], got {static!r}")
     return recorded
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import setting
 from .base import GRIDS
 from .fp4 import Fp4Grid
 
@@ -17,5 +18,6 @@ from .fp4 import Fp4Grid
 @GRIDS.register("mxfp4")
 @dataclass
 class Mxfp4Grid(Fp4Grid):
-    group_size: int = 32   # fixed by the format
-    sym: bool = True       # fixed by the format
+    # fixed by the format, so not flags (flat=False): --grid mxfp4 is the whole flat spelling
+    group_size: int = setting(32, "values per scale (the format's)", flat=False)
+    sym: bool = setting(True, "symmetric (the format is)", flat=False)

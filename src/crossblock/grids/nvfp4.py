@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import setting
 from .base import GRIDS
 from ..quant import fp4
 from .fp4 import Fp4Grid
@@ -25,8 +26,9 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 @GRIDS.register("nvfp4")
 @dataclass
 class Nvfp4Grid(Fp4Grid):
-    group_size: int = 16   # fixed by the format
-    sym: bool = True       # fixed by the format
+    # fixed by the format, so not flags (flat=False): --grid nvfp4 is the whole flat spelling
+    group_size: int = setting(16, "values per scale (the format's)", flat=False)
+    sym: bool = setting(True, "symmetric (the format is)", flat=False)
 
     def for_block(self, weights: dict[str, torch.Tensor]) -> dict[str, "Nvfp4Grid"]:
         """The grid of each named linear of one block (name -> (out, in) weight): layers that vLLM

@@ -91,22 +91,26 @@ class Windows(Stage):
         """Whether windows optimize anything: steps, and a parameter to learn."""
         return self.train is not None and (self.train.rounding.trainable or self.train.lwc or static_acts)
 
-    def needs_block_input(self, static_acts: bool) -> bool:
-        """Whether wrapping a block needs its calibration input: GPTQ, static activation steps."""
-        return self.init == "gptq" or static_acts
+    def needs_block_input(self, calibrated_acts: bool) -> bool:
+        """Whether wrapping a block needs its calibration input: GPTQ, activation quantizers that
+        observe it (static steps, nvfp4's global scale: Activations.calibrated)."""
+        return self.init == "gptq" or calibrated_acts
 
     def rtn_reference(self, static_acts: bool) -> bool:
         """Whether the engine carries an RTN chain (its report compares with RTN): not for RTN itself."""
         return self.trains(static_acts) or self.init != "rtn"
 
-    def chain_rows(self, static_acts: bool, n: int) -> dict[str, int]:
+    def chain_rows(self, static_acts: bool, n: int, calibrated_acts: bool | None = None) -> dict[str, int]:
         """How many of the first of `n` calibration sequences each chain of the engine carries (the
         engine and the plan both read this). The FP chain feeds the targets of training, the
         quantized one also GPTQ's Hessians and static steps; without those, they and the RTN
-        reference serve only the per-block error report, on REPORT_SAMPLES sequences."""
+        reference serve only the per-block error report, on REPORT_SAMPLES sequences.
+        `calibrated_acts`: activation quantizers observe the block's input (default: static_acts)."""
+        calibrated_acts = static_acts if calibrated_acts is None else calibrated_acts
         trains = self.trains(static_acts)
         report = min(n, LOSS_SAMPLES if trains else REPORT_SAMPLES)
-        rows = {"fp": n if trains else report, "q": n if trains or self.needs_block_input(static_acts) else report}
+        rows = {"fp": n if trains else report,
+                "q": n if trains or self.needs_block_input(calibrated_acts) else report}
         if self.rtn_reference(static_acts):
             rows["rtn"] = report
         return rows
@@ -115,7 +119,8 @@ class Windows(Stage):
         # data parallel (torchrun): each rank captures and carries only its shard of the sequences
         store = ChainStore(job.offload, job.checkpoint_dir)
         # RTN: the report's few sequences are all that is ever run through the model
-        needed = job.ids[:max(self.chain_rows(job.activations.static, len(job.ids)).values())]
+        acts = job.activations
+        needed = job.ids[:max(self.chain_rows(acts.static, len(job.ids), acts.calibrated).values())]
         ids = shard(needed)
         with job.blocks.before_blocks(ids):
             x0, calls = capture(model, ids, batch_size=job.data.batch_size, empty=store.empty)
