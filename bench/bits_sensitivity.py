@@ -75,7 +75,7 @@ def main():
              "| measure | " + " | ".join(cols) + " | wall s |", "|---|" + "---|" * (len(cols) + 1)]
     for m in ("hessian", "fisher"):
         lines.append(f"| {m} | " + " | ".join(f"{corr[m][c]:.3f}" for c in cols) + f" | {seconds[m]} |")
-    lines += [f"| kl (exact) | " + " | ".join("1" for _ in cols) + f" | {seconds['kl']} |", "",
+    lines += ["| kl (exact) | " + " | ".join("1" for _ in cols) + f" | {seconds['kl']} |", "",
               f"Command (commit {commit}): `python bench/bits_sensitivity.py --name {args.name} --options {args.options} "
               f"--group-size {args.group_size} --rows {args.rows} --seqlen {args.seqlen}`", "",
               "costs: all (unit, option) pairs; gains: cost(b) - cost(b+1) of every unit, what the allocation trades; "

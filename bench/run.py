@@ -183,7 +183,7 @@ def write_table(jsonl: Path, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
-    p.add_argument("--rows", required=True)
+    p.add_argument("--rows", required=True, help="rows separated by , (or by ; when a row's flags hold commas)")
     p.add_argument("--model", default=None, help="default: SmolLM2-135M built by prepare.py")
     for flag, default in [("wbits", 2), ("group-size", 64), ("iters", 20), ("nsamples", 128), ("seqlen", 512),
                           ("batch-size", 8), ("seed", 0), ("eval-windows", 40), ("abits", 16)]:
@@ -196,7 +196,7 @@ def main():
     work = ROOT / "bench" / "work" / args.name
     work.mkdir(parents=True, exist_ok=True)
     jsonl = ROOT / "bench" / "results" / f"{args.name}.jsonl"
-    for row in args.rows.split(","):
+    for row in args.rows.split(";" if ";" in args.rows else ","):  # ";" when a row's flags hold commas
         t0 = time.time()
         result = run_row(row, args, work, work / f"{row.split('=')[0]}.log")
         with open(jsonl, "a") as f:

@@ -69,6 +69,17 @@ class _CalibTokenizer:
     model_max_length = 1 << 30
 
 
+def save_dense(qmodel, model_dir, out):
+    """The fake-quantized model as a plain float32 HF folder (no auto-round config), with its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+    if hasattr(qmodel.config, "quantization_config"):
+        del qmodel.config.quantization_config
+    os.makedirs(out, exist_ok=True)
+    qmodel.to(torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+
+
 def load_calib(path, nsamples, seqlen):
     import torch
     from safetensors.torch import load_file
@@ -92,7 +103,7 @@ def main():
     import transformers
     from auto_round import AutoRound
     from auto_round.algorithms.quantization.sign_round.config import SignRoundConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     ids = load_calib(args.calib_tokens, args.nsamples, args.seqlen)
     # Batches shaped like AutoRound's own dataloader output; a list of tensors is
@@ -143,12 +154,7 @@ def main():
         c = layer_config[n]
         if (c["bits"], c["group_size"], c["sym"]) != (args.bits, args.group_size, args.sym):
             sys.exit(f"{n} was quantized with {c}, not the requested scheme")
-    if hasattr(qmodel.config, "quantization_config"):
-        del qmodel.config.quantization_config
-    qmodel = qmodel.to(torch.float32)
-    os.makedirs(args.out, exist_ok=True)
-    qmodel.save_pretrained(args.out)
-    AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+    save_dense(qmodel, args.model, args.out)
 
     info = {
         "quantize_wall_s": round(wall, 3),

@@ -19,7 +19,7 @@ import os
 import resource
 import time
 
-from run_autoround import load_calib
+from run_autoround import load_calib, save_dense
 
 
 def main():
@@ -72,12 +72,7 @@ def main():
     g = args.group_size
     stored = sum(weights[n] * (b + (16 + b) * (-(-width[n] // g)) / width[n]) if b < 16 else 16 * weights[n]
                  for n, b in bits.items())
-    if hasattr(qmodel.config, "quantization_config"):
-        del qmodel.config.quantization_config
-    qmodel = qmodel.to(torch.float32)
-    os.makedirs(args.out, exist_ok=True)
-    qmodel.save_pretrained(args.out)
-    AutoTokenizer.from_pretrained(args.model).save_pretrained(args.out)
+    save_dense(qmodel, args.model, args.out)
     info = {"quantize_wall_s": round(wall, 3),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "auto_round_version": auto_round.__version__, "torch_threads": torch.get_num_threads(),
