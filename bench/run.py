@@ -196,7 +196,8 @@ def main():
     work = ROOT / "bench" / "work" / args.name
     work.mkdir(parents=True, exist_ok=True)
     jsonl = ROOT / "bench" / "results" / f"{args.name}.jsonl"
-    for row in args.rows.split(";" if ";" in args.rows else ","):  # ";" when a row's flags hold commas
+    rows = [r for r in args.rows.split(";" if ";" in args.rows else ",") if r.strip()]  # ";": flags hold commas
+    for row in rows:
         t0 = time.time()
         result = run_row(row, args, work, work / f"{row.split('=')[0]}.log")
         with open(jsonl, "a") as f:
