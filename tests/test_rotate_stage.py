@@ -112,7 +112,7 @@ def test_compressed_tensors_transform_config_without_its_record_is_refused(tmp_p
 
 def test_rotate_comes_before_cfp_and_windows(tmp_path):
     (tmp_path / "r.yaml").write_text("stages: [cfp, rotate, windows]\n")
-    with pytest.raises(CrossblockError, match="order rotate, cfp, windows, finetune; got \\['cfp', 'rotate', 'windows'\\]"):
+    with pytest.raises(CrossblockError, match="order rotate, cfp, bits, windows, finetune; got \\['cfp', 'rotate', 'windows'\\]"):
         cb.Recipe.from_yaml(tmp_path / "r.yaml")
     with pytest.raises(CrossblockError, match="rotate_kind has no effect without rotate"):
         cb.Recipe.preset("rtn", rotate_kind="random-orthogonal")
