@@ -12,7 +12,7 @@ that of any uniform assignment that fits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,7 +34,6 @@ class Unit:
     members: list[str]
     shapes: list[tuple[int, int]]
     pinned: str | None = None      # the option a --pin gives it
-    option: int | None = field(default=None, repr=False)
 
     @property
     def weights(self) -> int:

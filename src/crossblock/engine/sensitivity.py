@@ -81,7 +81,7 @@ def logits(model, row: torch.Tensor, device, precision: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kl_costs(model, units, grids, rows, device, precision, progress=None) -> torch.Tensor:
+def kl_costs(model, units, grids, rows, device, precision) -> torch.Tensor:
     reference = [F.log_softmax(logits(model, r, device, precision), -1) for r in rows]
     count = len(find_blocks(model)[1])
     out = torch.zeros(len(units), len(grids), dtype=torch.float64)
@@ -91,8 +91,6 @@ def kl_costs(model, units, grids, rows, device, precision, progress=None) -> tor
                 kl = [F.kl_div(F.log_softmax(logits(model, r, device, precision), -1), ref, log_target=True,
                                reduction="sum") for r, ref in zip(rows, reference)]
             out[k, j] = float(sum(kl)) / sum(ref.shape[0] for ref in reference)
-        if progress:
-            progress()
     return out
 
 
@@ -157,10 +155,10 @@ def weighted_costs(model, units, grids, weight, factor: float) -> torch.Tensor:
     return out
 
 
-def costs(measure: str, model, units, grids, rows, device, precision, seed: int = 0, progress=None) -> torch.Tensor:
+def costs(measure: str, model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
     """The (units, options) sensitivity table by `measure` (MEASURES)."""
     if measure == "kl":
-        return kl_costs(model, units, grids, rows, device, precision, progress)
+        return kl_costs(model, units, grids, rows, device, precision)
     if measure == "fisher":
         return fisher_costs(model, units, grids, rows, device, precision, seed)
     return hessian_costs(model, units, grids, rows, device, precision)
