@@ -128,8 +128,10 @@ def run_row(row, args, work, log):
         sh(cmd, log)
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
+        stages = info.get("stage_seconds")  # e.g. windows vs finetune: how a wall time was spent
     second = {"ppl_tinystories": evaluate(out, args, log, SECOND)} if args.second_text else {}
-    return scored(args, {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss,
+    split = {"stage_s": stages} if preset not in ("autoround", "autoscheme") and stages else {}
+    return scored(args, {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss, **split,
                          "commit": commit, "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")})
 
 

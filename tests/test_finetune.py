@@ -154,3 +154,31 @@ def test_the_chunked_kl_is_the_unchunked_one_and_its_gradient(dtype):
     (0.7 * got).backward()
     assert got.item() > 0.1 and torch.equal(got, expected)
     assert chunked.grad.abs().max() > 0 and torch.equal(chunked.grad, whole.grad)
+
+
+def test_keeping_activations_or_recomputing_them_trains_the_same_bits(monkeypatch):
+    """The recompute only trades memory for time: with and without it, the same trained grid."""
+    from crossblock.stages import finetune
+    steps = dict(finetune_steps=4, iters=0, precision="fp32")
+    monkeypatch.setattr(finetune, "free_memory", lambda device: 1 << 50)
+    kept, kept_report, _ = quantized(**steps)
+    monkeypatch.setattr(finetune, "free_memory", lambda device: 1 << 20)
+    recomputed, recomputed_report, _ = quantized(**steps)
+    assert kept_report["finetune"]["recompute"] is False and recomputed_report["finetune"]["recompute"] is True
+    assert kept_report["finetune"]["loss_trace"] == recomputed_report["finetune"]["loss_trace"]
+    for name, qw in qweights(kept).items():
+        assert torch.equal(qw.scale, qweights(recomputed)[name].scale)
+
+
+def test_activations_are_kept_only_where_a_quarter_of_free_memory_holds_them(monkeypatch):
+    from crossblock.stages import finetune
+    assert finetune.free_memory("cpu") > 0  # Linux: MemAvailable
+    layers = [m for m in load_stories()[0].modules() if isinstance(m, torch.nn.Linear)][:4]
+    need = sum(m.in_features + m.out_features for m in layers) * 8 * 1024 + \
+        sum(m.in_features * m.out_features for m in layers) * 6
+    monkeypatch.setattr(finetune, "free_memory", lambda device: 4 * need + 4)
+    assert finetune.keeps_activations(layers, 1024, "cpu")
+    monkeypatch.setattr(finetune, "free_memory", lambda device: 4 * need - 4)
+    assert not finetune.keeps_activations(layers, 1024, "cpu")
+    monkeypatch.setattr(finetune, "free_memory", lambda device: None)  # unknown: recompute, the safe side
+    assert not finetune.keeps_activations(layers, 1024, "cpu")

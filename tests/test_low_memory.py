@@ -18,7 +18,7 @@ from crossblock.engine.checkpoint import CHECKPOINT_FILE
 from crossblock.output import partial_dir
 
 SMALL = ["--nsamples", "8", "--seqlen", "64", "--batch-size", "4", "--quiet"]
-VOLATILE = {"wall_seconds", "peak_rss_mib", "peak_cuda_mib", "low_memory", "resumed_at_window",
+VOLATILE = {"wall_seconds", "stage_seconds", "peak_rss_mib", "peak_cuda_mib", "low_memory", "resumed_at_window",
             "save_check", "quality"}  # the in-memory path compares the saved logits and FP's, the low-memory path cannot
 
 

@@ -277,8 +277,11 @@ def quantize(model, tokenizer, recipe: Recipe, calib=None, device: str | None = 
     if on_window is not None:
         job.on_window = (lambda state, save=job.on_window: (save(state), on_window(state))) if job.on_window \
             else on_window
+    stage_seconds = {}
     for stage in recipe.stages:
+        t_stage = time.time()
         stage.run(model, job)
+        stage_seconds[stage.kind_name] = round(time.time() - t_stage, 2)
     restore_quantized(model)
     finished = job.grid.finish(model, recipe.skip)  # e.g. GGUF: embeddings, per-layer types
     report = {**job.report, **({"grid": finished} if finished else {}),
@@ -296,6 +299,7 @@ def quantize(model, tokenizer, recipe: Recipe, calib=None, device: str | None = 
               **({"low_memory": True} if stream else {}),
               "resumed_at_window": job.resume.next_window if job.resume else None,
               "wall_seconds": round(time.time() - t0, 2),
+              "stage_seconds": stage_seconds,
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available():
         report["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)

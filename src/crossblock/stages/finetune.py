@@ -19,7 +19,9 @@ ppl after block-wise training) is this stage.
 - The last `holdout` of the calibration sequences is never trained on: the stage measures the
   KL there before training and every `eval_every` steps, and keeps the best step (the start, if
   no step beat it), so it never makes the model worse on tokens it did not fit.
-- Blocks run under activation checkpointing (memory: one block's activations for backward).
+- Blocks run under activation checkpointing (memory: one block's activations for backward) unless
+  every block's activations for a batch fit in a quarter of the free memory (`keeps_activations`):
+  on a small model the recompute is a sixth of a step for nothing (SmolLM2 on CPU: -16%).
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ class Finetune(Stage):
         job.report["finetune"] = {"held_out_sequences": len(held_ids), "held_out_loss_before": state["start"],
                                   "held_out_loss_after": state["best"], "best_step": state["best_step"],
                                   "evals": state["evals"], "loss_trace": state["trace"],
+                                  "recompute": state.get("recompute"),
                                   **({"stopped": state["stopped"]} if "stopped" in state else {}),
                                   "resumed_at_step": resumed_at, "seconds": round(time.time() - t0, 2)}
 
@@ -123,7 +126,8 @@ class Finetune(Stage):
             for _ in range(state["step"]):
                 next(batches)
         bar = tqdm(range(state["step"] + 1, self.steps + 1), desc="finetune", disable=not job.progress, leave=False)
-        with checkpointing(model):
+        state["recompute"] = not keeps_activations(layers, self.batch_size * train_ids.shape[1], device)
+        with checkpointing(model) if state["recompute"] else contextlib.nullcontext():
             for step in bar:
                 batch = next(batches)
                 idx = local_part(batch)
@@ -237,6 +241,31 @@ def teacher_mode(layers, params, teacher_norms):
             m.mode = "quant"
         for k, w in trained.items():
             params[k].data.copy_(w)
+
+
+def free_memory(device) -> int | None:
+    """Bytes the device can still give: CUDA's free memory, or Linux's MemAvailable (None elsewhere)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024
+
+
+def keeps_activations(layers, tokens: int, device) -> bool:
+    """Whether a step may keep every block's activations for backward: a bound on what it keeps
+    (each linear's input and output in float32, twice over for norms, attention and the MLP's
+    products; every quantized weight decoded in float32 and bf16) within a quarter of free memory."""
+    free = free_memory(device)
+    if free is None:
+        return False
+    per_token = sum(m.in_features + m.out_features for m in layers) * 4 * 2
+    weights = sum(m.in_features * m.out_features for m in layers) * (4 + 2)
+    return tokens * per_token + weights < free // 4
 
 
 @contextlib.contextmanager
