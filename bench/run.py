@@ -5,7 +5,7 @@ WikiText-2 perplexity with `crossblock eval`, append one JSON line per row and r
     python bench/run.py --name smollm2_w2g64 --wbits 2 --group-size 64 --iters 20 \
         --nsamples 64 --seqlen 512 --batch-size 8 --eval-windows 40 --rows fp,rtn,gptq,block,autoround
 
-Rows: fp, any preset (rtn gptq block mb la cbq), `autoround`, `autoscheme` (AutoRound's mixed bits:
+Rows: fp, any preset (rtn gptq block mb la cbq), `default` (no --recipe: the default for the bits), `autoround`, `autoscheme` (AutoRound's mixed bits:
 "as3.0=autoscheme:--avg-bits 3.0 --options 2,3,4 --iters 0"), or NAME=PRESET:FLAGS for a custom
 recipe, e.g. "cbq-sr=cbq:--rounding signround" (flags come last, so they override the common
 ones: "block-60x2=block:--iters 60 --batch-size 2"; "ar-60x2=autoround:--iters 60 --batch-size 2"
@@ -123,8 +123,9 @@ def run_row(row, args, work, log):
         wall, rss = info["quantize_wall_s"], info["peak_rss_mib"]
     else:
         steps = [] if preset in ("rtn", "gptq") else ["--iters", args.iters]
+        recipe = [] if preset == "default" else ["--recipe", preset]  # default: what runs without --recipe
         cmd = [BIN / "crossblock", "quantize", "--model", args.model, "--calib", CALIB, "--out", out,
-               "--recipe", preset, *common, *steps, "--quiet", "--overwrite", *shlex.split(flags)]
+               *recipe, *common, *steps, "--quiet", "--overwrite", *shlex.split(flags)]
         sh(cmd, log)
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]

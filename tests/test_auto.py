@@ -9,7 +9,8 @@ from crossblock import auto
 from crossblock.auto import AutoRecipe
 from crossblock.cli import main
 from crossblock.engine.plan import schedule_cost
-from crossblock.recipe import DEFAULTS
+from crossblock.errors import CrossblockError
+from crossblock.recipe import DEFAULTS, FT_STEPS
 from conftest import CALIB_FILE, EVAL_FILE, STORIES, load_stories
 
 CALIB = dict(nsamples=32, seqlen=128)
@@ -24,8 +25,10 @@ def ppl_of(recipe):
 
 def test_default_recipe_follows_the_bits_and_says_why():
     w3 = cb.Recipe.default(wbits=3, group_size=64)
-    assert w3.name == "best" and w3.to_dict() == cb.Recipe.preset("best", wbits=3, group_size=64).to_dict()
-    assert w3.chosen_by["default_for"] == "W*A16" and "smollm2_w3g64_c128" in w3.chosen_by["why"]
+    steps = dict(finetune_steps=FT_STEPS, finetune_eval_every=FT_STEPS)
+    assert w3.name == "best+finetune"
+    assert w3.to_dict() == {**cb.Recipe.preset("best", wbits=3, group_size=64, **steps).to_dict(), "name": "best+finetune"}
+    assert w3.chosen_by["default_for"] == "W*A16" and "smollm2_w3g64_split" in w3.chosen_by["why"]
     w4a8 = cb.Recipe.default(wbits=4, abits=8, group_size=64)
     assert [s.kind_name for s in w4a8.stages] == ["rotate", "windows"] and w4a8.name == "best-rotate"
     assert w4a8.activations.bits == 8 and w4a8.chosen_by["default_for"] == "W*A8"
@@ -35,7 +38,7 @@ def test_default_recipe_follows_the_bits_and_says_why():
     # a more specific entry wins (the lead adjusts the table: the mechanism must pick it up)
     DEFAULTS[(2, 16)] = dict(preset="gptq", why="test")
     try:
-        assert cb.Recipe.default(wbits=2).name == "gptq" and cb.Recipe.default(wbits=3).name == "best"
+        assert cb.Recipe.default(wbits=2).name == "gptq" and cb.Recipe.default(wbits=3).name == "best+finetune"
     finally:
         del DEFAULTS[(2, 16)]
 
@@ -45,7 +48,8 @@ def test_default_recipe_follows_the_bits_and_says_why():
 def test_default_recipe_beats_rtn_and_gptq(bits):
     bits_only = dict(wbits=bits, group_size=-1)
     ours, report = ppl_of({**bits_only, **CALIB})  # a dict naming only bits (and data): the default
-    assert report["recipe"]["name"] == "best" and report["recipe_chosen_by"]["preset"] == "best"
+    assert report["recipe"]["name"] == "best+finetune" and report["recipe_chosen_by"]["preset"] == "best"
+    assert report["finetune"]["held_out_loss_after"] < report["finetune"]["held_out_loss_before"]
     rtn = ppl_of(cb.Recipe.preset("rtn", **bits_only, **CALIB))[0]
     gptq = ppl_of(cb.Recipe.preset("gptq", **bits_only, **CALIB))[0]
     assert ours < 0.95 * min(rtn, gptq), (ours, rtn, gptq)
@@ -125,8 +129,27 @@ def test_cli_default_recipe_is_recorded(tmp_path, capsys):
     assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--quiet",
                  "--wbits", "3", "--group-size", "-1", "--nsamples", "8", "--seqlen", "64", "--iters", "2"]) == 0
     info = json.loads((out / "crossblock.json").read_text())
-    assert info["recipe"]["name"] == "best" and info["recipe_chosen_by"]["default_for"] == "W*A16"
+    assert info["recipe"]["name"] == "best+finetune" and info["recipe_chosen_by"]["default_for"] == "W*A16"
+    assert info["recipe_chosen_by"]["finetune_steps"] == FT_STEPS == info["recipe"]["stages"][1]["finetune"]["steps"]
     assert "the default for W*A16" in capsys.readouterr().out
+
+
+def test_the_default_leaves_out_its_finetune_only_where_it_cannot_run():
+    for kw, why in [(dict(gguf_type="Q4_K"), "the gguf grid's scales are quantized themselves"),
+                    (dict(grid="nvfp4"), "the nvfp4 grid's scales are quantized themselves"),
+                    (dict(wbits=3, nsamples=1, batch_size=1), "it needs 2 calibration sequences")]:
+        recipe = cb.Recipe.default(**kw)
+        assert recipe.stage("finetune") is None and recipe.name == "best", kw
+        assert recipe.chosen_by["finetune_dropped"].startswith(why)
+    off = cb.Recipe.default(wbits=3, finetune_steps=0)  # asked off: no finetune, nothing said to be dropped
+    assert off.stage("finetune") is None and "finetune_dropped" not in off.chosen_by
+    assert cb.Recipe.default(wbits=3, finetune_steps=7).stage("finetune").steps == 7
+    with pytest.raises(CrossblockError, match="finetune trains a uniform grid's scales"):
+        cb.Recipe.default(gguf_type="Q4_K", finetune_steps=5)  # asked for: refused, not dropped
+    named = cb.Recipe.preset("best", finetune_steps=5)  # a recipe the user named keeps it
+    assert named.without_default_finetune("--low-memory").stage("finetune") is not None
+    dropped = cb.Recipe.default(wbits=3).without_default_finetune("--low-memory")
+    assert dropped.stage("finetune") is None and dropped.chosen_by["finetune_dropped"] == "--low-memory"
 
 
 @pytest.mark.parametrize("extra, message", [

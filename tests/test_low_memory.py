@@ -245,6 +245,16 @@ def test_whole_model_stages_and_formats_are_refused_before_work(tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
+def test_the_default_recipe_streams_without_its_finetune_and_says_so(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["quantize", "--model", str(STORIES), "--calib", str(CALIB_FILE), "--out", str(out), "--low-memory",
+                 "--wbits", "3", "--group-size", "32", "--iters", "2", *SMALL]) == 0
+    assert "the default recipe runs without its finetune here (--low-memory" in capsys.readouterr().err
+    info = json.loads((out / "crossblock.json").read_text())
+    assert [next(iter(s)) for s in info["recipe"]["stages"]] == ["windows"] and info["recipe"]["name"] == "best"
+    assert info["recipe_chosen_by"]["finetune_dropped"].startswith("--low-memory") and "finetune" not in info
+
+
 def test_automatic_choice_says_so(monkeypatch, capsys):
     size = stream.weights_bytes(STORIES)
     monkeypatch.setattr(stream, "available_ram", lambda: 10 * size)

@@ -361,6 +361,11 @@ def quantize_folder(model_path: str, calib_files, out, recipe: Recipe, format: s
         run = dict(device=device, offload=offload, format=format, save_dtype=stored)
         for_format(recipe, model, format, stored)  # refuse what the format cannot store before any work
         if low_memory:
+            recipe = recipe.without_default_finetune("--low-memory holds one block at a time; the finetune needs "
+                                                     "the whole model")
+            if is_main() and (recipe.chosen_by or {}).get("finetune_dropped"):
+                print(f"crossblock: the default recipe runs without its finetune here "
+                      f"({recipe.chosen_by['finetune_dropped']})", file=sys.stderr)
             streaming.refuse_unsupported(recipe, format, model)
         if is_main():  # locks the staging folder (a second run refuses) and clears it unless resume
             work = output.prepare_staging(out, resume, overwrite, needed=needed)

@@ -171,13 +171,32 @@ class Recipe(Config):
     @classmethod
     def default(cls, wbits: int = 4, abits: int = 16, group_size: int = 128, **overrides) -> "Recipe":
         """The best recipe measured for this bit width (`DEFAULTS`), with flat overrides: what
-        `crossblock quantize` runs without --recipe. `recipe.chosen_by` says which entry and why."""
+        `crossblock quantize` runs without --recipe. `recipe.chosen_by` says which entry and why.
+        An entry's finetune is left out where it cannot run (`finetune_unfit`) unless asked for."""
         key, entry = default_entry(wbits, abits)
-        recipe = from_flat(Recipe, {**PRESETS[entry["preset"]], **entry.get("settings", {}),
-                            "name": entry.get("name", entry["preset"]),
-                            "wbits": wbits, "abits": abits, "group_size": group_size, **overrides})
-        recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **entry.get("settings", {}),
-                            "why": entry["why"]}
+        settings, name = dict(entry.get("settings", {})), entry.get("name", entry["preset"])
+        flat = {**PRESETS[entry["preset"]], "wbits": wbits, "abits": abits, "group_size": group_size}
+        dropped = None
+        if settings.get("finetune_steps"):
+            without = {k: v for k, v in settings.items() if not k.startswith("finetune_")}
+            if "finetune_steps" not in overrides:
+                dropped = finetune_unfit(from_flat(Recipe, {**flat, **without, "name": name, **overrides}))
+            if dropped or not overrides.get("finetune_steps", True):  # cannot run, or asked off
+                settings, name = without, entry["preset"]
+        recipe = from_flat(Recipe, {**flat, **settings, "name": name, **overrides})
+        recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **settings, "why": entry["why"],
+                            **({"finetune_dropped": dropped} if dropped else {})}
+        return recipe
+
+    def without_default_finetune(self, why: str) -> "Recipe":
+        """A default recipe whose finetune this run cannot do (e.g. --low-memory), without it; a
+        recipe the user named keeps it (and is refused where it cannot run)."""
+        if self.chosen_by is None or "default_for" not in self.chosen_by or self.stage("finetune") is None:
+            return self
+        recipe = from_flat(Recipe, {**{k: v for k, v in self.to_flat().items() if not k.startswith("finetune_")},
+                                    "name": self.chosen_by["preset"]})
+        recipe.chosen_by = {**{k: v for k, v in self.chosen_by.items() if not k.startswith("finetune_")},
+                            "finetune_dropped": why}
         return recipe
 
     @classmethod
@@ -298,12 +317,17 @@ PRESETS: dict[str, dict] = {
 # Default recipe per bit width: what `crossblock quantize` runs without --recipe (and
 # `Recipe.default`). Keys: (wbits, abits), None = any; the most specific key wins. Each entry
 # cites the measurement that chose it; crossblock.json records the entry and its reason.
+FT_STEPS = 30  # the default's finetune: evaluated on the held-out rows at its start and end only
 DEFAULTS: dict[tuple, dict] = {
-    # weights only, any width: bench/results/smollm2_w3g64_c128.md (W3 g64: best 36.93 vs block
-    # 40.72, la 41.93, mb 45.26, cbq 58.96, GPTQ 78.10, AutoRound 45.11) and smollm2_w2g64_c128.md (W2 g64)
-    (None, 16): dict(preset="best", why="best measured weights-only recipe: SmolLM2-135M W3 g64 ppl 36.93 "
-                                        "(gptq 78.10, block 40.72, la 41.93, mb 45.26, cbq 58.96; "
-                                        "bench/results/smollm2_w3g64_c128.md), W2 g64 bench/results/smollm2_w2g64_c128.md"),
+    # weights only, any width: the windows of `best` (bench/results/smollm2_w3g64_c128.md: best 36.93 vs
+    # block 40.72, la 41.93, mb 45.26, cbq 58.96, GPTQ 78.10) and then FT_STEPS finetune steps, the split
+    # of AutoRound 50x8's wall time that measured best (bench/results/smollm2_w3g64_split.md, _w2g64_split.md)
+    (None, 16): dict(preset="best", name="best+finetune",
+                     settings=dict(finetune_steps=FT_STEPS, finetune_eval_every=FT_STEPS),
+                     why=f"best windows (60 x 2 steps) + {FT_STEPS} finetune steps: the split of AutoRound 50x8's "
+                         "wall time that measured best on SmolLM2-135M W3 g64 and W2 g64, both texts "
+                         "(bench/results/smollm2_w3g64_split.md, smollm2_w2g64_split.md); windows alone: "
+                         "bench/results/smollm2_w3g64_c128.md"),
     # W4A8: bench/results/rotate_smollm2.md (best + rotate 30.77, GPTQ + rotate 31.90, GPTQ W4A16 35.91)
     (None, 8): dict(preset="best", name="best-rotate", settings=dict(rotate=True),
                     why="best schedule with Hadamard rotation: SmolLM2-135M W4A8 g64 ppl 30.77 (FP 28.74; "
@@ -314,6 +338,15 @@ DEFAULTS: dict[tuple, dict] = {
                        why="best schedule with Hadamard rotation: SmolLM2-135M W4A4 g64 ppl 44.37 = 1.54x FP "
                            "(gptq + rotate 54.31, rtn + rotate 109.91, rtn 1351.69; bench/results/rotate_smollm2.md)"),
 }
+
+
+def finetune_unfit(recipe: Recipe) -> str | None:
+    """Why a default recipe's finetune cannot run with these settings, or None."""
+    if not isinstance(recipe.grid, UniformGrid):
+        return f"the {recipe.grid.kind_name} grid's scales are quantized themselves"
+    if recipe.data.nsamples < 2:
+        return "it needs 2 calibration sequences (one held out)"
+    return None
 
 
 def default_entry(wbits: int, abits: int) -> tuple[str, dict]:
