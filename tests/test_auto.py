@@ -143,11 +143,13 @@ def test_the_default_leaves_out_its_finetune_only_where_it_cannot_run():
         assert recipe.chosen_by["finetune_dropped"].startswith(why)
     off = cb.Recipe.default(wbits=3, finetune_steps=0)  # asked off: no finetune, nothing said to be dropped
     assert off.stage("finetune") is None and "finetune_dropped" not in off.chosen_by
-    assert cb.Recipe.default(wbits=3, finetune_steps=7).stage("finetune").steps == 7
+    own = cb.Recipe.default(wbits=3, finetune_steps=7)  # the user's finetune: the stage's own defaults
+    assert own.stage("finetune").steps == 7 and own.stage("finetune").eval_every == 20 and own.name == "best"
     with pytest.raises(CrossblockError, match="finetune trains a uniform grid's scales"):
         cb.Recipe.default(gguf_type="Q4_K", finetune_steps=5)  # asked for: refused, not dropped
     named = cb.Recipe.preset("best", finetune_steps=5)  # a recipe the user named keeps it
     assert named.without_default_finetune("--low-memory").stage("finetune") is not None
+    assert own.without_default_finetune("--low-memory").stage("finetune").steps == 7  # and so does one asked for
     dropped = cb.Recipe.default(wbits=3).without_default_finetune("--low-memory")
     assert dropped.stage("finetune") is None and dropped.chosen_by["finetune_dropped"] == "--low-memory"
 

@@ -93,7 +93,7 @@ def run_demo(args):
         overrides["iters"] = args.iters
     elif args.recipe not in ("rtn", "gptq"):
         overrides["iters"] = 20  # a short budget so the demo takes minutes on 2 CPU cores
-    # no --recipe: the default for the bits (Recipe.default: `best` for weights only)
+    # no --recipe: the default for the bits (Recipe.default: `best` + a short finetune for weights only)
     recipe = Recipe.default(**overrides) if args.recipe is None else Recipe.load(args.recipe, **overrides)
     seqlen = 128
 
@@ -107,10 +107,12 @@ def run_demo(args):
     del rtn
     model, report = api.quantize(model, tokenizer, recipe, calib=calib, progress=not args.quiet)
     steps = recipe.windows.train.iters if recipe.windows.train else 0
-    rows.append((f"{recipe.name} W{args.wbits} g{args.group_size} ({steps} steps/window)", ppl(model)))
+    finetune = recipe.stage("finetune")
+    budget = f"{steps} steps/window" + (f", {finetune.steps} finetune" if finetune else "")
+    rows.append((f"{recipe.name} W{args.wbits} g{args.group_size} ({budget})", ppl(model)))
     print(f"\nSmolLM2-135M-Instruct, perplexity on self-generated text ({seqlen}-token windows):")
     for name, value in rows:
-        print(f"  {name:<40} {value:8.3f}")
+        print(f"  {name:<52} {value:8.3f}")
     print(f"quantization {report['wall_seconds']:.0f} s, demo total {time.time() - t0:.0f} s")
     if args.out:
         api.save(model, tokenizer, args.out, report=report)

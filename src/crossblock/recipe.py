@@ -181,7 +181,7 @@ class Recipe(Config):
             without = {k: v for k, v in settings.items() if not k.startswith("finetune_")}
             if "finetune_steps" not in overrides:
                 dropped = finetune_unfit(from_flat(Recipe, {**flat, **without, "name": name, **overrides}))
-            if dropped or not overrides.get("finetune_steps", True):  # cannot run, or asked off
+            if dropped or "finetune_steps" in overrides:  # cannot run, or the user's own finetune (or none)
                 settings, name = without, entry["preset"]
         recipe = from_flat(Recipe, {**flat, **settings, "name": name, **overrides})
         recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **settings, "why": entry["why"],
@@ -190,11 +190,13 @@ class Recipe(Config):
 
     def without_default_finetune(self, why: str) -> "Recipe":
         """A default recipe whose finetune this run cannot do (e.g. --low-memory), without it; a
-        recipe the user named keeps it (and is refused where it cannot run)."""
-        if self.chosen_by is None or "default_for" not in self.chosen_by or self.stage("finetune") is None:
+        finetune the user asked for stays (and is refused where it cannot run)."""
+        if not (self.chosen_by or {}).get("finetune_steps"):  # no finetune, or not the default entry's
             return self
+        entry = next(e for k, e in DEFAULTS.items() if key_text(k) == self.chosen_by["default_for"])
+        name = self.chosen_by["preset"] if self.name == entry.get("name") else self.name  # a name given stays
         recipe = from_flat(Recipe, {**{k: v for k, v in self.to_flat().items() if not k.startswith("finetune_")},
-                                    "name": self.chosen_by["preset"]})
+                                    "name": name})
         recipe.chosen_by = {**{k: v for k, v in self.chosen_by.items() if not k.startswith("finetune_")},
                             "finetune_dropped": why}
         return recipe
@@ -349,10 +351,14 @@ def finetune_unfit(recipe: Recipe) -> str | None:
     return None
 
 
+def key_text(key: tuple) -> str:
+    w, a = key
+    return f"W{'*' if w is None else w}A{'*' if a is None else a}"
+
+
 def default_entry(wbits: int, abits: int) -> tuple[str, dict]:
     """(key as text, entry) of DEFAULTS for these bits: an exact key first, then any wbits, then any abits."""
     for key in ((wbits, abits), (None, abits), (wbits, None), (None, None)):
         if key in DEFAULTS:
-            w, a = key
-            return f"W{'*' if w is None else w}A{'*' if a is None else a}", DEFAULTS[key]
+            return key_text(key), DEFAULTS[key]
     raise CrossblockError(f"no default recipe for W{wbits}A{abits}")  # unreachable: (None, None) is there
