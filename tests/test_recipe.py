@@ -19,9 +19,12 @@ def test_yaml_files_mirror_the_presets(name):
 
 
 def test_the_command_line_runs_the_best_recipe_by_default():
+    """Without --recipe: `best`'s windows and then the default's finetune (recipe.DEFAULTS)."""
     from crossblock.cli import build_parser, recipe_from_args
+    from crossblock.recipe import FT_STEPS
     args = build_parser().parse_args(["quantize", "--model", "m", "--calib", "c", "--out", "o", "--wbits", "3"])
-    assert recipe_from_args(args) == Recipe.preset("best", wbits=3)
+    best = Recipe.preset("best", wbits=3, finetune_steps=FT_STEPS, finetune_eval_every=FT_STEPS)
+    assert recipe_from_args(args) == dataclasses.replace(best, name="best+finetune")
     assert recipe_from_args(args).windows.train.loss == "token-mse"
 
 
