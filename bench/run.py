@@ -120,7 +120,7 @@ def run_row(row, args, work, log):
                    *shlex.split(flags)]
         sh(cmd, log)
         info = json.loads((out / f"{preset}.json").read_text())
-        wall, rss = info["quantize_wall_s"], info["peak_rss_mib"]
+        wall, rss, split = info["quantize_wall_s"], info["peak_rss_mib"], {}
     else:
         steps = [] if preset in ("rtn", "gptq") else ["--iters", args.iters]
         recipe = [] if preset == "default" else ["--recipe", preset]  # default: what runs without --recipe
@@ -129,9 +129,9 @@ def run_row(row, args, work, log):
         sh(cmd, log)
         info = json.loads((out / "crossblock.json").read_text())
         wall, rss = info["wall_seconds"], info["peak_rss_mib"]
-        stages = info.get("stage_seconds")  # e.g. windows vs finetune: how a wall time was spent
+        # e.g. windows vs finetune: how a wall time was spent
+        split = {"stage_s": info["stage_seconds"]} if info.get("stage_seconds") else {}
     second = {"ppl_tinystories": evaluate(out, args, log, SECOND)} if args.second_text else {}
-    split = {"stage_s": stages} if preset not in ("autoround", "autoscheme") and stages else {}
     return scored(args, {"row": name, "ppl": evaluate(out, args, log), **second, "wall_s": wall, "peak_rss_mib": rss, **split,
                          "commit": commit, "command": portable(shlex.join(map(str, cmd))).replace(args.model, "$SMOLLM2")})
 

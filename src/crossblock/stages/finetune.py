@@ -244,16 +244,16 @@ def teacher_mode(layers, params, teacher_norms):
 
 
 def free_memory(device) -> int | None:
-    """Bytes the device can still give: CUDA's free memory, or Linux's MemAvailable (None elsewhere)."""
+    """Bytes the device can still give: CUDA's free memory, or the host's available RAM as
+    --low-memory's automatic choice reads it (None where neither /proc nor psutil says)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    from ..stream import available_ram
     try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
+        return available_ram()
+    except ImportError:  # no /proc/meminfo and no psutil
         return None
-    return kib * 1024
 
 
 def keeps_activations(layers, tokens: int, device) -> bool:
