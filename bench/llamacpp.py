@@ -8,9 +8,12 @@ venv gets the other's packages. One thread for the quantizers (timed) and, by de
 for scoring (EVAL_THREADS). Not run in CI.
 
     python bench/llamacpp.py fp                          # FP model -> F32 GGUF (crossblock's writer), scored
-    python bench/llamacpp.py imatrix                     # importance matrix of the FP model (calibration windows)
-    python bench/llamacpp.py llama --type Q3_K [--imatrix] [--stock FTYPE]   # llama.cpp's quantizer, scored
-    python bench/llamacpp.py crossblock --type Q3_K      # `crossblock quantize --format gguf` (best), scored
+    python bench/llamacpp.py imatrix [--calib builtin]   # importance matrix of the FP model (calibration windows)
+    python bench/llamacpp.py llama --type Q3_K [--imatrix] [--stock FTYPE] [--calib builtin]  # llama.cpp's quantizer, scored
+    python bench/llamacpp.py crossblock --type Q3_K [--calib builtin]  # `crossblock quantize --format gguf` (best), scored
+
+--calib: the calibration windows (128 x 512, seed 0) of crossblock and of the importance matrix:
+`wiki` (WikiText-2 validation, the default) or `builtin` (crossblock's built-in mixed set).
     python bench/llamacpp.py fidelity --row cb-Q3_K      # llama.cpp vs `crossblock eval` on the same file
     python bench/llamacpp.py tokenizer                   # does llama.cpp's tokenizer give crossblock's ids?
     python bench/llamacpp.py table                       # rewrite the results table from the jsonl
@@ -39,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from common import ROOT, SHARED  # noqa: E402
 
-CALIB = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
+CALIB = {"wiki": SHARED / "data" / "wikitext2" / "wiki.valid.tokens", "builtin": "builtin"}
 TEXTS = {"wikitext2": SHARED / "data" / "wikitext2" / "wiki.test.raw",
          "tinystories": SHARED / "data" / "tinystories" / "valid.txt"}
 MODEL = Path(os.environ.get("SMOLLM2", Path.home() / ".cache" / "crossblock-assets" / "smollm2-135m-instruct"))
@@ -62,6 +65,18 @@ def llama_cpp():
     if str(site) not in sys.path:
         sys.path.append(str(site))  # appended: crossblock's venv keeps precedence (numpy, ...)
     import llama_cpp as lc
+    import llama_cpp.llama as high_level
+    if not getattr(high_level, "plain_buffers", False):
+        # no "extra" CPU buffer types (weight repacking, AMX tiles): on an AMX CPU this build segfaults
+        # in decode with them for every quantized file (F32 is fine); without them ggml's plain CPU
+        # kernels run, as on the CPUs the earlier rows were scored on
+        default = lc.llama_model_default_params
+
+        def params():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        high_level.llama_cpp.llama_model_default_params, high_level.plain_buffers = params, True
     return lc
 
 
@@ -161,21 +176,34 @@ def fp_gguf() -> Path:
     return path
 
 
-def imatrix_path() -> Path:
-    return WORK / "imatrix.npz"
+def imatrix_path(calib: str) -> Path:
+    return WORK / ("imatrix.npz" if calib == "wiki" else f"imatrix-{calib}.npz")
 
 
-def compute_imatrix() -> Path:
+def suffix(calib: str) -> str:
+    """Row names: the WikiText-calibrated rows (the first table) carry none."""
+    return "" if calib == "wiki" else f"-{calib}"
+
+
+def calibration(tok, calib: str):
+    """The 128 x 512 windows (seed 0) `crossblock quantize --calib CALIB[calib]` trains on."""
+    from crossblock.data import builtin
+    from crossblock.data.text import calibration_windows, read_texts, tokenize
+    if calib == "builtin":
+        return builtin.mix().windows(tok, NSAMPLES, SEQLEN, SEED)
+    return calibration_windows(tokenize(tok, read_texts(CALIB[calib])), NSAMPLES, SEQLEN, SEED)
+
+
+def compute_imatrix(calib: str) -> Path:
     """llama-imatrix's statistic, computed here in torch: per weight matrix, the mean over
     calibration tokens of each input column's squared activation, under llama.cpp's tensor names.
     Same 128 x 512 windows crossblock calibrates on (seed 0)."""
     import gguf
     import torch
     from crossblock import api
-    from crossblock.data.text import calibration_windows, read_texts, tokenize
     torch.set_num_threads(1)
     model, tok = api.load_model(str(MODEL), dtype="float32")
-    ids = calibration_windows(tokenize(tok, read_texts(CALIB)), NSAMPLES, SEQLEN, SEED)
+    ids = calibration(tok, calib)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
     sums, counts = {}, Counter()
 
@@ -203,9 +231,9 @@ def compute_imatrix() -> Path:
     for h in handles:
         h.remove()
     mean = {k: (sums[k] / counts[k]).numpy() for k in sums}
-    np.savez(imatrix_path(), **mean)
-    print(f"imatrix: {len(mean)} tensors, {counts['token_embd.weight']} tokens, {time.time() - t0:.0f} s")
-    return imatrix_path()
+    np.savez(imatrix_path(calib), **mean)
+    print(f"imatrix ({calib}): {len(mean)} tensors, {counts['token_embd.weight']} tokens, {time.time() - t0:.0f} s")
+    return imatrix_path(calib)
 
 
 def append(row: dict):
@@ -233,34 +261,48 @@ def cmd_fp(args):
 
 
 def cmd_imatrix(args):
-    compute_imatrix()
+    compute_imatrix(args.calib)
 
 
 def cmd_llama(args):
     src = fp_gguf()
     ftype = args.stock or PURE_FTYPE[args.type]
-    row = f"llama-{args.stock or args.type}" + ("-imatrix" if args.imatrix else "") + ("-stock" if args.stock else "")
+    row = (f"llama-{args.stock or args.type}" + ("-imatrix" if args.imatrix else "") + ("-stock" if args.stock else "")
+           + (suffix(args.calib) if args.imatrix else ""))
     dst = WORK / row / "model.gguf"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    imatrix = dict(np.load(imatrix_path())) if args.imatrix else None
+    imatrix = dict(np.load(imatrix_path(args.calib))) if args.imatrix else None
     wall = llama_quantize(src, dst, ftype, pure=not args.stock, imatrix=imatrix)
     append({"row": row, "quantizer": "llama.cpp" + (" + imatrix" if args.imatrix else ""),
-            "type": args.stock or args.type, "ftype": ftype, "pure": not args.stock, "wall_s": round(wall, 2),
+            "calib": args.calib if args.imatrix else "-", "type": args.stock or args.type, "ftype": ftype, "pure": not args.stock, "wall_s": round(wall, 2),
             **file_facts(dst), **score(dst), "command": this_command()})
 
 
+def block_bpw(path: Path) -> float:
+    """Bits per weight of a file's block linears (blk.*, 2-D), as crossblock's --bpw counts them."""
+    import gguf
+    ts = [t for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts)
+
+
 def cmd_crossblock(args):
-    row = f"cb-{args.type}" if args.recipe == "best" else f"cb-{args.recipe}-{args.type}"
+    row = (f"cb-{args.type}" if args.recipe == "best" else f"cb-{args.recipe}-{args.type}") + suffix(args.calib)
+    flags = shlex.split(args.flags)
+    if args.bpw_of:  # mixed precision at the block-linear bits of a llama.cpp file (its mixture)
+        row = f"cb-mixed-{args.bpw_of}"
+        flags += ["--bpw", f"{block_bpw(WORK / args.bpw_of / 'model.gguf'):.4f}", "--bits-options", args.options,
+                  "--bits-tie", "none"]
     out = WORK / row
-    cmd = [str(Path(sys.executable).parent / "crossblock"), "quantize", "--model", str(MODEL), "--calib", str(CALIB),
+    cmd = [str(Path(sys.executable).parent / "crossblock"), "quantize", "--model", str(MODEL), "--calib", str(CALIB[args.calib]),
            "--out", str(out), "--format", "gguf", "--gguf-type", args.type, "--recipe", args.recipe,
            "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN), "--seed", str(SEED), "--quiet", "--overwrite",
-           *shlex.split(args.flags)]
+           *flags]
     if not (out / "crossblock.json").exists():  # a row quantized earlier (e.g. under nohup) is reused
         subprocess.run(cmd, check=True)
     info = json.loads((out / "crossblock.json").read_text())
-    append({"row": row, "quantizer": f"crossblock {args.recipe}",
-            "type": args.type, "wall_s": info.get("wall_seconds"), "peak_rss_mib": info.get("peak_rss_mib"),
+    append({"row": row, "quantizer": f"crossblock {args.recipe}", "calib": args.calib,
+            "type": f"mixed {args.options}" if args.bpw_of else args.type,
+            "wall_s": info.get("wall_seconds"), "peak_rss_mib": info.get("peak_rss_mib"),
             **file_facts(out / "model.gguf"), **score(out / "model.gguf"), "command": portable(shlex.join(cmd))})
 
 
@@ -308,17 +350,23 @@ def gap_closed(r, ref, fp, key="ppl_wikitext2") -> str:
 
 
 def write_table():
-    """The rows as a markdown table (bench/results/NAME.table.md), pasted into the results page."""
+    """The rows as a markdown table (bench/results/NAME.table.md), pasted into the results page.
+    A row is compared with llama.cpp without an importance matrix and with one from its own
+    calibration windows (rows from before `calib` was recorded calibrated on WikiText)."""
     rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
     fp = next((r for r in rows if r["row"] == "fp"), None)
     plain = {r["type"]: r for r in rows if r["row"] == f"llama-{r['type']}"}
-    imat = {r["type"]: r for r in rows if r["row"] == f"llama-{r['type']}-imatrix"}
-    lines = ["| row | quantizer | type | bpw | file MiB | WikiText-2 ppl | TinyStories ppl | gap closed vs llama.cpp "
-             "(wiki / stories) | vs llama.cpp + imatrix | quantizer wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    imat = {(r["type"], r.get("calib", "wiki")): r for r in rows if r["row"].startswith(f"llama-{r['type']}-imatrix")}
+    lines = ["| row | quantizer | calib | type | bpw | file MiB | WikiText-2 ppl | TinyStories ppl | gap closed vs "
+             "llama.cpp (wiki / stories) | vs llama.cpp + imatrix, same calib | quantizer wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        vs = [" / ".join(gap_closed(r, ref.get(r["type"]), fp, k) for k in ("ppl_wikitext2", "ppl_tinystories"))
-              if r["row"] != "fp" and ref.get(r["type"]) not in (None, r) else "-" for ref in (plain, imat)]
-        lines.append(f"| {r['row']} | {r['quantizer']} | {r['type']} | {r['bpw']} | {r['file_mib']} | "
+        plain_row = r["row"] == "fp" or (r["row"].startswith("llama-") and "-imatrix" not in r["row"])
+        calib = r.get("calib", "-" if plain_row else "wiki")
+        refs = (plain.get(r["type"]), imat.get((r["type"], calib)))
+        vs = [" / ".join(gap_closed(r, ref, fp, k) for k in ("ppl_wikitext2", "ppl_tinystories"))
+              if r["row"] != "fp" and ref not in (None, r) else "-" for ref in refs]
+        lines.append(f"| {r['row']} | {r['quantizer']} | {calib} | {r['type']} | {r['bpw']} | {r['file_mib']} | "
                      f"{r['ppl_wikitext2']:.2f} | {r['ppl_tinystories']:.2f} | {vs[0]} | {vs[1]} | {r.get('wall_s', '-')} |")
     JSONL.with_suffix(".table.md").write_text("\n".join(lines) + "\n")
 
@@ -327,14 +375,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fp")
-    sub.add_parser("imatrix")
+    calib = dict(choices=sorted(CALIB), default="wiki", help="calibration windows (default wiki)")
+    sub.add_parser("imatrix").add_argument("--calib", **calib)
     q = sub.add_parser("llama")
     q.add_argument("--type", default=None)
     q.add_argument("--imatrix", action="store_true")
     q.add_argument("--stock", default=None, help="a llama.cpp ftype (Q3_K_M, Q2_K, ...): its own mixture, not pure")
+    q.add_argument("--calib", **calib)
     c = sub.add_parser("crossblock")
     c.add_argument("--type", required=True)
     c.add_argument("--recipe", default="best")
+    c.add_argument("--calib", **calib)
+    c.add_argument("--bpw-of", default=None, metavar="ROW",
+                   help="mixed precision (--bpw) at the block-linear bits per weight of llama.cpp row ROW's file")
+    c.add_argument("--options", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K", help="--bits-options of a --bpw-of row")
     c.add_argument("--flags", default="", help="extra crossblock quantize flags")
     f = sub.add_parser("fidelity")
     f.add_argument("--row", required=True)
