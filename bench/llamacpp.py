@@ -356,7 +356,9 @@ def write_table():
     rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
     fp = next((r for r in rows if r["row"] == "fp"), None)
     plain = {r["type"]: r for r in rows if r["row"] == f"llama-{r['type']}"}
-    imat = {(r["type"], r.get("calib", "wiki")): r for r in rows if r["row"].startswith(f"llama-{r['type']}-imatrix")}
+    # a stock row of a pure type (llama.cpp's own Q2_K mixture) is not the reference of that type's pure rows
+    imat = {(r["type"], r.get("calib", "wiki")): r for r in rows if r["row"].startswith(f"llama-{r['type']}-imatrix")
+            and not (r["row"].endswith(("-stock", "-stock-builtin")) and r["type"] in PURE_FTYPE)}
     lines = ["| row | quantizer | calib | type | bpw | file MiB | WikiText-2 ppl | TinyStories ppl | gap closed vs "
              "llama.cpp (wiki / stories) | vs llama.cpp + imatrix, same calib | quantizer wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
