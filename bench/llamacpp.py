@@ -186,12 +186,13 @@ def suffix(calib: str) -> str:
 
 
 def calibration(tok, calib: str):
-    """The 128 x 512 windows (seed 0) `crossblock quantize --calib CALIB[calib]` trains on."""
-    from crossblock.data import builtin
-    from crossblock.data.text import calibration_windows, read_texts, tokenize
-    if calib == "builtin":
-        return builtin.mix().windows(tok, NSAMPLES, SEQLEN, SEED)
-    return calibration_windows(tokenize(tok, read_texts(CALIB[calib])), NSAMPLES, SEQLEN, SEED)
+    """The 128 x 512 windows (seed 0) `crossblock quantize --calib CALIB[calib]` trains on: drawn by
+    the function it draws them with (None: the built-in set)."""
+    from crossblock.api import calibration_ids
+    from crossblock.data.text import read_texts
+    from crossblock.recipe import Data
+    text = None if calib == "builtin" else read_texts(CALIB[calib])
+    return calibration_ids(tok, text, Data(nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED))
 
 
 def compute_imatrix(calib: str) -> Path:
@@ -274,7 +275,8 @@ def cmd_llama(args):
     imatrix = dict(np.load(imatrix_path(args.calib))) if args.imatrix else None
     wall = llama_quantize(src, dst, ftype, pure=not args.stock, imatrix=imatrix)
     append({"row": row, "quantizer": "llama.cpp" + (" + imatrix" if args.imatrix else ""),
-            "calib": args.calib if args.imatrix else "-", "type": args.stock or args.type, "ftype": ftype, "pure": not args.stock, "wall_s": round(wall, 2),
+            "calib": args.calib if args.imatrix else "-", "type": args.stock or args.type, "ftype": ftype,
+            "pure": not args.stock, "wall_s": round(wall, 2),
             **file_facts(dst), **score(dst), "command": this_command()})
 
 
