@@ -176,13 +176,13 @@ def fp_gguf() -> Path:
     return path
 
 
-def imatrix_path(calib: str) -> Path:
-    return WORK / ("imatrix.npz" if calib == "wiki" else f"imatrix-{calib}.npz")
-
-
 def suffix(calib: str) -> str:
-    """Row names: the WikiText-calibrated rows (the first table) carry none."""
+    """Row and file names: the WikiText-calibrated ones (the first table) carry none."""
     return "" if calib == "wiki" else f"-{calib}"
+
+
+def imatrix_path(calib: str) -> Path:
+    return WORK / f"imatrix{suffix(calib)}.npz"
 
 
 def calibration(tok, calib: str):
