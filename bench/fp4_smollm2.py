@@ -51,21 +51,25 @@ def score(folder) -> dict:
 
 def crossblock_row(args) -> dict:
     import torch
+    import yaml
     import crossblock as cb
     from crossblock.data.text import read_texts
 
     torch.set_num_threads(1)
     acts = {} if args.acts == "none" else dict(abits=8 if args.acts == "fp8" else 4, act_type=args.acts)
+    extra = dict(kv.split("=", 1) for kv in args.set)  # flat settings, e.g. act_order=true precision=fp32
+    extra = {k: yaml.safe_load(v) for k, v in extra.items()}
     recipe = cb.Recipe.preset(args.recipe, nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED, grid=args.grid, **acts,
-                              **({} if args.recipe in ("rtn", "gptq") else dict(iters=ITERS, batch_size=BATCH)))
+                              **({} if args.recipe in ("rtn", "gptq") else dict(iters=ITERS, batch_size=BATCH)), **extra)
     tag = "" if args.acts == "none" else f"-a{args.acts}"
-    out = WORK / f"cb-{args.grid}{tag}-{args.recipe}"
+    out = WORK / f"cb-{args.grid}{tag}-{args.recipe}{''.join(f'-{k}={v}' for k, v in extra.items())}"
     model, tok = cb.load_model(MODEL)
     t = time.time()
     model, report = cb.quantize(model, tok, recipe, calib=read_texts(CALIB), progress=False, device="cpu")
     wall = time.time() - t
     cb.save(model, tok, out, format="compressed-tensors", report=report, overwrite=True)
-    return {"row": f"crossblock {args.grid}{'' if args.acts == 'none' else ' A ' + args.acts} {args.recipe}", "wall_s": round(wall, 1),
+    row = f"crossblock {args.grid}{'' if args.acts == 'none' else ' A ' + args.acts} {args.recipe}"
+    return {"row": row + "".join(f" {k}={v}" for k, v in extra.items()), "wall_s": round(wall, 1),
             "precision": report["precision"]["used"], "folder": str(out.relative_to(ROOT))}
 
 
@@ -113,6 +117,8 @@ def main():
     c.add_argument("--recipe", choices=("rtn", "gptq", "best"), required=True)
     c.add_argument("--acts", choices=("none", "nvfp4", "mxfp4", "fp8"), default="none",
                    help="activations too: nvfp4 / mxfp4 (W4A4), fp8 per token (W4A8)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a flat recipe setting over the preset's (YAML value), e.g. act_order=true")
     lc = sub.add_parser("llmcompressor")
     lc.add_argument("--scheme", choices=("NVFP4A16", "MXFP4A16", "NVFP4", "MXFP4"), required=True)
     lc.add_argument("--gptq", action="store_true")
