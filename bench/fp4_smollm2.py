@@ -6,6 +6,7 @@ folder is compressed-tensors and scored by `crossblock eval` (WikiText-2 test an
 
     python bench/fp4_smollm2.py crossblock --grid nvfp4 --recipe best      # rtn, gptq, best (60 x 2)
     python bench/fp4_smollm2.py llmcompressor --scheme NVFP4A16 [--gptq]   # bench/llmcompressor/setup.sh first
+    python bench/fp4_smollm2.py autoround --data-type nv_fp|mx_fp              # bench/autoround/setup.sh first
     python bench/fp4_smollm2.py table
 
 W4A4 rows (activations quantized too; `crossblock eval` runs them as the folder's config says):
@@ -73,7 +74,8 @@ def crossblock_row(args) -> dict:
             "precision": report["precision"]["used"], "folder": str(out.relative_to(ROOT))}
 
 
-def llmcompressor_row(args) -> dict:
+def calib_tokens() -> Path:
+    """crossblock's calibration windows as a file the peers read."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
     from crossblock.data.text import calibration_windows, read_texts, tokenize
@@ -82,6 +84,28 @@ def llmcompressor_row(args) -> dict:
     ids = calibration_windows(tokenize(AutoTokenizer.from_pretrained(MODEL), read_texts(CALIB)), NSAMPLES, SEQLEN, SEED)
     WORK.mkdir(parents=True, exist_ok=True)
     save_file({"input_ids": ids.contiguous()}, str(tokens))
+    return tokens
+
+
+def autoround_row(args) -> dict:
+    """AutoRound 0.16.1's SignRound with its defaults (200 steps, batch 8) on its NVFP4 / MXFP4 weights.
+    Scored on its fake-quantized dense folder: its compressed-tensors export of a weight-only run writes
+    a W4A4 input-activation config without the activation scales, which no loader can run."""
+    tokens = calib_tokens()
+    group = {"nv_fp": 16, "mx_fp": 32}[args.data_type]
+    out = WORK / f"ar-{args.data_type}"
+    subprocess.run([str(ROOT / "bench" / "autoround" / ".venv" / "bin" / "python"),
+                    str(ROOT / "bench" / "autoround" / "run_autoround.py"), "--model", MODEL, "--calib-tokens", str(tokens),
+                    "--out", str(out), "--export-ct", str(out) + "-ct", "--bits", "4", "--group-size", str(group), "--sym",
+                    "--data-type", args.data_type, "--iters", "200", "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN),
+                    "--batch-size", "8", "--threads", "1"], check=True, stdout=subprocess.DEVNULL)
+    info = json.loads((out / "autoround.json").read_text())
+    return {"row": f"AutoRound {'NVFP4' if args.data_type == 'nv_fp' else 'MXFP4'}A16 (200 x 8)",
+            "wall_s": info["quantize_wall_s"], "folder": str(out.relative_to(ROOT))}
+
+
+def llmcompressor_row(args) -> dict:
+    tokens = calib_tokens()
     out = WORK / f"lc-{args.scheme}{'-gptq' if args.gptq else ''}"
     venv = ROOT / "bench" / "llmcompressor" / ".venv" / "bin" / "python"
     subprocess.run([str(venv), str(ROOT / "bench" / "llmcompressor" / "run_llmcompressor.py"), "--model", MODEL,
@@ -122,12 +146,14 @@ def main():
     lc = sub.add_parser("llmcompressor")
     lc.add_argument("--scheme", choices=("NVFP4A16", "MXFP4A16", "NVFP4", "MXFP4"), required=True)
     lc.add_argument("--gptq", action="store_true")
+    ar = sub.add_parser("autoround")
+    ar.add_argument("--data-type", choices=("nv_fp", "mx_fp"), required=True)
     sub.add_parser("table")
     args = p.parse_args()
     if args.what == "table":
         return table()
     sha = commit()
-    row = crossblock_row(args) if args.what == "crossblock" else llmcompressor_row(args)
+    row = {"crossblock": crossblock_row, "llmcompressor": llmcompressor_row, "autoround": autoround_row}[args.what](args)
     row.update(score(ROOT / row["folder"]), commit=sha)
     with open(JSONL, "a") as f:
         f.write(json.dumps(row) + "\n")

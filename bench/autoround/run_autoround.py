@@ -37,8 +37,12 @@ def parse_args():
                    help="safetensors file with int64 tensor 'input_ids' of shape (nsamples, seqlen)")
     p.add_argument("--out", required=True, help="output HF folder")
     p.add_argument("--bits", type=int, choices=(2, 3, 4), default=4)
-    p.add_argument("--group-size", type=int, choices=(32, 64, -1), default=64,
+    p.add_argument("--group-size", type=int, choices=(16, 32, 64, -1), default=64,
                    help="-1 = one group per output row (per-channel)")
+    p.add_argument("--data-type", choices=("int", "nv_fp", "mx_fp"), default="int",
+                   help="nv_fp: NVFP4 (group 16), mx_fp: MXFP4 (group 32), both --sym --bits 4, weights only")
+    p.add_argument("--export-ct", metavar="DIR",
+                   help="also write AutoRound's own compressed-tensors export (format llm_compressor) here")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", help="symmetric grid (AutoRound's default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (this script's default)")
@@ -118,7 +122,7 @@ def main():
         tokenizer=_CalibTokenizer(),
         # SignRound = AutoRound's default algorithm; everything not named here keeps its default.
         alg_configs=SignRoundConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
-                                    data_type="int", iters=args.iters),
+                                    data_type=args.data_type, iters=args.iters),
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         batch_size=args.batch_size,
@@ -132,7 +136,7 @@ def main():
     # AutoRound ignores unknown kwargs with only a warning; make sure ours took effect.
     qc = ar.quantize_config
     got = (qc.bits, qc.group_size, qc.sym, qc.data_type, qc.iters, ar.compress_context.enable_torch_compile)
-    want = (args.bits, args.group_size, args.sym, "int", args.iters, False)
+    want = (args.bits, args.group_size, args.sym, args.data_type, args.iters, False)
     if got != want:
         sys.exit(f"AutoRound resolved (bits, group_size, sym, data_type, iters, compile) = {got}, wanted {want}")
     t0 = time.perf_counter()
@@ -152,9 +156,14 @@ def main():
         sys.exit(f"AutoRound left Linear layers unquantized: {skipped}")
     for n in quantized:
         c = layer_config[n]
-        if (c["bits"], c["group_size"], c["sym"]) != (args.bits, args.group_size, args.sym):
+        if ((c["bits"], c["group_size"], c["sym"], c["data_type"]) != (args.bits, args.group_size, args.sym, args.data_type)
+                or (c.get("act_bits") or 16) < 16):  # weights only
             sys.exit(f"{n} was quantized with {c}, not the requested scheme")
     save_dense(qmodel, args.model, args.out)
+    if args.export_ct:  # packs the model in place: after the dense copy
+        from transformers import AutoTokenizer
+        ar.save_quantized(args.export_ct, format="llm_compressor")
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(args.export_ct)
 
     info = {
         "quantize_wall_s": round(wall, 3),

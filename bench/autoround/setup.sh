@@ -12,6 +12,7 @@ TORCH_PIN="torch==2.13.0"             # CPU wheel on local disk; unpinned torch 
 AUTOROUND_PIN="auto-round==0.16.1"
 TRANSFORMERS_PIN="transformers==5.23.0"  # same as the crossblock venv, so both load models alike
 ACCELERATE_PIN="accelerate==1.15.0"      # auto-round imports it on the model-loading path
+CT_PIN="compressed-tensors==0.20.1"      # auto-round's llm_compressor export (FP4 rows); crossblock's own pin
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # The machine's pip config lists local index folders that lack most packages; pip
@@ -24,7 +25,7 @@ pip_install() {
 # torch first: with it already satisfied, auto-round's bare "torch" requirement
 # cannot make pip pick a different (CUDA) build.
 pip_install "$TORCH_PIN"
-pip_install "$TORCH_PIN" "$AUTOROUND_PIN" "$TRANSFORMERS_PIN" "$ACCELERATE_PIN"
+pip_install "$TORCH_PIN" "$AUTOROUND_PIN" "$TRANSFORMERS_PIN" "$ACCELERATE_PIN" "$CT_PIN"
 
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, auto_round
