@@ -48,6 +48,7 @@ def parse_args():
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (this script's default)")
     p.set_defaults(sym=False)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--lr", type=float, default=None, help="default AutoRound's (1/iters); its light recipe: 5e-3 at 50 iters")
     p.add_argument("--nsamples", type=int, default=128,
                    help="use the first N rows of --calib-tokens (error if it has fewer)")
     p.add_argument("--seqlen", type=int, default=2048, help="must equal the width of --calib-tokens")
@@ -122,7 +123,8 @@ def main():
         tokenizer=_CalibTokenizer(),
         # SignRound = AutoRound's default algorithm; everything not named here keeps its default.
         alg_configs=SignRoundConfig(bits=args.bits, group_size=args.group_size, sym=args.sym,
-                                    data_type=args.data_type, iters=args.iters),
+                                    data_type=args.data_type, iters=args.iters,
+                                    **({} if args.lr is None else dict(lr=args.lr))),
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         batch_size=args.batch_size,
