@@ -100,8 +100,13 @@ def test_scales_and_fake_quant_equal_compressed_tensors_bit_for_bit(kind):
 
 def test_e2m1_rounding_is_compressed_tensors_cast_and_codes_round_trip():
     from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
-    x = torch.cat([torch.linspace(-7, 7, 56001), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, -0.25])])
-    assert torch.equal(fp4.round_e2m1(x), FP4_E2M1_DATA.cast_to_fp4(x.clone()))
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 2.0, 4.0, 1e-30, 1e-45, 1e30, float("inf")])
+    ties = torch.cat([ties, torch.nextafter(ties, torch.zeros_like(ties)), torch.nextafter(ties, ties + 1)])
+    x = torch.cat([torch.linspace(-7, 7, 56001), ties, -ties])
+    x = torch.cat([x[x != 0], torch.tensor([0.0])])
+    # bit patterns: the signed zeros too (a negative input that rounds to zero is -0.0, code 8;
+    # an input of -0.0 itself is the one place theirs gives +0.0: the same value, code 8 not 0)
+    assert torch.equal(fp4.round_e2m1(x).view(torch.int32), FP4_E2M1_DATA.cast_to_fp4(x.clone()).view(torch.int32))
     codes = torch.arange(16, dtype=torch.uint8)
     assert torch.equal(fp4.to_codes(fp4.from_codes(codes)), codes)  # -0.0 is code 8
     packed = fp4.pack_codes(codes.reshape(2, 8))
