@@ -60,8 +60,12 @@ def crossblock_row(args) -> dict:
     acts = {} if args.acts == "none" else dict(abits=8 if args.acts == "fp8" else 4, act_type=args.acts)
     extra = dict(kv.split("=", 1) for kv in args.set)  # flat settings, e.g. act_order=true precision=fp32
     extra = {k: yaml.safe_load(v) for k, v in extra.items()}
-    recipe = cb.Recipe.preset(args.recipe, nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED, grid=args.grid, **acts,
-                              **({} if args.recipe in ("rtn", "gptq") else dict(iters=ITERS, batch_size=BATCH)), **extra)
+    if args.recipe == "default":  # what `crossblock quantize` runs without --recipe (recipe.DEFAULTS)
+        recipe = cb.Recipe.default(4, acts.pop("abits", 16), nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED, grid=args.grid,
+                                   **acts, **extra)
+    else:
+        recipe = cb.Recipe.preset(args.recipe, nsamples=NSAMPLES, seqlen=SEQLEN, seed=SEED, grid=args.grid, **acts,
+                                  **({} if args.recipe in ("rtn", "gptq") else dict(iters=ITERS, batch_size=BATCH)), **extra)
     tag = "" if args.acts == "none" else f"-a{args.acts}"
     out = WORK / f"cb-{args.grid}{tag}-{args.recipe}{''.join(f'-{k}={v}' for k, v in extra.items())}"
     model, tok = cb.load_model(MODEL)
@@ -69,7 +73,7 @@ def crossblock_row(args) -> dict:
     model, report = cb.quantize(model, tok, recipe, calib=read_texts(CALIB), progress=False, device="cpu")
     wall = time.time() - t
     cb.save(model, tok, out, format="compressed-tensors", report=report, overwrite=True)
-    row = f"crossblock {args.grid}{'' if args.acts == 'none' else ' A ' + args.acts} {args.recipe}"
+    row = f"crossblock {args.grid}{'' if args.acts == 'none' else ' A ' + args.acts} {recipe.name if args.recipe == 'default' else args.recipe}"
     return {"row": row + "".join(f" {k}={v}" for k, v in extra.items()), "wall_s": round(wall, 1),
             "precision": report["precision"]["used"], "folder": str(out.relative_to(ROOT))}
 
@@ -142,7 +146,7 @@ def main():
     sub = p.add_subparsers(dest="what", required=True)
     c = sub.add_parser("crossblock")
     c.add_argument("--grid", choices=("nvfp4", "mxfp4"), required=True)
-    c.add_argument("--recipe", choices=("rtn", "gptq", "best"), required=True)
+    c.add_argument("--recipe", choices=("rtn", "gptq", "best", "default"), required=True)
     c.add_argument("--acts", choices=("none", "nvfp4", "mxfp4", "fp8"), default="none",
                    help="activations too: nvfp4 / mxfp4 (W4A4), fp8 per token (W4A8)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -29,6 +29,19 @@ CHANGED_MESSAGES = {
 }
 
 
+# a preset's values changed on purpose since cddcf56 (recipe.py says why): its base and every recipe
+# built on it carry them
+CHANGED_PRESETS = {"preset:gptq": {"flat": {"act_order": True}, "sections": {"stages.windows.act_order": True}}}
+
+
+def with_preset_changes(base: str, before: dict) -> dict:
+    """A non-error answer of cddcf56 on `base` with CHANGED_PRESETS applied."""
+    change = CHANGED_PRESETS.get(base)
+    if change is None or "error" in before:
+        return before
+    return {part: {**before[part], **change[part]} for part in before}
+
+
 def as_now(before: dict) -> dict:
     """An answer of cddcf56 as the code under test gives it (CHANGED_MESSAGES applied)."""
     if "error" in before:
@@ -51,7 +64,7 @@ def test_old_flat_keys_give_the_recipes_they_gave(base):
     """Each old key (valid values and not) on each base, alone and with the setting that gives it an
     effect: the same sections, the same flat form, the same refusal; and the flat form gives the
     recipe back."""
-    assert answer(base, {}) == BEFORE[f"base: {base}"]
+    assert answer(base, {}) == with_preset_changes(base, BEFORE[f"base: {base}"])
     for case, (case_base, overrides) in cases.cases().items():
         if case_base != base or not overrides:
             continue
@@ -61,7 +74,7 @@ def test_old_flat_keys_give_the_recipes_they_gave(base):
             recipe = cases.make(base, overrides)
             assert Recipe.flat(**recipe.to_flat()) == recipe, case
             now = {"sections": cases.diff(now["sections"], b["sections"]), "flat": cases.diff(now["flat"], b["flat"])}
-        assert now == as_now(BEFORE[f"case: {case}"]), case
+        assert now == with_preset_changes(base, as_now(BEFORE[f"case: {case}"])), case
 
 
 def test_old_flags_give_the_recipes_they_gave():

@@ -46,7 +46,7 @@ def test_presets_are_sections_and_stages():
     assert r.grid == UniformGrid(bits=2, group_size=64)
     assert r.stages == [Cfp(alpha=0.5), Windows(window=2, stride=1, train=Train(
         iters=200, target="homologous", loss="mse+kl", rounding=LoraRound(rank=4)))]
-    assert Recipe.preset("gptq").windows == Windows(init="gptq", train=None)
+    assert Recipe.preset("gptq").windows == Windows(init="gptq", act_order=True, train=None)
     assert Recipe.preset("block").windows.train.rounding == SignRound()
 
 

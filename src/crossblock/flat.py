@@ -243,6 +243,8 @@ def check_flat(root, flat: dict, table: dict[str, FlatSetting]):
             names = {f.name: flat_name(cls, f) for f in dataclasses.fields(cls)}
             for needs, fields in needs_groups(cls).items():
                 value = flat[names[needs.field]]
+                if table[names[needs.field]].choices is not None and value not in table[names[needs.field]].choices:
+                    continue  # not a value it can take: the section refuses that first, when built
                 changed = [names[n] for n in fields if flat[names[n]] != table[names[n]].default]
                 refuse(needs.test(value) or not changed,
                        no_effect(changed, needs.why.format(name=names[needs.field], value=value)))
