@@ -154,6 +154,19 @@ def test_the_default_leaves_out_its_finetune_only_where_it_cannot_run():
     assert dropped.stage("finetune") is None and dropped.chosen_by["finetune_dropped"] == "--low-memory"
 
 
+def test_the_default_leaves_out_its_rotation_for_microscaling_activations():
+    """W4A4's default rotates integer activations; NVFP4 / MXFP4 activations keep their own group
+    scales, which a whole-width rotation spreads outliers across (bench/results/fp4_smollm2.md)."""
+    for act in ("nvfp4", "mxfp4"):
+        recipe = cb.Recipe.default(4, 4, grid=act, act_type=act)
+        assert recipe.stage("rotate") is None and recipe.name == "best", act
+        assert recipe.chosen_by["rotate_dropped"].startswith(f"{act} activations")
+    assert cb.Recipe.default(4, 4).stage("rotate") is not None  # integer W4A4: rotated
+    assert cb.Recipe.default(4, 8, grid="nvfp4", act_type="fp8").stage("rotate") is not None  # not measured: kept
+    own = cb.Recipe.default(4, 4, grid="nvfp4", act_type="nvfp4", rotate=True)  # asked for: kept, nothing dropped
+    assert own.stage("rotate") is not None and "rotate_dropped" not in own.chosen_by
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--recipe", "auto", "--auto-budget", "0"], "--auto-budget must be > 0"),
     (["--recipe", "auto", "--auto-budget", "0.001"], "--auto-budget 0.001 is too small"),

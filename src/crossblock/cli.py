@@ -100,7 +100,8 @@ def cmd_quantize(args):
         print(auto_table(report["auto"]))
     elif report.get("recipe_chosen_by"):
         chosen = report["recipe_chosen_by"]
-        print(f"recipe {report['recipe']['name']}: the default for {chosen['default_for']} ({chosen['why']})")
+        left = "".join(f"; without its {k[:-len('_dropped')]}: {why}" for k, why in chosen.items() if k.endswith("_dropped"))
+        print(f"recipe {report['recipe']['name']}: the default for {chosen['default_for']} ({chosen['why']}{left})")
     last = report["blocks"][-1]
     print(f"wrote {args.out} ({args.format}); last block output rel. MSE {last['rel_mse']:.4g}"
           + (f" (RTN {last['rtn']['rel_mse']:.4g})" if "rtn" in last else "")
