@@ -126,7 +126,7 @@ def llmcompressor_row(args) -> dict:
 
 def table():
     rows = [json.loads(line) for line in JSONL.read_text().splitlines() if line.strip()]
-    lines = ["# FP4 on SmolLM2-135M-Instruct: crossblock vs llm-compressor", "",
+    lines = ["# FP4 on SmolLM2-135M-Instruct: crossblock vs llm-compressor and AutoRound", "",
              "Weights only (A16) unless the row names activations (`A nvfp4`, llm-compressor's `NVFP4`: W4A4). "
              f"Calibration: {NSAMPLES} x {SEQLEN} tokens of `wiki.valid.tokens` (seed {SEED}), the "
              "same windows for every row; perplexity on the first 40 x 512 tokens of WikiText-2 test and of "
