@@ -148,7 +148,7 @@ def test_flags_and_yaml_spell_the_same_stage(tmp_path):
     args = build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--recipe", "gptq", "--bpw", "3",
                                       "--bits-options", "2,3,4", "--pin", "down_proj=4", "--bits-measure", "kl"])
     (tmp_path / "r.yaml").write_text("preset: gptq\nstages:\n  - bits: {bpw: 3.0, options: ['2', '3', '4'], "
-                                     "pin: [down_proj=4], measure: kl}\n  - windows: {init: gptq}\n")
+                                     "pin: [down_proj=4], measure: kl}\n  - windows: {init: gptq, act_order: true}\n")
     assert recipe_from_args(args) == cb.Recipe.load(str(tmp_path / "r.yaml"))
     assert recipe_from_args(args).stage("bits").pin == ["down_proj=4"]
 
