@@ -181,10 +181,10 @@ def test_every_rounding_parameterization_beats_rtn(rounding, lwc):
 @pytest.mark.slow
 def test_gptq_initialization_starts_reconstruction_from_gptq():
     gptq = run("gptq", wbits=3, group_size=-1, **CALIB)[2]
-    untrained = run("block", wbits=3, group_size=-1, init="gptq", **dict(TRAIN, iters=0))[2]
+    untrained = run("block", wbits=3, group_size=-1, init="gptq", act_order=True, **dict(TRAIN, iters=0))[2]
     for a, b in zip(gptq.parameters(), untrained.parameters()):
         assert torch.equal(a, b)
-    trained = run("block", wbits=3, group_size=-1, init="gptq", **TRAIN)[1]["blocks"][-1]["mse"]
+    trained = run("block", wbits=3, group_size=-1, init="gptq", act_order=True, **TRAIN)[1]["blocks"][-1]["mse"]
     assert trained < run("gptq", wbits=3, group_size=-1, **CALIB)[1]["blocks"][-1]["mse"]
 
 
