@@ -242,8 +242,8 @@ def check_flat(root, flat: dict, table: dict[str, FlatSetting]):
         if on and not getattr(cls, "ignored_when_off", False):
             names = {f.name: flat_name(cls, f) for f in dataclasses.fields(cls)}
             for needs, fields in needs_groups(cls).items():
-                value = flat[names[needs.field]]
-                if table[names[needs.field]].choices is not None and value not in table[names[needs.field]].choices:
+                value, choices = flat[names[needs.field]], table[names[needs.field]].choices
+                if choices is not None and value not in choices:
                     continue  # not a value it can take: the section refuses that first, when built
                 changed = [names[n] for n in fields if flat[names[n]] != table[names[n]].default]
                 refuse(needs.test(value) or not changed,

@@ -31,6 +31,7 @@ from .grids import GRIDS, GgufGrid, UniformGrid
 from .grids.fp4 import Fp4Grid
 from .precision import PRECISIONS
 from .quant.act import FLOAT_TYPES, TYPES as ACT_TYPES
+from .quant import fp4
 from .stages import STAGES, Stage, Windows, stage_classes
 
 SECTIONS = ("name", "preset", "data", "grid", "activations", "skip", "precision", "stages")
@@ -183,13 +184,14 @@ class Recipe(Config):
                 dropped = finetune_unfit(from_flat(Recipe, {**flat, **without, "name": name, **overrides}))
             if dropped or "finetune_steps" in overrides:  # cannot run, or the user's own finetune (or none)
                 settings, name = without, entry["preset"]
-        unrotated = rotate_unfit(abits, overrides.get("act_type", "int")) if settings.get("rotate") else None
-        if unrotated and "rotate" not in overrides:
+        unrotated = (rotate_unfit(abits, overrides.get("act_type", "int"))
+                     if settings.get("rotate") and "rotate" not in overrides else None)  # --rotate: the user's own
+        if unrotated:
             settings, name = {k: v for k, v in settings.items() if not k.startswith("rotate")}, entry["preset"]
         recipe = from_flat(Recipe, {**flat, **settings, "name": name, **overrides})
         recipe.chosen_by = {"default_for": key, "preset": entry["preset"], **settings, "why": entry["why"],
                             **({"finetune_dropped": dropped} if dropped else {}),
-                            **({"rotate_dropped": unrotated} if unrotated and "rotate" not in overrides else {})}
+                            **({"rotate_dropped": unrotated} if unrotated else {})}
         return recipe
 
     def without_default_finetune(self, why: str) -> "Recipe":
@@ -360,7 +362,7 @@ def finetune_unfit(recipe: Recipe) -> str | None:
 
 def rotate_unfit(abits: int, act_type: str) -> str | None:
     """Why a default recipe's rotation would hurt these activations, or None."""
-    if abits < 16 and act_type in ("nvfp4", "mxfp4"):
+    if abits < 16 and act_type in fp4.GROUP:  # the microscaling formats
         return (f"{act_type} activations: their scales per 16 / 32 values already hold the outliers a whole-width "
                 "rotation spreads (Egiazarian et al. 2025); NVFP4 W4A4 on SmolLM2: best + rotate 43.26, best 34.66, "
                 "FP 28.74 (bench/results/fp4_smollm2.md)")
