@@ -95,7 +95,8 @@ def autoround_row(args) -> dict:
     """AutoRound 0.16.1's SignRound (its defaults: 200 steps, batch 8; --iters 50 --lr 5e-3: its light
     recipe) on its NVFP4 / MXFP4 weights.
     Scored on its fake-quantized dense folder: its compressed-tensors export of a weight-only run writes
-    a W4A4 input-activation config without the activation scales, which no loader can run."""
+    a W4A4 input-activation config without the activation scales, which crossblock's reader refuses
+    (input_global_scale missing); its packed weights decode to the dense ones (checked, notes)."""
     tokens = calib_tokens()
     group = {"nv_fp": 16, "mx_fp": 32}[args.data_type]
     light = "" if (args.iters, args.lr) == (200, None) else f"-{args.iters}" + (f"-lr{args.lr:g}" if args.lr else "")
