@@ -1,4 +1,5 @@
 import hashlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -11,8 +12,12 @@ STORIES = ASSETS / "stories260k"
 CALIB_FILE = ASSETS / "tinystories" / "calib.txt"
 EVAL_FILE = ASSETS / "tinystories" / "eval.txt"  # held out from CALIB_FILE
 
-# Tiny matrices: one thread is faster and makes results independent of the machine's cores.
+# Tiny matrices: one thread is faster and makes results independent of the machine's cores. The
+# subprocesses (CLI runs, torchrun ranks) inherit it: beside the other test workers, more threads
+# than cores would only contend.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def load_stories():
