@@ -292,8 +292,9 @@ def cmd_crossblock(args):
     flags = shlex.split(args.flags)
     if args.bpw_of:  # mixed precision at the block-linear bits of a llama.cpp file (its mixture)
         row = f"cb-mixed-{args.bpw_of}"
-        flags += ["--bpw", f"{block_bpw(WORK / args.bpw_of / 'model.gguf'):.4f}", "--bits-options", args.options,
-                  "--bits-tie", "none"]
+        budget = args.bpw or block_bpw(WORK / args.bpw_of / "model.gguf")
+        flags += ["--bpw", f"{budget:.4f}", "--bits-options", args.options, "--bits-tie", "none"]
+    row += f"-{args.tag}" if args.tag else ""
     out = WORK / row
     cmd = [str(Path(sys.executable).parent / "crossblock"), "quantize", "--model", str(MODEL), "--calib", str(CALIB[args.calib]),
            "--out", str(out), "--format", "gguf", "--gguf-type", args.type, "--recipe", args.recipe,
@@ -393,7 +394,10 @@ def main():
     c.add_argument("--bpw-of", default=None, metavar="ROW",
                    help="mixed precision (--bpw) at the block-linear bits per weight of llama.cpp row ROW's file")
     c.add_argument("--options", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K", help="--bits-options of a --bpw-of row")
+    c.add_argument("--bpw", type=float, default=None,
+                   help="with --bpw-of: the budget itself, when ROW's file is not on this machine (its jsonl row's)")
     c.add_argument("--flags", default="", help="extra crossblock quantize flags")
+    c.add_argument("--tag", default="", help="suffix of the row's name: a variant's --flags")
     f = sub.add_parser("fidelity")
     f.add_argument("--row", required=True)
     sub.add_parser("tokenizer")

@@ -153,6 +153,27 @@ def test_flags_and_yaml_spell_the_same_stage(tmp_path):
     assert recipe_from_args(args).stage("bits").pin == ["down_proj=4"]
 
 
+def test_gptq_measure_costs_gptqs_errors_in_the_layer_output(calib_text, monkeypatch):
+    """Each unit's cost falls with more bits, and GPTQ's error costs less than round-to-nearest's
+    in the same output-space form (what the measure exists to see)."""
+    from crossblock.engine import sensitivity
+    costs = {}
+    for init in ("gptq", "rtn"):
+        if init == "rtn":  # the same measure with GPTQ replaced by round to nearest
+            monkeypatch.setattr(sensitivity, "gptq_on_grid", lambda w, h, grid, **k: (w, *grid.params(w)))
+        _, report = quantize(mixed("gptq", bits_measure="gptq"), calib_text)
+        costs[init] = np.array([[u["sensitivity"][o] for o in ("2", "3", "4")] for u in report["bits"]["units"]])
+    gptq, rtn = costs["gptq"], costs["rtn"]
+    assert (gptq[:, 0] > gptq[:, 1]).all() and (gptq[:, 1] > gptq[:, 2]).all()
+    assert gptq.sum() < 0.9 * rtn.sum() and (gptq < rtn).mean() > 0.9
+
+
+def test_gptq_measure_is_refused_where_gptq_cannot_run():
+    with pytest.raises(CrossblockError, match="measure gptq runs GPTQ at each option, which the gguf grid has not"):
+        cb.Recipe.from_dict({"grid": {"type": "gguf", "quant": "Q4_K"}, "stages": [
+            {"bits": {"bpw": 4.0, "options": ["Q3_K", "Q4_K"], "measure": "gptq"}}, {"windows": {}}]}).validated()
+
+
 @pytest.mark.slow
 def test_kl_measure_ranks_and_the_fisher_proxy_agrees(calib_text):
     """The reference cost of every unit falls with more bits; fisher ranks the units as kl does."""

@@ -26,6 +26,8 @@ NEW_KEYS = {"gguf_embeddings": None, "finetune_eval_every": 20,  # fields that h
 CHANGED_MESSAGES = {
     "invalid recipe: gguf_type (--gguf-type) must be one of": "invalid recipe: gguf_type must be one of",
     "invalid finetune stage: steps must be >= 1, got -1": "invalid recipe: finetune_steps must be >= 0, got -1",
+    "init must be one of rtn, gptq, got": "init must be one of rtn, gptq, imatrix, got",  # imatrix: a third init
+    "all_experts has no effect without init gptq": "all_experts has no effect without init gptq or imatrix",
 }
 
 
@@ -95,7 +97,7 @@ def test_old_flat_defaults_are_the_fields_defaults():
 def test_flag_help_comes_from_the_field():
     text = build_parser()._subparsers._group_actions[0].choices["quantize"].format_help()
     assert "GPTQ's dampening (default 0.01)" in " ".join(text.split())
-    assert "(one of rtn, gptq; default rtn)" in " ".join(text.split())
+    assert "(one of rtn, gptq, imatrix; default rtn)" in " ".join(text.split())
 
 
 def test_every_flag_is_in_the_command_line_doc():

@@ -184,6 +184,14 @@ def test_block_beats_rtn_on_a_k_quant_grid(tokenizer, calib_text):
     assert [w["loss_after"] < w["loss_before"] for w in report["windows"]] == [True, True]
 
 
+@pytest.mark.parametrize("quant", ["Q4_0", "Q3_K"])
+def test_imatrix_init_beats_rtn_on_gguf_types(quant, tokenizer, calib_text):
+    """Clipping by input-weighted error (llama.cpp's importance-matrix criterion), no training."""
+    _, report = quantize(tiny(), tokenizer, calib_text, recipe(quant, init="imatrix"))
+    for block in report["blocks"]:
+        assert block["mse"] < block["rtn"]["mse"], block
+
+
 def refused(model, r, fmt, match):
     # the refusal comes before any block is quantized
     import crossblock.engine.reconstruct as rc

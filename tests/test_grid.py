@@ -4,7 +4,7 @@ import torch
 from crossblock.quant.grid import (CLIP_RATIOS, dequantize, fake_quantize, fake_quantize_weight, group_view,
                                   minmax_grid, num_groups, quantize_to_int, search_clip)
 from crossblock.errors import CrossblockError
-from crossblock.grids import UniformGrid
+from crossblock.grids import GgufGrid, Mxfp4Grid, Nvfp4Grid, UniformGrid
 from crossblock.quant.linear import QuantLinear
 from crossblock.roundings import LoraRound, Nearest, SignRound
 
@@ -210,3 +210,36 @@ def test_gptq_damps_an_indefinite_hessian_more_or_says_why():
     h[5, 5] = -100.0
     with pytest.raises(CrossblockError, match="not positive definite even at damping 1"):
         gptq_quantize(w, h, 4, 16, False)
+
+
+@pytest.mark.parametrize("grid", [UniformGrid(3, 32, False), UniformGrid(4, 64, True), GgufGrid("Q4_0"),
+                                  GgufGrid("Q3_K"), GgufGrid("Q4_K"), Nvfp4Grid(), Mxfp4Grid()],
+                         ids=lambda g: getattr(g, "quant", None) or type(g).__name__)
+def test_importance_weighted_clip_search_lowers_the_weighted_error(grid):
+    """init imatrix's search: with the inputs' mean squares as column weights, the chosen clipping's
+    weighted error is below both the unweighted search's and the min/max grid's."""
+    w = rand_weight(out=64, cin=256, seed=2)
+    w[:, ::32] *= 4  # an outlier column per 32 ...
+    importance = torch.ones(256)
+    importance[::32] = 50.0  # ... where the inputs are largest: clipping it costs more than it gains
+
+    def weighted_error(ratio):
+        return ((grid.fake_quantize(w, *grid.params(w, ratio, ratio)) - w) ** 2 * importance).sum().item()
+    weighted, plain = grid.search_clip(w, importance), grid.search_clip(w)
+    assert weighted.shape == plain.shape
+    assert weighted_error(weighted) < weighted_error(plain)
+    assert weighted_error(weighted) <= weighted_error(torch.ones_like(weighted))
+
+
+@pytest.mark.parametrize("lwc", [True, False])
+def test_start_clip_sets_the_clipping_learned_or_fixed(lwc):
+    layer = torch.nn.Linear(40, 12, bias=False)
+    layer.weight.data = rand_weight()
+    ratio = torch.full((12, 5), 0.8)
+    ql = QuantLinear(layer, UniformGrid(3, 8, False), SignRound() if lwc else Nearest(), lwc=lwc)
+    ql.start_clip(ratio)
+    assert torch.equal(ql.max_mult.detach(), ratio) and torch.equal(ql.min_mult.detach(), ratio)
+    assert ql.max_mult.requires_grad == lwc
+    scale, zero = minmax_grid(layer.weight, 3, 8, False, ratio, ratio)
+    ql.freeze()
+    assert torch.equal(ql.frozen.scale, scale) and torch.equal(ql.frozen.zero, zero)

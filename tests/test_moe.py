@@ -120,8 +120,8 @@ def test_every_expert_weight_is_on_a_grid_and_the_router_stays_fp(family):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_gptq_and_block_beat_rtn_on_the_block_output(family):
-    for preset, extra in [("gptq", {}), ("block", dict(iters=20))]:
+def test_gptq_imatrix_and_block_beat_rtn_on_the_block_output(family):
+    for preset, extra in [("gptq", {}), ("rtn", dict(init="imatrix")), ("block", dict(iters=20))]:
         _, report = run(family, preset, **extra)
         for block in report["blocks"]:
             assert block["rel_mse"] < block["rtn"]["rel_mse"], (preset, block)

@@ -110,6 +110,7 @@ def test_invalid_settings_are_refused_with_the_reason(field, value, message):
     (dict(kl_weight=0.5), "kl_weight has no effect with loss 'mse'"),
     (dict(damp=0.1), "damp has no effect without init gptq"),
     (dict(act_order=True), "act_order has no effect without init gptq"),
+    (dict(init="imatrix", clip_search=True), r"clip_search has no effect with init imatrix \(it searches"),
     (dict(cfp_alpha=0.5), "cfp_alpha has no effect without cfp"),
     (dict(act_sym=True), "act_sym has no effect without abits < 16"),
 ])

@@ -115,8 +115,8 @@ def test_finished_blocks_are_written_once_and_read_back(tmp_path):
 
 @pytest.mark.slow
 def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """In process, every preset and a searched clip start (GPTQ's frozen scales once aliased its init buffers, and
-    safetensors refused to write the checkpoint)."""
+    """In process, every preset and searched clip starts (GPTQ's frozen scales once aliased its init buffers, and
+    safetensors refused to write the checkpoint; imatrix's clipping is set after the layer is built)."""
     import pytest
     import torch
     import crossblock as cb
@@ -126,9 +126,9 @@ def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monk
 
     def run(preset, folder=None):
         model, tok = load_stories()
-        preset, _, clip = preset.partition("+")
+        preset, _, start = preset.partition("+")
         recipe = cb.Recipe.preset(preset, wbits=3, group_size=-1, iters=3, nsamples=8, seqlen=64, batch_size=4,
-                                  clip_search=bool(clip))
+                                  **STARTS[start])
         model, report = cb.quantize(model, tok, recipe, calib=CALIB_FILE.read_text(), progress=False,
                                     checkpoint_dir=folder)
         return {k: v.clone() for k, v in model.state_dict().items()}, report
@@ -139,7 +139,10 @@ def test_every_preset_checkpoints_and_resumes_to_the_same_weights(tmp_path, monk
         write(folder, state, key, *on_disk)
         if state.next_window == 2:
             raise KeyboardInterrupt
-    for preset in [*PRESETS, "block+clip_search"]:
+    # a searched clip start, learned (lwc) or fixed, held across windows by cbq's overlapping windows
+    STARTS = {"": {}, "clip_search": dict(clip_search=True), "imatrix": dict(init="imatrix"),
+              "imatrix-fixed": dict(init="imatrix", lwc=False)}
+    for preset in [*PRESETS, "block+clip_search", "cbq+imatrix", "cbq+imatrix-fixed"]:
         ref, _ = run(preset)
         folder = tmp_path / preset
         monkeypatch.setattr(api, "write_checkpoint", write_then_stop)

@@ -122,3 +122,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     return unrounded[:, inv], scale, zero
+
+
+def gptq_on_grid(w: torch.Tensor, h: torch.Tensor, grid, damp: float = 0.01, act_order: bool = False,
+                 clip_search: bool = False):
+    """GPTQ of `w` on a grid object (grids/: its own rules where it has them): (W', scale, zero)."""
+    return gptq_quantize(w, h, grid.bits, grid.group_size, grid.sym, damp, act_order=act_order,
+                         scale_dtype=grid.scale_torch_dtype, clip_search=clip_search,
+                         rules=grid.gptq_rules(w, clip_search))

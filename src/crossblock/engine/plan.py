@@ -14,8 +14,8 @@ def window_cost(recipe, w: Window, first_new: int | None = None) -> int:
     n = recipe.data.nsamples
     chains = sum(stage.chain_rows(static, n, observed).values())  # FP, quantized (+ RTN reference)
     cost = chains * len(w.finished)
-    if stage.needs_block_input(observed):  # each new block's input, then a pass for GPTQ / observed inputs
-        per_block = (stage.init == "gptq") + observed
+    if stage.needs_block_input(observed):  # each new block's input, then a pass for GPTQ / imatrix / observed inputs
+        per_block = stage.init_reads_inputs + observed
         cost += sum(n * (j - w.start + per_block) for j in range(w.start if first_new is None else first_new, w.end))
     if stage.trains(static):
         train = stage.train

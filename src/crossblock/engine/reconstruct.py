@@ -27,7 +27,7 @@ from .blocks import BlockStore, InMemoryBlocks
 from .chains import ChainStore, trim_heap
 from .checkpoint import EngineState, block_of
 from ..distributed import all_reduce_, all_reduce_grads_, local_part, rank_and_size
-from .gptq import HessianAccumulator, gptq_quantize
+from .gptq import HessianAccumulator, gptq_on_grid
 from .schedule import LOSS_SAMPLES, Window, make_schedule
 from ..precision import autocast
 
@@ -160,8 +160,8 @@ class WindowEngine:
 
     def wrap(self, j: int, block_input, generator: torch.Generator):
         """Wrap block j's linears and fused experts; `block_input()` gives its calibration input,
-        computed only if the initialization needs it (GPTQ, static activation steps, nvfp4's
-        activation global scale)."""
+        computed only if the initialization needs it (GPTQ, imatrix, static activation steps,
+        nvfp4's activation global scale)."""
         targets = self.targets(j)
         # a grid may tie a block's layers together (nvfp4: vLLM's fused q/k/v share a global scale)
         tied = self.grid.for_block({n: weight_of(m) for n, m, fused in targets if not fused})
@@ -172,18 +172,19 @@ class WindowEngine:
         if not self.stage.needs_block_input(self.calibrated_acts):
             return
         x_in = block_input()
-        if self.stage.init == "gptq":
-            self.init_gptq(j, x_in)
+        if self.stage.init_reads_inputs:
+            self.init_from_inputs(j, x_in)
         if self.calibrated_acts:
             # static steps start from the range observed on the block's input (nvfp4: its global scale)
             with observing(calibrated(m.act_quant for m in quant_layers([self.blocks[j]]))):
                 self.run_all(j, j, x_in)
 
     @torch.no_grad()
-    def init_gptq(self, j: int, x_in: torch.Tensor):
-        """GPTQ for every wrapped layer from its inputs' Hessian; each expert of a fused
-        experts parameter gets its own, from the tokens it sees (with `all_experts`, every
-        token). A matrix that no token reached is rounded to nearest and reported."""
+    def init_from_inputs(self, j: int, x_in: torch.Tensor):
+        """GPTQ (or imatrix's clipping search) for every wrapped layer from its inputs' Hessian
+        (imatrix: its diagonal); each expert of a fused experts parameter gets its own, from the
+        tokens it sees (with `all_experts`, every token). A matrix that no token reached is
+        rounded to nearest (imatrix: clipped by plain weight error) and reported."""
         block = self.blocks[j]
         names = {m: n for n, m in block.named_modules()}
         layers = quant_layers([block])
@@ -214,15 +215,19 @@ class WindowEngine:
                     self.report.setdefault("rtn_fallback", []).append(
                         {"block": j, "layer": names[m], "expert": e if isinstance(m, QuantExpertWeight) else None,
                          "tokens": 0, "why": "no calibration token reached it: rounded to nearest"})
-                parts.append(self.rtn_init(weights[e], m.grid) if a.count == 0 else
-                             self.gptq_init(weights[e], a.h, m.grid))
-            m.set_init(*(torch.cat(t) for t in zip(*parts)))
+                if self.stage.init == "imatrix":
+                    parts.append(m.grid.search_clip(weights[e], torch.diagonal(a.h) if a.count else None))
+                else:
+                    parts.append(self.rtn_init(weights[e], m.grid) if a.count == 0 else
+                                 self.gptq_init(weights[e], a.h, m.grid))
+            if self.stage.init == "imatrix":
+                m.start_clip(torch.cat(parts))
+            else:
+                m.set_init(*(torch.cat(t) for t in zip(*parts)))
 
     def gptq_init(self, w: torch.Tensor, h: torch.Tensor, g):
         st = self.stage
-        rules = g.gptq_rules(w, st.clip_search)  # a grid's own (FP4), or None
-        return gptq_quantize(w, h, g.bits, g.group_size, g.sym, st.damp, act_order=st.act_order,
-                             scale_dtype=g.scale_torch_dtype, clip_search=st.clip_search, rules=rules)
+        return gptq_on_grid(w, h, g, st.damp, st.act_order, st.clip_search)
 
     def rtn_init(self, w: torch.Tensor, grid):
         """(base, scale, zero) of round-to-nearest on the layer's min/max grid (clipped with clip_search)."""

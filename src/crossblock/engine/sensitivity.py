@@ -9,6 +9,12 @@ sensitivity, a (units, options) table, per token of the measured rows.
   predicts it, downstream layers included, with no pass per option.
 - hessian: sum (W - Q(W))^2 diag(X^T X) per layer (GPTQ's objective with its Hessian's diagonal;
   one forward pass): the error of each layer's own output, blind to what follows it.
+- gptq: the same Fisher, taken at each layer's output: 1/4 sum_i E[g_i^2] e_i H e_i^T, g the
+  gradient of log p(y) at output i, H the mean 2 x x^T of the layer's inputs and e_i row i of
+  W - GPTQ(W) in activation order (the `gptq` preset's). GPTQ trades a larger weight error for
+  errors that cancel in the layer's output; a cost of round-to-nearest errors (fisher) cannot see
+  how much of each option's error GPTQ recovers. One backward pass per row, one GPTQ per layer and
+  option; uniform grids, dense layers.
 bench/bits_sensitivity.py measures how well the two proxies rank the units as the reference does.
 """
 from __future__ import annotations
@@ -24,8 +30,9 @@ from ..model.adapter import find_blocks
 from ..precision import autocast
 from ..quant.experts import expert_params, is_fused_experts
 from ..quant.linear import is_conv1d
+from .gptq import HessianAccumulator, gptq_on_grid
 
-MEASURES = ("fisher", "hessian", "kl")
+MEASURES = ("fisher", "hessian", "kl", "gptq")
 
 
 def members(model: nn.Module, unit) -> list[tuple[nn.Module, str, nn.Parameter, bool]]:
@@ -94,6 +101,15 @@ def kl_costs(model, units, grids, rows, device, precision) -> torch.Tensor:
     return out
 
 
+def sampled_log_likelihood(model, row, device, precision, generator) -> tuple[torch.Tensor, int]:
+    """(sum log p(y), tokens) with y sampled from the FP model's own distribution: the gradients of
+    this are the Fisher information of the model's KL."""
+    out = logits(model, row, device, precision)
+    with torch.no_grad():
+        y = torch.multinomial(F.softmax(out, -1), 1, generator=generator)
+    return F.log_softmax(out, -1).gather(-1, y).sum(), out.shape[0]
+
+
 def fisher_costs(model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
     matrices = [m for u in units for m in members(model, u)]
     params = [p for _, _, p, _ in matrices]
@@ -104,13 +120,10 @@ def fisher_costs(model, units, grids, rows, device, precision, seed: int = 0) ->
         p.requires_grad_(True)
     try:
         for r in rows:
-            out = logits(model, r, device, precision)
-            with torch.no_grad():  # labels from the FP model's own distribution: the Fisher of its KL
-                y = torch.multinomial(F.softmax(out, -1), 1, generator=generator)
-            loss = F.log_softmax(out, -1).gather(-1, y).sum()
+            loss, n = sampled_log_likelihood(model, r, device, precision, generator)
             for s, g in zip(squares, torch.autograd.grad(loss, params)):
                 s += g.float() ** 2
-            tokens += out.shape[0]
+            tokens += n
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -121,17 +134,14 @@ def fisher_costs(model, units, grids, rows, device, precision, seed: int = 0) ->
 
 @torch.no_grad()
 def hessian_costs(model, units, grids, rows, device, precision) -> torch.Tensor:
-    matrices = [m for u in units for m in members(model, u)]
-    if any(experts for *_, experts in matrices):
-        raise CrossblockError("bits measure hessian does not see fused MoE experts' inputs (they are internal to the "
-                              "experts module): use measure fisher or kl")
-    diag = {id(module): torch.zeros(as_rows(p, module, False).shape[1], device=p.device) for module, _, p, _ in matrices}
+    modules = dense_modules(model, units, "hessian")
+    diag = {id(module): torch.zeros(in_features(module), device=device) for module in modules}
 
     def add(module, args):
         x = args[0].detach().float()
         diag[id(module)] += (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
 
-    hooks = [module.register_forward_pre_hook(add) for module, *_ in matrices]
+    hooks = [module.register_forward_pre_hook(add) for module in modules]
     tokens = 0
     try:
         for r in rows:
@@ -155,12 +165,76 @@ def weighted_costs(model, units, grids, weight, factor: float) -> torch.Tensor:
     return out
 
 
+def gptq_costs(model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
+    modules = dense_modules(model, units, "gptq")
+    hessians = {id(m): HessianAccumulator(in_features(m), device) for m in modules}
+    squares = {id(m): torch.zeros(out_features(m), device=device) for m in modules}
+    outputs = {}
+
+    def record(module, args, output):
+        hessians[id(module)].add(args[0].detach())
+        outputs[id(module)] = output
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    hooks = [m.register_forward_hook(record) for m in modules]
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(True)  # a graph through every layer's output, no weight gradient kept
+    tokens = 0
+    try:
+        for r in rows:
+            outputs.clear()
+            loss, n = sampled_log_likelihood(model, r, device, precision, generator)
+            keys = list(outputs)
+            for key, g in zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])):
+                squares[key] += (g.float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+            tokens += n
+    finally:
+        embeddings.requires_grad_(False)
+        outputs.clear()
+        for h in hooks:
+            h.remove()
+    count = len(find_blocks(model)[1])
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    for k, unit in enumerate(units):
+        for j, grid in enumerate(grids):
+            for module, local, p, _ in members(model, unit):
+                w = as_rows(p.data, module, False).float()
+                layer_grid = grid.for_layer(local, unit.block, count, w.shape[1])
+                if layer_grid is None:
+                    continue
+                h = hessians[id(module)].h
+                base, scale, zero = gptq_on_grid(w, h, layer_grid, act_order=True)
+                e = w - layer_grid.fake_quantize(base, scale, zero)
+                out[k, j] += 0.25 / tokens * float(((e @ h) * e).sum(1) @ squares[id(module)])
+    return out
+
+
+def dense_modules(model, units, measure: str) -> list[nn.Module]:
+    """The modules of every unit's matrices; refused for fused MoE experts, whose inputs and
+    outputs are internal to the experts module."""
+    matrices = [m for u in units for m in members(model, u)]
+    if any(experts for *_, experts in matrices):
+        raise CrossblockError(f"bits measure {measure} does not see fused MoE experts' inputs (they are internal to "
+                              "the experts module): use measure fisher or kl")
+    return list({id(module): module for module, *_ in matrices}.values())
+
+
+def in_features(module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def out_features(module) -> int:
+    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+
+
 def costs(measure: str, model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
     """The (units, options) sensitivity table by `measure` (MEASURES)."""
     if measure == "kl":
         return kl_costs(model, units, grids, rows, device, precision)
     if measure == "fisher":
         return fisher_costs(model, units, grids, rows, device, precision, seed)
+    if measure == "gptq":
+        return gptq_costs(model, units, grids, rows, device, precision, seed)
     return hessian_costs(model, units, grids, rows, device, precision)
 
 

@@ -14,10 +14,9 @@ import torch
 from ..config import Config
 from ..errors import CrossblockError
 from ..quant import fp4
-from ..quant.grid import QuantizedWeight
+from ..quant.grid import QuantizedWeight, least_error_ratio, squared_error
 
 SOFT_ROUNDINGS = ("adaround", "lora")
-CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(13))
 
 
 class Fp4Grid(Config):
@@ -101,18 +100,16 @@ class Fp4Grid(Config):
         return self.fake_quantize(w, *self.params(w))
 
     @torch.no_grad()
-    def search_clip(self, w, glob=None):
-        """Per group, the clipping ratio (1 .. 0.7) of least squared weight error."""
+    def search_clip(self, w, importance=None, glob=None):
+        """Per group, the clipping ratio (1 .. 0.7) of least squared weight error (input-weighted
+        with `importance`)."""
         w = w.float()
-        best_ratio = torch.ones(w.shape[0], self.num_groups(w.shape[1]), device=w.device)
-        best_err = torch.full_like(best_ratio, float("inf"))
-        for ratio in CLIP_RATIOS:
-            mult = torch.full_like(best_ratio, ratio)
-            scale, zero = fp4.params(w, self.kind_name, mult, self.global_scale(w) if glob is None else glob)
-            err = fp4.group_view((self.fake_quantize(w, scale, zero) - w) ** 2, self.group).sum(-1)
-            better = err < best_err
-            best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, mult, best_ratio)
-        return best_ratio
+        glob = self.global_scale(w) if glob is None else glob
+
+        def error_at(mult):
+            dq = self.fake_quantize(w, *fp4.params(w, self.kind_name, mult, glob))
+            return fp4.group_view(squared_error(w, dq, importance), self.group).sum(-1)
+        return least_error_ratio(error_at, (w.shape[0], self.num_groups(w.shape[1])), w.device)
 
     def gptq_rules(self, w, clip_search: bool):
         """GPTQ's two steps on this grid (engine/gptq.py): a group's (scale, zero) from its columns
@@ -121,7 +118,7 @@ class Fp4Grid(Config):
         glob = self.global_scale(w)
 
         def group_grid(cols):
-            ratio = self.search_clip(cols, glob) if clip_search else None
+            ratio = self.search_clip(cols, glob=glob) if clip_search else None
             scale, zero = fp4.params(cols, self.kind_name, ratio, glob)
             return scale[:, 0], zero[:, 0]
 

@@ -24,7 +24,7 @@ from ..config import Config, setting
 from ..errors import CrossblockError
 from ..model.adapter import block_linears, find_blocks, is_skipped
 from ..quant import gguf as gq
-from ..quant.grid import QuantizedWeight
+from ..quant.grid import QuantizedWeight, least_error_ratio, squared_error
 from ..quant.linear import weight_of
 from .base import GRIDS
 
@@ -156,17 +156,15 @@ class GgufGrid(Config):
         return self.fake_quantize(w.float(), *self.params(w.float()))
 
     @torch.no_grad()
-    def search_clip(self, w):
-        """Per sub-block, the clipping ratio (1 .. 0.7) of least squared weight error."""
+    def search_clip(self, w, importance=None):
+        """Per sub-block, the clipping ratio (1 .. 0.7) of least squared weight error (input-weighted
+        with `importance`, as llama.cpp's quantizer weighs it with an importance matrix)."""
         w = w.float()
-        best_ratio = torch.ones(w.shape[0], self.num_groups(w.shape[1]), device=w.device)
-        best_err = torch.full_like(best_ratio, float("inf"))
-        for ratio in (1 - 0.025 * i for i in range(13)):
-            mult = torch.full_like(best_ratio, ratio)
-            err = gq.sub_view((self.fake_quantize(w, *self.params(w, mult, mult)) - w) ** 2, self.type).sum(-1)
-            better = err < best_err
-            best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, mult, best_ratio)
-        return best_ratio
+
+        def error_at(mult):
+            dq = self.fake_quantize(w, *self.params(w, mult, mult))
+            return gq.sub_view(squared_error(w, dq, importance), self.type).sum(-1)
+        return least_error_ratio(error_at, (w.shape[0], self.num_groups(w.shape[1])), w.device)
 
     def scaled(self, w, scale):
         """W / step (symmetric types only: check_windows refuses soft roundings elsewhere)."""

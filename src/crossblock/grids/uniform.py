@@ -90,8 +90,8 @@ class UniformGrid(Config):
         """(scale, zero), each (out, groups); the multipliers clip the range (learnable)."""
         return g.minmax_grid(w, self.bits, self.group_size, self.sym, max_mult, min_mult, self.scale_torch_dtype)
 
-    def search_clip(self, w):
-        return g.search_clip(w, self.bits, self.group_size, self.sym, self.scale_torch_dtype)
+    def search_clip(self, w, importance=None):
+        return g.search_clip(w, self.bits, self.group_size, self.sym, self.scale_torch_dtype, importance)
 
     def to_int(self, w, scale, zero, offset=None):
         """Integers (float, straight-through) of w on the grid, `offset` added before rounding."""

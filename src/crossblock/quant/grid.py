@@ -143,24 +143,41 @@ CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(13))
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, bits: int, group_size: int, sym: bool,
-                scale_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per group, the clipping ratio in CLIP_RATIOS whose round-to-nearest grid reproduces the
-    weights with the least squared error, shape (out, groups). Min/max grids waste levels on a
-    group's extreme weight; at 2-3 bits a tighter range is usually closer overall."""
-    w = w.float()
-    groups = num_groups(w.shape[1], group_size)
-    best_ratio = torch.ones(w.shape[0], groups, device=w.device)
+def least_error_ratio(error_at, shape: tuple[int, int], device) -> torch.Tensor:
+    """Per group, the ratio in CLIP_RATIOS of least `error_at(mult)`: a grid's summed squared
+    error per group, (out, groups), with every group's range clipped by `mult`."""
+    best_ratio = torch.ones(shape, device=device)
     best_err = torch.full_like(best_ratio, float("inf"))
     for ratio in CLIP_RATIOS:
         mult = torch.full_like(best_ratio, ratio)
-        scale, zero = minmax_grid(w, bits, group_size, sym, mult, mult, scale_dtype)
-        err = group_view((w - dequantize(quantize_to_int(w, scale, zero, bits, group_size), scale, zero,
-                                         group_size)) ** 2, group_size).sum(-1)
+        err = error_at(mult)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, mult, best_ratio)
     return best_ratio
+
+
+def squared_error(w: torch.Tensor, dq: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """(dq - w)^2, each input column weighted by its importance (the mean squared input that meets
+    it: llama.cpp's importance matrix, the diagonal of GPTQ's Hessian) when one is given."""
+    err = (dq - w) ** 2
+    return err if importance is None else err * importance.to(err.device, err.dtype)
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, bits: int, group_size: int, sym: bool,
+                scale_dtype: torch.dtype | None = None, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group, the clipping ratio in CLIP_RATIOS whose round-to-nearest grid reproduces the
+    weights with the least squared error (input-weighted with `importance`), shape (out, groups).
+    Min/max grids waste levels on a group's extreme weight; at 2-3 bits a tighter range is
+    usually closer overall."""
+    w = w.float()
+
+    def error_at(mult):
+        scale, zero = minmax_grid(w, bits, group_size, sym, mult, mult, scale_dtype)
+        dq = dequantize(quantize_to_int(w, scale, zero, bits, group_size), scale, zero, group_size)
+        return group_view(squared_error(w, dq, importance), group_size).sum(-1)
+    return least_error_ratio(error_at, (w.shape[0], num_groups(w.shape[1], group_size)), w.device)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -104,6 +104,21 @@ class QuantLinear(nn.Module):
             self.max_mult = self.min_mult = None
         self.rounding.reset(self)
 
+    @torch.no_grad()
+    def start_clip(self, ratio: torch.Tensor):
+        """Start each group's clipping at `ratio` (init imatrix: searched on the layer's inputs);
+        with lwc it is learned from there."""
+        ratio = ratio.to(self.weight.device)
+        if isinstance(self.max_mult, nn.Parameter):
+            self.max_mult.copy_(ratio)
+            self.min_mult.copy_(ratio)
+        else:
+            for name in ("max_mult", "min_mult"):
+                if name not in self._buffers:
+                    delattr(self, name)
+                self.register_buffer(name, ratio.clone(), persistent=False)
+        self.rounding.reset(self)
+
     def integers(self, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.rounding.integers(self, hard)
 
@@ -216,6 +231,8 @@ class QuantLinear(nn.Module):
             return
         if "fixed_scale" in state:
             self.set_init(state.get("base", self.weight), state["fixed_scale"], state["fixed_zero"])
+        if "max_mult" in state and self.max_mult is None:  # a clipping searched on the inputs (init imatrix)
+            self.start_clip(state["max_mult"])
         for k, v in state.items():
             if k in ("base", "fixed_scale", "fixed_zero"):
                 continue

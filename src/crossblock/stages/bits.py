@@ -43,7 +43,9 @@ class Bits(Stage):
                              help="layers given a fixed option, pattern=option (patterns as --skip reads them): "
                                   "down_proj=4,layers.0.*=4")
     measure: str = setting("fisher", "sensitivity: fisher (one backward pass per row), hessian (one forward pass; "
-                                     "dense layers only) or kl (exact: a forward pass per layer group and option)",
+                                     "dense layers only), kl (exact: a forward pass per layer group and option) or "
+                                     "gptq (fisher at each layer's output, of GPTQ's error in activation order: for "
+                                     "the gptq preset; uniform grids, dense layers)",
                            choices=sensitivity.MEASURES)
     rows: int = setting(8, "calibration sequences the sensitivity is measured on (the last ones)")
     tie: str = setting("fused", "fused: q/k/v and gate/up share a grid, as vLLM runs them (compressed-tensors "
@@ -61,7 +63,11 @@ class Bits(Stage):
 
     def grids(self, grid) -> list:
         """The grid of every option and pin (refusing what `grid` cannot be)."""
-        return [grid.option(o) for o in dict.fromkeys([*self.options, *(p.partition("=")[2] for p in self.pin)])]
+        grids = [grid.option(o) for o in dict.fromkeys([*self.options, *(p.partition("=")[2] for p in self.pin)])]
+        self.refuse(self.measure != "gptq" or all(hasattr(g, "gptq_rules") for g in grids),
+                    f"measure gptq runs GPTQ at each option, which the {grid.kind_name} grid has not "
+                    "(use measure fisher or kl)")
+        return grids
 
     def plan(self, model, grid, skip) -> list[allocate.Unit]:
         """The units and their pins; refused before any work when even the smallest assignment

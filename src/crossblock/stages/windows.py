@@ -16,7 +16,7 @@ from .base import STAGES, Stage
 
 TARGETS = ("propagated", "homologous")
 LOSSES = ("mse", "mse+kl", "token-mse", "token-mse+kl")
-INITS = ("rtn", "gptq")
+INITS = ("rtn", "gptq", "imatrix")
 GPTQ_ONLY = Needs("init", lambda init: init == "gptq", "without {name} gptq")
 WITH_KL = Needs("loss", lambda loss: loss.endswith("+kl"), "with {name} {value!r} (use a +kl loss)")
 
@@ -65,13 +65,19 @@ class Windows(Stage):
     window: int = setting(1, "blocks trained together")
     stride: int = setting(1, "blocks from one window's start to the next's (1..window)")
     lookahead: int = setting(0, "FP blocks after the window before its loss is read (LA-PTQ)")
-    init: str = setting("rtn", "each block's start: round to nearest, or GPTQ", choices=INITS)
+    init: str = setting("rtn", "each block's start: round to nearest, GPTQ, or imatrix: round to nearest with each "
+                               "group's clipping of least error weighted by the mean squared input of its columns "
+                               "(llama.cpp's importance matrix, on the block's calibration input)", choices=INITS)
     damp: float = setting(0.01, "GPTQ's dampening", needs=GPTQ_ONLY)
     act_order: bool = setting(False, "GPTQ's column order by decreasing Hessian diagonal", needs=GPTQ_ONLY)
-    clip_search: bool = setting(False, "start each group's clipping at its least-weight-error ratio (1 .. 0.7)")
+    clip_search: bool = setting(False, "start each group's clipping at its least-weight-error ratio (1 .. 0.7)",
+                                needs=Needs("init", lambda init: init != "imatrix",
+                                            "with {name} imatrix (it searches the clipping on the inputs)"))
     train: Train | None = setting(None, "what a window optimizes; none: no training (RTN, GPTQ)")
-    all_experts: bool = setting(True, "MoE: every token through every fused expert for GPTQ's Hessians (the "
-                                      "block's output keeps the real routing)", needs=GPTQ_ONLY)
+    all_experts: bool = setting(True, "MoE: every token through every fused expert for GPTQ's (imatrix's) Hessians "
+                                      "(the block's output keeps the real routing)",
+                                needs=Needs("init", lambda init: init in ("gptq", "imatrix"),
+                                            "without {name} gptq or imatrix"))
 
     def check(self):
         self.refuse(self.window >= 1, f"window must be >= 1, got {self.window}")
@@ -91,10 +97,15 @@ class Windows(Stage):
         """Whether windows optimize anything: steps, and a parameter to learn."""
         return self.train is not None and (self.train.rounding.trainable or self.train.lwc or static_acts)
 
+    @property
+    def init_reads_inputs(self) -> bool:
+        """Whether each block's start is computed from its layers' inputs (one pass for their Hessians)."""
+        return self.init in ("gptq", "imatrix")
+
     def needs_block_input(self, calibrated_acts: bool) -> bool:
-        """Whether wrapping a block needs its calibration input: GPTQ, activation quantizers that
+        """Whether wrapping a block needs its calibration input: GPTQ, imatrix, activation quantizers that
         observe it (static steps, nvfp4's global scale: Activations.calibrated)."""
-        return self.init == "gptq" or calibrated_acts
+        return self.init_reads_inputs or calibrated_acts
 
     def rtn_reference(self, static_acts: bool) -> bool:
         """Whether the engine carries an RTN chain (its report compares with RTN): not for RTN itself."""
