@@ -113,6 +113,15 @@ def test_moe_experts_and_fused_projections_share_their_grid():
     assert report["bits"]["bpw"] <= 3.2
 
 
+@pytest.mark.parametrize("measure", ["hessian", "gptq"])
+def test_measures_of_layer_inputs_refuse_fused_experts_before_any_work(measure, monkeypatch):
+    from crossblock.engine import sensitivity
+    monkeypatch.setattr(sensitivity, "costs", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(CrossblockError, match=f"bits measure {measure} does not see fused MoE experts' inputs"):
+        cb.quantize(build("qwen3_moe"), None, cb.Recipe.preset("gptq", **dict(SMALL, bpw=3.2), bits_measure=measure),
+                    calib=IDS, progress=False)
+
+
 @pytest.mark.slow
 def test_pins_hold(calib_text):
     model, report = quantize(mixed(pin=["down_proj=4", "layers.0.*=4"], bpw=3.4), calib_text)

@@ -15,7 +15,7 @@ sensitivity, a (units, options) table, per token of the measured rows.
   errors that cancel in the layer's output; a cost of round-to-nearest errors (fisher) cannot see
   how much of each option's error GPTQ recovers. One backward pass per row, one GPTQ per layer and
   option; uniform grids, dense layers.
-bench/bits_sensitivity.py measures how well the two proxies rank the units as the reference does.
+bench/bits_sensitivity.py measures how well the proxies rank the units as the reference does.
 """
 from __future__ import annotations
 
