@@ -206,6 +206,7 @@ class WindowEngine:
                 h.remove()
             for ex in wrappers:
                 ex.recorder = None
+        imatrix = self.stage.init == "imatrix"
         for m in layers:
             parts = []
             weights = m.weight.reshape(len(acc[m]), -1, m.in_features)
@@ -215,12 +216,12 @@ class WindowEngine:
                     self.report.setdefault("rtn_fallback", []).append(
                         {"block": j, "layer": names[m], "expert": e if isinstance(m, QuantExpertWeight) else None,
                          "tokens": 0, "why": "no calibration token reached it: rounded to nearest"})
-                if self.stage.init == "imatrix":
+                if imatrix:
                     parts.append(m.grid.search_clip(weights[e], torch.diagonal(a.h) if a.count else None))
                 else:
                     parts.append(self.rtn_init(weights[e], m.grid) if a.count == 0 else
                                  self.gptq_init(weights[e], a.h, m.grid))
-            if self.stage.init == "imatrix":
+            if imatrix:
                 m.start_clip(torch.cat(parts))
             else:
                 m.set_init(*(torch.cat(t) for t in zip(*parts)))

@@ -29,10 +29,11 @@ from ..errors import CrossblockError
 from ..model.adapter import find_blocks
 from ..precision import autocast
 from ..quant.experts import expert_params, is_fused_experts
-from ..quant.linear import is_conv1d
+from ..quant.linear import is_conv1d, weight_of
 from .gptq import HessianAccumulator, gptq_on_grid
 
 MEASURES = ("fisher", "hessian", "kl", "gptq")
+READS_INPUTS = ("hessian", "gptq")  # each layer's own inputs: dense layers only (dense_modules)
 
 
 def members(model: nn.Module, unit) -> list[tuple[nn.Module, str, nn.Parameter, bool]]:
@@ -135,7 +136,7 @@ def fisher_costs(model, units, grids, rows, device, precision, seed: int = 0) ->
 @torch.no_grad()
 def hessian_costs(model, units, grids, rows, device, precision) -> torch.Tensor:
     modules = dense_modules(model, units, "hessian")
-    diag = {id(module): torch.zeros(in_features(module), device=device) for module in modules}
+    diag = {id(module): torch.zeros(weight_of(module).shape[1], device=device) for module in modules}
 
     def add(module, args):
         x = args[0].detach().float()
@@ -167,8 +168,8 @@ def weighted_costs(model, units, grids, weight, factor: float) -> torch.Tensor:
 
 def gptq_costs(model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
     modules = dense_modules(model, units, "gptq")
-    hessians = {id(m): HessianAccumulator(in_features(m), device) for m in modules}
-    squares = {id(m): torch.zeros(out_features(m), device=device) for m in modules}
+    hessians = {id(m): HessianAccumulator(weight_of(m).shape[1], device) for m in modules}
+    squares = {id(m): torch.zeros(weight_of(m).shape[0], device=device) for m in modules}
     outputs = {}
 
     def record(module, args, output):
@@ -217,14 +218,6 @@ def dense_modules(model, units, measure: str) -> list[nn.Module]:
         raise CrossblockError(f"bits measure {measure} does not see fused MoE experts' inputs (they are internal to "
                               "the experts module): use measure fisher or kl")
     return list({id(module): module for module, *_ in matrices}.values())
-
-
-def in_features(module) -> int:
-    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
-
-
-def out_features(module) -> int:
-    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
 
 
 def costs(measure: str, model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:

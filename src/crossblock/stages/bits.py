@@ -74,7 +74,7 @@ class Bits(Stage):
         exceeds the budget."""
         self.grids(grid)
         units = allocate.find_units(model, skip, self.tie)
-        if self.measure in ("hessian", "gptq"):  # they read each layer's own inputs: refuses fused experts
+        if self.measure in sensitivity.READS_INPUTS:  # refuses fused experts
             sensitivity.dense_modules(model, units, self.measure)
         allocate.apply_pins(units, self.pin, find_blocks(model)[0])
         smallest = allocate.bits_per_weight(units, allocate.smallest(units, self.options, grid.option))
