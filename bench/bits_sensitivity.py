@@ -7,9 +7,15 @@ bit (what the allocation trades), and each measure's wall time.
 
     python bench/bits_sensitivity.py --name bits_sensitivity_smollm2 --options 2,3,4 --group-size 64 --rows 4
 
-Writes bench/results/NAME.json (the three tables) and NAME.md.
+With `--errors gptq` every unit's error is GPTQ's (activation order, on the rows' own Hessian) in
+place of round to nearest, in the exact measure too; the proxies are then `gptq` (the library's:
+1/2 E[(g . e x)^2]) and its diagonal form 1/4 sum_i E[g_i^2] e_i H e_i^T (before session 17), with
+`fisher` (round-to-nearest errors) beside them.
+
+Writes bench/results/NAME.json (the tables) and NAME.md.
 """
 import argparse
+import contextlib
 import json
 import subprocess
 import time
@@ -35,6 +41,7 @@ def main():
     p.add_argument("--rows", type=int, default=4, help="calibration sequences each measure runs on")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--errors", choices=("rtn", "gptq"), default="rtn", help="each unit's error: round to nearest or GPTQ's")
     args = p.parse_args()
     torch.manual_seed(0)
     model_dir = args.model or prepare_model()
@@ -47,9 +54,16 @@ def main():
     units = allocate.find_units(model)
     precision = resolve(args.precision, "cpu")[0]
     tables, seconds = {}, {}
-    for measure in ("hessian", "fisher", "kl"):
+    proxies = ("hessian", "fisher") if args.errors == "rtn" else ("fisher", "gptq", "gptq-diag")
+    for measure in (*proxies, "kl"):
         t0 = time.time()
-        tables[measure] = sensitivity.costs(measure, model, units, grids, ids, "cpu", precision)
+        if measure == "gptq-diag":
+            tables[measure] = gptq_diagonal_costs(model, units, grids, ids, precision)
+        elif measure == "kl" and args.errors == "gptq":
+            with gptq_errors(model, units, grids, ids, precision):
+                tables[measure] = sensitivity.costs(measure, model, units, grids, ids, "cpu", precision)
+        else:
+            tables[measure] = sensitivity.costs(measure, model, units, grids, ids, "cpu", precision)
         seconds[measure] = round(time.time() - t0, 1)
         print(measure, seconds[measure], "s", flush=True)
     exact = tables["kl"]
@@ -58,10 +72,10 @@ def main():
                 "gains": round(sensitivity.rank_correlation(gains(tables[m]), gains(exact)), 4),
                 **{f"units at {o}": round(sensitivity.rank_correlation(tables[m][:, j], exact[:, j]), 4)
                    for j, o in enumerate(options)}}
-            for m in ("hessian", "fisher")}
+            for m in proxies}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out = ROOT / "bench" / "results" / args.name
-    record = {"model": model_dir, "options": options, "group_size": args.group_size, "rows": args.rows,
+    record = {"model": model_dir, "errors": args.errors, "options": options, "group_size": args.group_size, "rows": args.rows,
               "seqlen": args.seqlen, "precision": precision, "commit": commit, "seconds": seconds,
               "correlation": corr, "units": [u.name for u in units],
               "tables": {m: t.tolist() for m, t in tables.items()}}
@@ -69,21 +83,72 @@ def main():
     cols = list(corr["fisher"])
     lines = [f"# {args.name}", "",
              f"SmolLM2-135M-Instruct, units of layers that share a grid (q/k/v, o, gate/up, down; {len(units)} in all), "
-             f"each rounded to nearest alone at W{'/'.join(options)} g{args.group_size} asym; measured on {args.rows} x "
+             f"each {'rounded to nearest' if args.errors == 'rtn' else 'quantized by GPTQ'} alone at W{'/'.join(options)} "
+             f"g{args.group_size} asym; measured on {args.rows} x "
              f"{args.seqlen} tokens of the built-in calibration set, {precision}, one thread. Spearman rank correlation of "
              "each proxy with the exact measure (mean KL(FP || Q) of the final logits):", "",
              "| measure | " + " | ".join(cols) + " | wall s |", "|---|" + "---|" * (len(cols) + 1)]
-    for m in ("hessian", "fisher"):
+    for m in proxies:
         lines.append(f"| {m} | " + " | ".join(f"{corr[m][c]:.3f}" for c in cols) + f" | {seconds[m]} |")
     lines += ["| kl (exact) | " + " | ".join("1" for _ in cols) + f" | {seconds['kl']} |", "",
               f"Command (commit {commit}): `python bench/bits_sensitivity.py --name {args.name} --options {args.options} "
-              f"--group-size {args.group_size} --rows {args.rows} --seqlen {args.seqlen}`", "",
+              f"--group-size {args.group_size} --rows {args.rows} --seqlen {args.seqlen} --errors {args.errors}`", "",
               "costs: all (unit, option) pairs; gains: cost(b) - cost(b+1) of every unit, what the allocation trades; "
               "units at b: the units ranked at one option. Tables: the .json beside this file."]
     notes = out.with_name(out.name + ".notes.md")
     if notes.exists():
         lines += ["", notes.read_text().strip()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+@contextlib.contextmanager
+def gptq_errors(model, units, grids, ids, precision):
+    """sensitivity.error gives GPTQ's errors instead of round to nearest's (the exact measure on them)."""
+    errors = sensitivity.gptq_errors(model, units, grids, ids, "cpu", precision)
+    index = {(id(u), id(g)): (k, j) for k, u in enumerate(units) for j, g in enumerate(grids)}
+    plain = sensitivity.error
+    sensitivity.error = lambda model, unit, grid, count: [e for _, e in errors[index[id(unit), id(grid)]]]
+    try:
+        yield
+    finally:
+        sensitivity.error = plain
+
+
+def gptq_diagonal_costs(model, units, grids, ids, precision) -> torch.Tensor:
+    """The gptq measure's diagonal form (before session 17): 1/2 sum_i E[g_i^2] E[(e x)_i^2] per
+    matrix (= 1/4 sum_i E[g_i^2] e_i H e_i^T), each output channel on its own."""
+    errors = sensitivity.gptq_errors(model, units, grids, ids, "cpu", precision)
+    modules = sensitivity.dense_modules(model, units, "gptq")
+    inputs, outputs = {}, {}
+
+    def record(module, args, output):
+        inputs[id(module)], outputs[id(module)] = args[0].detach(), output
+
+    hooks = [m.register_forward_hook(record) for m in modules]
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+    generator, tokens = torch.Generator().manual_seed(0), 0
+    grad_sq = {id(m): 0 for m in modules}
+    err_sq = {key: [0 for _ in pairs] for key, pairs in errors.items()}
+    for r in ids:
+        loss, n = sensitivity.sampled_log_likelihood(model, r, "cpu", precision, generator)
+        keys = list(outputs)
+        for key, g in zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])):
+            grad_sq[key] = grad_sq[key] + (g.float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+        with torch.no_grad():
+            for key, pairs in errors.items():
+                for i, (module, e) in enumerate(pairs):
+                    x = inputs[id(module)].float()
+                    err_sq[key][i] = err_sq[key][i] + ((x @ e.t()) ** 2).reshape(-1, e.shape[0]).sum(0)
+        tokens += n
+    emb.requires_grad_(False)
+    for h in hooks:
+        h.remove()
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    for (k, j), pairs in errors.items():
+        for i, (module, _) in enumerate(pairs):
+            out[k, j] += 0.5 * float(grad_sq[id(module)] @ err_sq[k, j][i]) / tokens / (tokens + len(ids))
+    return out
 
 
 if __name__ == "__main__":

@@ -148,6 +148,20 @@ def test_gptq_output_error_is_below_rtn(act_order, clip_search):
     assert out_err(w_gptq) < 0.8 * out_err(fake_quantize(w, 3, 16, False))
 
 
+def test_diagonal_hessian_is_the_full_ones_diagonal():
+    """init imatrix keeps only 2·x² per input (a vector): the full accumulator's diagonal, batch
+    after batch (the running mean's reweighting included)."""
+    from crossblock.engine.gptq import HessianAccumulator
+    gen = torch.Generator().manual_seed(0)
+    full, diag = HessianAccumulator(40, "cpu"), HessianAccumulator(40, "cpu", diagonal=True)
+    for n in (7, 64, 3):
+        x = torch.randn(2, n, 40, generator=gen) * torch.linspace(0.1, 10, 40)
+        full.add(x)
+        diag.add(x)
+    assert diag.h.shape == (40,) and diag.count == full.count == 148
+    assert torch.allclose(diag.h, torch.diagonal(full.h), rtol=1e-5)
+
+
 @pytest.mark.parametrize("group_size", [-1, 16])
 def test_in_place_integers_and_decode_equal_the_differentiable_ones(group_size):
     """Freezing and decoding without gradients run in place (one weight-sized tensor): the same

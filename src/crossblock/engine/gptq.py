@@ -18,10 +18,13 @@ from ..precision import exact
 
 
 class HessianAccumulator:
-    """Running mean of 2·x xᵀ over every token the layer sees."""
+    """Running mean of 2·x xᵀ over every token the layer sees; `diagonal`: only its diagonal, 2·x²
+    (what imatrix's clipping search weighs errors by), a vector instead of a width² matrix."""
 
-    def __init__(self, in_features: int, device):
-        self.h = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+    def __init__(self, in_features: int, device, diagonal: bool = False):
+        shape = (in_features,) if diagonal else (in_features, in_features)
+        self.h = torch.zeros(shape, device=device, dtype=torch.float32)
+        self.diagonal = diagonal
         self.count = 0
 
     def add(self, x: torch.Tensor):
@@ -32,6 +35,9 @@ class HessianAccumulator:
         x = x * (2 / self.count) ** 0.5
         # the hooks fire inside the engine's bf16 autocast: a bf16 x xᵀ is not positive definite
         # enough for Cholesky (seen on an H200: a bf16 model's layer failed at order 54)
+        if self.diagonal:
+            self.h += (x * x).sum(0)
+            return
         with exact(x.device):
             self.h += x.t() @ x
 

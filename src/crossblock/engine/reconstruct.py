@@ -189,8 +189,9 @@ class WindowEngine:
         names = {m: n for n, m in block.named_modules()}
         layers = quant_layers([block])
         linears = [m for m in layers if not isinstance(m, QuantExpertWeight)]
-        acc = {m: [HessianAccumulator(m.in_features, self.device)] for m in linears}
-        acc.update({m: [HessianAccumulator(m.in_features, self.device) for _ in range(m.num_experts)]
+        imatrix = self.stage.init == "imatrix"  # the Hessian's diagonal is all it reads
+        acc = {m: [HessianAccumulator(m.in_features, self.device, imatrix)] for m in linears}
+        acc.update({m: [HessianAccumulator(m.in_features, self.device, imatrix) for _ in range(m.num_experts)]
                     for m in layers if isinstance(m, QuantExpertWeight)})
         hooks = [m.register_forward_pre_hook(lambda m, args: acc[m][0].add(m.transformed_input(args[0])))
                  for m in linears]
@@ -206,7 +207,6 @@ class WindowEngine:
                 h.remove()
             for ex in wrappers:
                 ex.recorder = None
-        imatrix = self.stage.init == "imatrix"
         for m in layers:
             parts = []
             weights = m.weight.reshape(len(acc[m]), -1, m.in_features)
@@ -217,7 +217,7 @@ class WindowEngine:
                         {"block": j, "layer": names[m], "expert": e if isinstance(m, QuantExpertWeight) else None,
                          "tokens": 0, "why": "no calibration token reached it: rounded to nearest"})
                 if imatrix:
-                    parts.append(m.grid.search_clip(weights[e], torch.diagonal(a.h) if a.count else None))
+                    parts.append(m.grid.search_clip(weights[e], a.h if a.count else None))
                 else:
                     parts.append(self.rtn_init(weights[e], m.grid) if a.count == 0 else
                                  self.gptq_init(weights[e], a.h, m.grid))

@@ -9,12 +9,14 @@ sensitivity, a (units, options) table, per token of the measured rows.
   predicts it, downstream layers included, with no pass per option.
 - hessian: sum (W - Q(W))^2 diag(X^T X) per layer (GPTQ's objective with its Hessian's diagonal;
   one forward pass): the error of each layer's own output, blind to what follows it.
-- gptq: the same Fisher, taken at each layer's output: 1/4 sum_i E[g_i^2] e_i H e_i^T, g the
-  gradient of log p(y) at output i, H the mean 2 x x^T of the layer's inputs and e_i row i of
-  W - GPTQ(W) in activation order (the `gptq` preset's). GPTQ trades a larger weight error for
+- gptq: the same Fisher, taken at each layer's output: 1/2 E[(g . e x)^2] over tokens, g the
+  gradient of log p(y) at the layer's output, x its input and e = W - GPTQ(W) in activation order
+  (the `gptq` preset's; GPTQ on the rows' own Hessian). The full quadratic form: the output
+  channels' errors weighed together, as the gradient couples them. GPTQ trades a larger weight error for
   errors that cancel in the layer's output; a cost of round-to-nearest errors (fisher) cannot see
-  how much of each option's error GPTQ recovers. One backward pass per row, one GPTQ per layer and
-  option; uniform grids, dense layers.
+  how much of each option's error GPTQ recovers. One forward pass per row for the Hessians, one
+  GPTQ per layer and option (the errors are held: options x the layers' weights), one backward
+  pass per row; uniform grids, dense layers.
 bench/bits_sensitivity.py measures how well the proxies rank the units as the reference does.
 """
 from __future__ import annotations
@@ -166,48 +168,86 @@ def weighted_costs(model, units, grids, weight, factor: float) -> torch.Tensor:
     return out
 
 
+HELD = 1 << 29  # GPTQ errors the gptq measure holds at once (2 GiB in float32); more units: one more pass each
+
+
 def gptq_costs(model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
+    dense_modules(model, units, "gptq")  # refuses fused experts
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    chunk: list[int] = []
+    for k, unit in enumerate(units):
+        chunk.append(k)
+        if k == len(units) - 1 or sum(units[i].weights for i in chunk + [k + 1]) * len(grids) > HELD:
+            out[chunk] = gptq_chunk_costs(model, [units[i] for i in chunk], grids, rows, device, precision, seed)
+            chunk = []
+    return out
+
+
+def gptq_errors(model, units, grids, rows, device, precision) -> dict:
+    """(unit index, option index) -> [(module, W - GPTQ(W))] of each member matrix, GPTQ in activation
+    order on the Hessian of `rows` (one forward pass per row)."""
     modules = dense_modules(model, units, "gptq")
+    count = len(find_blocks(model)[1])
     hessians = {id(m): HessianAccumulator(weight_of(m).shape[1], device) for m in modules}
-    squares = {id(m): torch.zeros(weight_of(m).shape[0], device=device) for m in modules}
-    outputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: hessians[id(m)].add(args[0].detach())) for m in modules]
+    try:
+        with torch.no_grad():
+            for r in rows:
+                logits(model, r, device, precision)
+    finally:
+        for h in hooks:
+            h.remove()
+    errors = {}  # (unit, option) -> [(module, W - GPTQ(W))]
+    for k, unit in enumerate(units):
+        for j, grid in enumerate(grids):
+            errors[k, j] = []
+            for module, local, p, _ in members(model, unit):
+                w = as_rows(p.data, module, False).float()
+                layer_grid = grid.for_layer(local, unit.block, count, w.shape[1])
+                if layer_grid is not None:
+                    base, scale, zero = gptq_on_grid(w, hessians[id(module)].h, layer_grid, act_order=True)
+                    errors[k, j].append((module, w - layer_grid.fake_quantize(base, scale, zero)))
+    return errors
+
+
+def gptq_chunk_costs(model, units, grids, rows, device, precision, seed: int) -> torch.Tensor:
+    """The gptq measure of `units`: GPTQ's error at every option, then 1/2 E[(g . e x)^2] from one
+    backward pass per row (y sampled with `seed`: the same draws for every chunk)."""
+    modules = dense_modules(model, units, "gptq")
+    errors = gptq_errors(model, units, grids, rows, device, precision)
+    inputs, outputs = {}, {}
 
     def record(module, args, output):
-        hessians[id(module)].add(args[0].detach())
+        inputs[id(module)] = args[0].detach()
         outputs[id(module)] = output
 
     generator = torch.Generator(device=device).manual_seed(seed)
     hooks = [m.register_forward_hook(record) for m in modules]
     embeddings = model.get_input_embeddings().weight
     embeddings.requires_grad_(True)  # a graph through every layer's output, no weight gradient kept
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
     tokens = 0
     try:
         for r in rows:
+            inputs.clear()
             outputs.clear()
             loss, n = sampled_log_likelihood(model, r, device, precision, generator)
             keys = list(outputs)
-            for key, g in zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])):
-                squares[key] += (g.float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+            grads = dict(zip(keys, torch.autograd.grad(loss, [outputs[key] for key in keys])))
+            with torch.no_grad():
+                for (k, j), pairs in errors.items():
+                    for module, e in pairs:
+                        x, g = inputs[id(module)].float(), grads[id(module)].float()
+                        # g . (e x) per token: the output error along the gradient, all channels at once
+                        out[k, j] += float((((x @ e.t()) * g).sum(-1) ** 2).sum())
             tokens += n
     finally:
         embeddings.requires_grad_(False)
+        inputs.clear()
         outputs.clear()
         for h in hooks:
             h.remove()
-    count = len(find_blocks(model)[1])
-    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
-    for k, unit in enumerate(units):
-        for j, grid in enumerate(grids):
-            for module, local, p, _ in members(model, unit):
-                w = as_rows(p.data, module, False).float()
-                layer_grid = grid.for_layer(local, unit.block, count, w.shape[1])
-                if layer_grid is None:
-                    continue
-                h = hessians[id(module)].h
-                base, scale, zero = gptq_on_grid(w, h, layer_grid, act_order=True)
-                e = w - layer_grid.fake_quantize(base, scale, zero)
-                out[k, j] += 0.25 / tokens * float(((e @ h) * e).sum(1) @ squares[id(module)])
-    return out
+    return out * 0.5 / tokens
 
 
 def dense_modules(model, units, measure: str) -> list[nn.Module]:

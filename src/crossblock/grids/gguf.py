@@ -37,6 +37,7 @@ FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_
 # HF linear names -> llama.cpp's tensor categories (the ones the mixtures treat apart)
 CATEGORIES = {"v_proj": "attn_v", "o_proj": "attn_output", "down_proj": "ffn_down"}
 SOFT_ROUNDINGS = ("adaround", "lora")
+WIDTHS = {"2": "Q2_K", "3": "Q3_K", "4": "Q4_K", "5": "Q5_K", "6": "Q6_K", "8": "Q8_0"}  # a bit width as an option
 QUANTS = (*gq.TYPES, *MIXTURES)   # what `quant` may be: a GGUF type or a mixture
 STORED = (*gq.TYPES, *DENSE)      # what the output head and embeddings may be
 
@@ -119,10 +120,14 @@ class GgufGrid(Config):
         return None if kind == "F32" else GgufGrid(kind, self.output, self.embeddings)
 
     def option(self, text: str) -> "GgufGrid":
-        """This grid with another single type (mixed precision's options: Q2_K, Q3_K, ...)."""
-        if text not in gq.TYPES:
-            raise CrossblockError(f"invalid bits option {text!r} for the gguf grid: one of {', '.join(gq.TYPES)}")
-        return GgufGrid(text, self.output, self.embeddings)
+        """This grid with another single type (mixed precision's options: Q2_K, Q3_K, ...); a bare
+        bit width names the k-quant of that width (2..6 -> Q2_K..Q6_K, 8 -> Q8_0), so the default
+        options 2,3,4 mean Q2_K,Q3_K,Q4_K here."""
+        kind = WIDTHS.get(text.strip(), text.strip())
+        if kind not in gq.TYPES:
+            raise CrossblockError(f"invalid bits option {text!r} for the gguf grid: one of {', '.join(gq.TYPES)}, "
+                                  f"or a bit width {', '.join(WIDTHS)}")
+        return GgufGrid(kind, self.output, self.embeddings)
 
     def bits_per_weight(self, width: int) -> float:
         """llama.cpp's size of the type per weight (scales and mins included), at the type this
