@@ -33,11 +33,11 @@ class HessianAccumulator:
         self.h *= self.count / (self.count + n)
         self.count += n
         x = x * (2 / self.count) ** 0.5
-        # the hooks fire inside the engine's bf16 autocast: a bf16 x xᵀ is not positive definite
-        # enough for Cholesky (seen on an H200: a bf16 model's layer failed at order 54)
         if self.diagonal:
             self.h += (x * x).sum(0)
             return
+        # the hooks fire inside the engine's bf16 autocast: a bf16 x xᵀ is not positive definite
+        # enough for Cholesky (seen on an H200: a bf16 model's layer failed at order 54)
         with exact(x.device):
             self.h += x.t() @ x
 

@@ -12,11 +12,11 @@ sensitivity, a (units, options) table, per token of the measured rows.
 - gptq: the same Fisher, taken at each layer's output: 1/2 E[(g . e x)^2] over tokens, g the
   gradient of log p(y) at the layer's output, x its input and e = W - GPTQ(W) in activation order
   (the `gptq` preset's; GPTQ on the rows' own Hessian). The full quadratic form: the output
-  channels' errors weighed together, as the gradient couples them. GPTQ trades a larger weight error for
-  errors that cancel in the layer's output; a cost of round-to-nearest errors (fisher) cannot see
-  how much of each option's error GPTQ recovers. One forward pass per row for the Hessians, one
-  GPTQ per layer and option (the errors are held: options x the layers' weights), one backward
-  pass per row; uniform grids, dense layers.
+  channels' errors weighed together, as the gradient couples them. GPTQ trades a larger weight
+  error for errors that cancel in the layer's output; a cost of round-to-nearest errors (fisher)
+  cannot see how much of each option's error GPTQ recovers. One forward pass per row for the
+  Hessians, one GPTQ per layer and option (the errors are held, in chunks of units: `HELD`), one
+  backward pass per row per chunk; uniform grids, dense layers.
 bench/bits_sensitivity.py measures how well the proxies rank the units as the reference does.
 """
 from __future__ import annotations

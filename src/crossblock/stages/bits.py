@@ -2,7 +2,8 @@
 one linear, fused q/k/v or gate/up, the experts of a MoE layer) gets one of the `options` (bit
 widths of the recipe's grid, e.g. 2, 3, 4 or 3g64; or GGUF types, Q2_K, Q3_K, ..., where a bare
 width names its k-quant), chosen by its measured cost to the model (engine/sensitivity.py) so
-that the average stored bits per weight of the quantized layers is at most `bpw`. The stages after it quantize each layer on its own grid.
+that the average stored bits per weight of the quantized layers is at most `bpw`. The stages
+after it quantize each layer on its own grid.
 
     stages:
       - bits: {bpw: 3.0, options: ["2", "3", "4"], measure: fisher, pin: ["down_proj=4"]}
@@ -38,7 +39,8 @@ class Bits(Stage):
                          flat="bpw", off=None)
     options: list[str] = setting(factory=lambda: ["2", "3", "4"],
                                  help="the grids a layer may get: bit widths of the recipe's grid (2,3,4; with a group "
-                                      "size: 3g64) or, on the gguf grid, GGUF types (Q2_K,Q3_K,Q4_K; a bit width there: its k-quant)")
+                                      "size: 3g64) or, on the gguf grid, GGUF types (Q2_K,Q3_K,Q4_K; a bit width "
+                                      "there: its k-quant)")
     pin: list[str] = setting(factory=list, flat="pin",
                              help="layers given a fixed option, pattern=option (patterns as --skip reads them): "
                                   "down_proj=4,layers.0.*=4")
