@@ -136,23 +136,24 @@ def fisher_costs(model, units, grids, rows, device, precision, seed: int = 0) ->
 
 
 @torch.no_grad()
-def hessian_costs(model, units, grids, rows, device, precision) -> torch.Tensor:
-    modules = dense_modules(model, units, "hessian")
-    diag = {id(module): torch.zeros(weight_of(module).shape[1], device=device) for module in modules}
-
-    def add(module, args):
-        x = args[0].detach().float()
-        diag[id(module)] += (x.reshape(-1, x.shape[-1]) ** 2).sum(0)
-
-    hooks = [module.register_forward_pre_hook(add) for module in modules]
-    tokens = 0
+def input_moments(model, modules, rows, device, precision, diagonal: bool) -> dict:
+    """id(module) -> the running mean of 2 x x^T (its diagonal: 2 x^2) of the module's inputs over
+    `rows`, one forward pass per row."""
+    moments = {id(m): HessianAccumulator(weight_of(m).shape[1], device, diagonal) for m in modules}
+    hooks = [m.register_forward_pre_hook(lambda m, args: moments[id(m)].add(args[0].detach())) for m in modules]
     try:
         for r in rows:
-            tokens += logits(model, r, device, precision).shape[0] + 1
+            logits(model, r, device, precision)
     finally:
         for h in hooks:
             h.remove()
-    return weighted_costs(model, units, grids, lambda module, p, experts: diag[id(module)][None, :], 1 / tokens)
+    return moments
+
+
+def hessian_costs(model, units, grids, rows, device, precision) -> torch.Tensor:
+    moments = input_moments(model, dense_modules(model, units, "hessian"), rows, device, precision, diagonal=True)
+    # sum (W - Q(W))^2 E[x^2] = 1/2 sum (W - Q(W))^2 E[2 x^2]
+    return weighted_costs(model, units, grids, lambda module, p, experts: moments[id(module)].h[None, :], 0.5)
 
 
 @torch.no_grad()
@@ -173,30 +174,24 @@ HELD = 1 << 29  # GPTQ errors the gptq measure holds at once (2 GiB in float32);
 
 def gptq_costs(model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
     dense_modules(model, units, "gptq")  # refuses fused experts
-    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
-    chunk: list[int] = []
+    chunks, held = [[]], 0  # consecutive units whose errors at every option fit in HELD
     for k, unit in enumerate(units):
-        chunk.append(k)
-        if k == len(units) - 1 or sum(units[i].weights for i in chunk + [k + 1]) * len(grids) > HELD:
-            out[chunk] = gptq_chunk_costs(model, [units[i] for i in chunk], grids, rows, device, precision, seed)
-            chunk = []
+        if chunks[-1] and (held + unit.weights) * len(grids) > HELD:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(k)
+        held += unit.weights
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    for chunk in chunks:
+        out[chunk] = gptq_chunk_costs(model, [units[i] for i in chunk], grids, rows, device, precision, seed)
     return out
 
 
 def gptq_errors(model, units, grids, rows, device, precision) -> dict:
     """(unit index, option index) -> [(module, W - GPTQ(W))] of each member matrix, GPTQ in activation
     order on the Hessian of `rows` (one forward pass per row)."""
-    modules = dense_modules(model, units, "gptq")
+    hessians = input_moments(model, dense_modules(model, units, "gptq"), rows, device, precision, diagonal=False)
     count = len(find_blocks(model)[1])
-    hessians = {id(m): HessianAccumulator(weight_of(m).shape[1], device) for m in modules}
-    hooks = [m.register_forward_pre_hook(lambda m, args: hessians[id(m)].add(args[0].detach())) for m in modules]
-    try:
-        with torch.no_grad():
-            for r in rows:
-                logits(model, r, device, precision)
-    finally:
-        for h in hooks:
-            h.remove()
     errors = {}  # (unit, option) -> [(module, W - GPTQ(W))]
     for k, unit in enumerate(units):
         for j, grid in enumerate(grids):
