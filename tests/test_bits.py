@@ -134,6 +134,9 @@ def test_pins_hold(calib_text):
     (dict(pin=["nothing=4"]), "fake", "pin 'nothing=4' matches no quantized layer"),
     (dict(pin=["q_proj=4", "k_proj=2"]), "fake", "pins give model.layers.0.self_attn.q_proj+k_proj+v_proj two options"),
     (dict(bpw=2.2), "fake", "bpw 2.2 is below 2.5784, the smallest assignment"),
+    (dict(pin=["q_proj=4g128"]), "fake",
+     "group_size 128 is larger than the input width of model.layers.0.self_attn.q_proj+k_proj+v_proj"),
+    (dict(bits_options=["2", "3g128"]), "fake", "group_size 128 is larger than the input width of"),
     (dict(bits_options=["2", "x"]), "fake", "invalid bits option 'x'"),
     (dict(), "gptq", "gptq export stores one grid for the whole model, not mixed precision"),
     (dict(bits_tie="none", bits_options=["2", "4"], group_size=-1), "compressed-tensors",
@@ -145,6 +148,14 @@ def test_what_cannot_be_done_is_refused_before_any_work(flat, fmt, message, cali
     monkeypatch.setattr(sensitivity, "costs", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(CrossblockError, match=message.replace("+", r"\+").replace("(", r"\(")):
         quantize(mixed(**flat), calib_text, fmt=fmt)
+
+
+def test_options_that_name_their_group_size_need_not_fit_the_recipes(calib_text):
+    """The recipe's grid reaches no block layer when every option names its group size: its group
+    of 128, wider than stories260k's layers, is not refused."""
+    model, report = quantize(mixed(group_size=128, bits_options=["2g32", "3g32", "4g32"]), calib_text)
+    groups = {m.crossblock_qweight.group_size for m in model.modules() if getattr(m, "crossblock_qweight", None)}
+    assert groups == {32} and report["bits"]["bpw"] <= 3.0
 
 
 def test_fp4_grids_have_no_options():
@@ -205,6 +216,29 @@ def test_gptq_measure_is_the_second_order_kl_of_gptqs_errors(monkeypatch):
     assert 0.85 < float(measured.sum() / exact.sum()) < 1.2
     assert 0.7 < float(ratio.min()) and float(ratio.max()) < 1.4
     assert sensitivity.rank_correlation(measured, exact) > 0.95
+
+
+def test_gptq_measure_fits_gptq_on_rows_it_does_not_measure(calib_text, monkeypatch):
+    """GPTQ fitted on the measured rows overfits them (its error there is below what it leaves on
+    other tokens), so the measure fits it on the other calibration rows: the bits stage hands it
+    every row but the measured ones, and a cost so measured is above the in-sample one."""
+    from crossblock.engine import sensitivity
+    model, _ = load_stories()
+    model.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    rows, fit = torch.randint(1, 500, (2, 32), generator=g), torch.randint(1, 500, (8, 32), generator=g)
+    units = allocate.find_units(model)
+    grids = [cb.Recipe.preset("rtn", wbits=b, group_size=32).grid for b in (2, 3)]
+    inside = sensitivity.costs("gptq", model, units, grids, rows, "cpu", "fp32")
+    outside = sensitivity.costs("gptq", model, units, grids, rows, "cpu", "fp32", fit=fit)
+    assert float(outside.sum()) > 1.2 * float(inside.sum())
+    seen = {}
+    plain = sensitivity.costs
+    monkeypatch.setattr(sensitivity, "costs", lambda *a, fit=None, **k: seen.update(rows=a[4], fit=fit) or plain(
+        *a, fit=fit, **k))
+    quantize(mixed("gptq", bits_measure="gptq", bits_rows=3), calib_text)
+    assert seen["rows"].shape[0] == 3 and seen["fit"].shape[0] == DATA["nsamples"] - 3
+    assert not any(torch.equal(f, r) for f in seen["fit"] for r in seen["rows"])
 
 
 def test_gptq_measure_in_chunks_is_the_measure_in_one(monkeypatch):

@@ -253,7 +253,9 @@ def quantize(model, tokenizer, recipe: Recipe, calib=None, device: str | None = 
     recipe = as_recipe(recipe)
     validate.check_quantize_args(model, calib, device)
     recipe = for_format(recipe.validated(), model, format, save_dtype)
-    recipe.grid.check_widths({n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()})
+    widths = {n: s[1] for n, s in matrix_shapes(model, recipe.skip).items()}
+    for grid in recipe.layer_grids():  # a pin's grid is checked on the layers it pins (Bits.plan)
+        grid.check_widths(widths)
     blocks = stream or InMemoryBlocks(find_blocks(model)[1])  # where the blocks live (engine/blocks.py)
     for stage in recipe.stages:  # a stage the store cannot run (one needing the whole model), before any work
         blocks.admit(stage)

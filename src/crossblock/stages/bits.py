@@ -79,6 +79,9 @@ class Bits(Stage):
         if self.measure in sensitivity.READS_INPUTS:  # refuses fused experts
             sensitivity.dense_modules(model, units, self.measure)
         allocate.apply_pins(units, self.pin, find_blocks(model)[0])
+        for u in units:  # a pin's grid on its own layers (api.quantize checks the options on every layer)
+            if u.pinned:
+                grid.option(u.pinned).check_widths({u.name: min(w for _, w in u.shapes)})
         smallest = allocate.bits_per_weight(units, allocate.smallest(units, self.options, grid.option))
         self.refuse(smallest <= self.bpw, f"bpw {self.bpw} is below {smallest:.4f}, the smallest assignment's (every "
                                           "layer at its smallest option, pins kept): raise bpw or add a smaller option")
@@ -89,9 +92,10 @@ class Bits(Stage):
         units = self.plan(model, job.grid, job.skip)
         grids = [job.grid.option(o) for o in self.options]
         rows = job.ids[-min(self.rows, job.ids.shape[0]):]
+        fit = job.ids[:-len(rows)] if job.ids.shape[0] > len(rows) else rows  # gptq: fitted on the other rows
         with job.blocks.whole_model(model, self, job.device):
             cost = sensitivity.costs(self.measure, model, units, grids, rows, job.device, job.precision,
-                                     job.data.seed)
+                                     job.data.seed, fit=fit)
         picked = allocate.choose(units, self.options, job.grid.option, cost, self.bpw)
         chosen = [job.grid.option(o) for o in picked]
         job.grid = Assigned(job.grid, {(u.block, m): g for u, g in zip(units, chosen) for m in u.members})
