@@ -218,29 +218,6 @@ def test_gptq_measure_is_the_second_order_kl_of_gptqs_errors(monkeypatch):
     assert sensitivity.rank_correlation(measured, exact) > 0.95
 
 
-def test_gptq_measure_fits_gptq_on_rows_it_does_not_measure(calib_text, monkeypatch):
-    """GPTQ fitted on the measured rows overfits them (its error there is below what it leaves on
-    other tokens), so the measure fits it on the other calibration rows: the bits stage hands it
-    every row but the measured ones, and a cost so measured is above the in-sample one."""
-    from crossblock.engine import sensitivity
-    model, _ = load_stories()
-    model.eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(2)
-    rows, fit = torch.randint(1, 500, (2, 32), generator=g), torch.randint(1, 500, (8, 32), generator=g)
-    units = allocate.find_units(model)
-    grids = [cb.Recipe.preset("rtn", wbits=b, group_size=32).grid for b in (2, 3)]
-    inside = sensitivity.costs("gptq", model, units, grids, rows, "cpu", "fp32")
-    outside = sensitivity.costs("gptq", model, units, grids, rows, "cpu", "fp32", fit=fit)
-    assert float(outside.sum()) > 1.2 * float(inside.sum())
-    seen = {}
-    plain = sensitivity.costs
-    monkeypatch.setattr(sensitivity, "costs", lambda *a, fit=None, **k: seen.update(rows=a[4], fit=fit) or plain(
-        *a, fit=fit, **k))
-    quantize(mixed("gptq", bits_measure="gptq", bits_rows=3), calib_text)
-    assert seen["rows"].shape[0] == 3 and seen["fit"].shape[0] == DATA["nsamples"] - 3
-    assert not any(torch.equal(f, r) for f in seen["fit"] for r in seen["rows"])
-
-
 def test_gptq_measure_in_chunks_is_the_measure_in_one(monkeypatch):
     """Holding fewer GPTQ errors at once (a pass per chunk of units) changes nothing: every chunk
     draws the same sampled tokens."""

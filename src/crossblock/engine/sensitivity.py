@@ -11,10 +11,9 @@ sensitivity, a (units, options) table, per token of the measured rows.
   one forward pass): the error of each layer's own output, blind to what follows it.
 - gptq: the same Fisher, taken at each layer's output: 1/2 E[(g . e x)^2] over tokens, g the
   gradient of log p(y) at the layer's output, x its input and e = W - GPTQ(W) in activation order
-  (the `gptq` preset's), GPTQ fitted on other calibration rows than the measured ones (`fit`):
-  fitted on the measured rows themselves, GPTQ's error there is 1.3-3.7x below its error on rows
-  it did not see, most for the widest inputs (down_proj) and o_proj (SmolLM2, 8 rows), which
-  ranked those units cheapest exactly where GPTQ overfits. The full quadratic form: the output
+  (the `gptq` preset's; GPTQ on the rows' own Hessian, where its error is 1.3-3.7x below what it
+  leaves on other rows: fitting it on the other calibration rows was measured, 2-3x the time and
+  no better, bench/results/smollm2_bits_gptq.md session 18). The full quadratic form: the output
   channels' errors weighed together, as the gradient couples them. GPTQ trades a larger weight
   error for errors that cancel in the layer's output; a cost of round-to-nearest errors (fisher)
   cannot see how much of each option's error GPTQ recovers. One forward pass per row for the
@@ -175,7 +174,7 @@ def weighted_costs(model, units, grids, weight, factor: float) -> torch.Tensor:
 HELD = 1 << 29  # GPTQ errors the gptq measure holds at once (2 GiB in float32); more units: one more pass each
 
 
-def gptq_costs(model, units, grids, rows, device, precision, seed: int = 0, fit=None) -> torch.Tensor:
+def gptq_costs(model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
     dense_modules(model, units, "gptq")  # refuses fused experts
     chunks, held = [[]], 0  # consecutive units whose errors at every option fit in HELD
     for k, unit in enumerate(units):
@@ -186,8 +185,7 @@ def gptq_costs(model, units, grids, rows, device, precision, seed: int = 0, fit=
         held += unit.weights
     out = torch.zeros(len(units), len(grids), dtype=torch.float64)
     for chunk in chunks:
-        out[chunk] = gptq_chunk_costs(model, [units[i] for i in chunk], grids, rows, device, precision, seed,
-                                      rows if fit is None else fit)
+        out[chunk] = gptq_chunk_costs(model, [units[i] for i in chunk], grids, rows, device, precision, seed)
     return out
 
 
@@ -209,12 +207,11 @@ def gptq_errors(model, units, grids, rows, device, precision) -> dict:
     return errors
 
 
-def gptq_chunk_costs(model, units, grids, rows, device, precision, seed: int, fit) -> torch.Tensor:
-    """The gptq measure of `units`: GPTQ's error at every option (fitted on the rows `fit`), then
-    1/2 E[(g . e x)^2] on `rows` from one backward pass per row (y sampled with `seed`: the same
-    draws for every chunk)."""
+def gptq_chunk_costs(model, units, grids, rows, device, precision, seed: int) -> torch.Tensor:
+    """The gptq measure of `units`: GPTQ's error at every option, then 1/2 E[(g . e x)^2] from one
+    backward pass per row (y sampled with `seed`: the same draws for every chunk)."""
     modules = dense_modules(model, units, "gptq")
-    errors = gptq_errors(model, units, grids, fit, device, precision)
+    errors = gptq_errors(model, units, grids, rows, device, precision)
     inputs, outputs = {}, {}
 
     def record(module, args, output):
@@ -260,15 +257,14 @@ def dense_modules(model, units, measure: str) -> list[nn.Module]:
     return list({id(module): module for module, *_ in matrices}.values())
 
 
-def costs(measure: str, model, units, grids, rows, device, precision, seed: int = 0, fit=None) -> torch.Tensor:
-    """The (units, options) sensitivity table by `measure` (MEASURES) on `rows`; `fit`: the rows
-    the gptq measure fits GPTQ on (default: `rows`)."""
+def costs(measure: str, model, units, grids, rows, device, precision, seed: int = 0) -> torch.Tensor:
+    """The (units, options) sensitivity table by `measure` (MEASURES)."""
     if measure == "kl":
         return kl_costs(model, units, grids, rows, device, precision)
     if measure == "fisher":
         return fisher_costs(model, units, grids, rows, device, precision, seed)
     if measure == "gptq":
-        return gptq_costs(model, units, grids, rows, device, precision, seed, fit)
+        return gptq_costs(model, units, grids, rows, device, precision, seed)
     return hessian_costs(model, units, grids, rows, device, precision)
 
 

@@ -92,10 +92,9 @@ class Bits(Stage):
         units = self.plan(model, job.grid, job.skip)
         grids = [job.grid.option(o) for o in self.options]
         rows = job.ids[-min(self.rows, job.ids.shape[0]):]
-        fit = job.ids[:-len(rows)] if job.ids.shape[0] > len(rows) else rows  # gptq: fitted on the other rows
         with job.blocks.whole_model(model, self, job.device):
             cost = sensitivity.costs(self.measure, model, units, grids, rows, job.device, job.precision,
-                                     job.data.seed, fit=fit)
+                                     job.data.seed)
         picked = allocate.choose(units, self.options, job.grid.option, cost, self.bpw)
         chosen = [job.grid.option(o) for o in picked]
         job.grid = Assigned(job.grid, {(u.block, m): g for u, g in zip(units, chosen) for m in u.members})
