@@ -144,7 +144,7 @@ class Recipe(Config):
         """The grids any block layer may be quantized on: the bits stage's options (the recipe's own
         grid then reaches no block layer, only its defaults: '3' takes its group size), or that grid."""
         bits = self.stage("bits")
-        return [self.grid] if bits is None else [self.grid.option(o) for o in bits.options]
+        return [self.grid] if bits is None else bits.option_grids(self.grid)
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.kind_name == name), None)

@@ -71,6 +71,10 @@ class Bits(Stage):
                     "(use measure fisher or kl)")
         return grids
 
+    def option_grids(self, grid) -> list:
+        """The grid of every option, in order: what any unpinned layer may get."""
+        return [grid.option(o) for o in self.options]
+
     def plan(self, model, grid, skip) -> list[allocate.Unit]:
         """The units and their pins; refused before any work when even the smallest assignment
         exceeds the budget."""
@@ -90,7 +94,7 @@ class Bits(Stage):
     def run(self, model, job):
         t0 = time.time()
         units = self.plan(model, job.grid, job.skip)
-        grids = [job.grid.option(o) for o in self.options]
+        grids = self.option_grids(job.grid)
         rows = job.ids[-min(self.rows, job.ids.shape[0]):]
         with job.blocks.whole_model(model, self, job.device):
             cost = sensitivity.costs(self.measure, model, units, grids, rows, job.device, job.precision,
