@@ -119,31 +119,17 @@ def gptq_diagonal_costs(model, units, grids, ids, precision) -> torch.Tensor:
     matrix (= 1/4 sum_i E[g_i^2] e_i H e_i^T), each output channel on its own."""
     errors = sensitivity.gptq_errors(model, units, grids, ids, "cpu", precision)
     modules = sensitivity.dense_modules(model, units, "gptq")
-    inputs, outputs = {}, {}
-
-    def record(module, args, output):
-        inputs[id(module)], outputs[id(module)] = args[0].detach(), output
-
-    hooks = [m.register_forward_hook(record) for m in modules]
-    emb = model.get_input_embeddings().weight
-    emb.requires_grad_(True)
-    generator, tokens = torch.Generator().manual_seed(0), 0
-    grad_sq = {id(m): 0 for m in modules}
+    tokens, grad_sq = 0, {id(m): 0 for m in modules}
     err_sq = {key: [0 for _ in pairs] for key, pairs in errors.items()}
-    for r in ids:
-        loss, n = sensitivity.sampled_log_likelihood(model, r, "cpu", precision, generator)
-        keys = list(outputs)
-        for key, g in zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])):
-            grad_sq[key] = grad_sq[key] + (g.float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+    for inputs, grads, n in sensitivity.output_gradients(model, modules, ids, "cpu", precision, seed=0):
         with torch.no_grad():
+            for key, g in grads.items():
+                grad_sq[key] = grad_sq[key] + (g.float() ** 2).reshape(-1, g.shape[-1]).sum(0)
             for key, pairs in errors.items():
                 for i, (module, e) in enumerate(pairs):
                     x = inputs[id(module)].float()
                     err_sq[key][i] = err_sq[key][i] + ((x @ e.t()) ** 2).reshape(-1, e.shape[0]).sum(0)
         tokens += n
-    emb.requires_grad_(False)
-    for h in hooks:
-        h.remove()
     out = torch.zeros(len(units), len(grids), dtype=torch.float64)
     for (k, j), pairs in errors.items():
         for i, (module, _) in enumerate(pairs):

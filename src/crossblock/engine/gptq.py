@@ -24,7 +24,6 @@ class HessianAccumulator:
     def __init__(self, in_features: int, device, diagonal: bool = False):
         shape = (in_features,) if diagonal else (in_features, in_features)
         self.h = torch.zeros(shape, device=device, dtype=torch.float32)
-        self.diagonal = diagonal
         self.count = 0
 
     def add(self, x: torch.Tensor):
@@ -33,7 +32,7 @@ class HessianAccumulator:
         self.h *= self.count / (self.count + n)
         self.count += n
         x = x * (2 / self.count) ** 0.5
-        if self.diagonal:
+        if self.h.ndim == 1:  # diagonal
             self.h += (x * x).sum(0)
             return
         # the hooks fire inside the engine's bf16 autocast: a bf16 x xᵀ is not positive definite

@@ -207,11 +207,10 @@ def gptq_errors(model, units, grids, rows, device, precision) -> dict:
     return errors
 
 
-def gptq_chunk_costs(model, units, grids, rows, device, precision, seed: int) -> torch.Tensor:
-    """The gptq measure of `units`: GPTQ's error at every option, then 1/2 E[(g . e x)^2] from one
-    backward pass per row (y sampled with `seed`: the same draws for every chunk)."""
-    modules = dense_modules(model, units, "gptq")
-    errors = gptq_errors(model, units, grids, rows, device, precision)
+def output_gradients(model, modules, rows, device, precision, seed: int):
+    """For each row: (inputs, grads, tokens), id(module) -> the module's input and the gradient of
+    log p(y) at its output (y sampled from the FP model with `seed`), one backward pass per row;
+    no weight gradient is kept."""
     inputs, outputs = {}, {}
 
     def record(module, args, output):
@@ -221,29 +220,37 @@ def gptq_chunk_costs(model, units, grids, rows, device, precision, seed: int) ->
     generator = torch.Generator(device=device).manual_seed(seed)
     hooks = [m.register_forward_hook(record) for m in modules]
     embeddings = model.get_input_embeddings().weight
-    embeddings.requires_grad_(True)  # a graph through every layer's output, no weight gradient kept
-    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
-    tokens = 0
+    embeddings.requires_grad_(True)  # a graph through every layer's output
     try:
         for r in rows:
             inputs.clear()
             outputs.clear()
             loss, n = sampled_log_likelihood(model, r, device, precision, generator)
             keys = list(outputs)
-            grads = dict(zip(keys, torch.autograd.grad(loss, [outputs[key] for key in keys])))
-            with torch.no_grad():
-                for (k, j), pairs in errors.items():
-                    for module, e in pairs:
-                        x, g = inputs[id(module)].float(), grads[id(module)].float()
-                        # g . (e x) per token: the output error along the gradient, all channels at once
-                        out[k, j] += float((((x @ e.t()) * g).sum(-1) ** 2).sum())
-            tokens += n
+            yield inputs, dict(zip(keys, torch.autograd.grad(loss, [outputs[key] for key in keys]))), n
     finally:
         embeddings.requires_grad_(False)
         inputs.clear()
         outputs.clear()
         for h in hooks:
             h.remove()
+
+
+def gptq_chunk_costs(model, units, grids, rows, device, precision, seed: int) -> torch.Tensor:
+    """The gptq measure of `units`: GPTQ's error at every option, then 1/2 E[(g . e x)^2] from one
+    backward pass per row (y sampled with `seed`: the same draws for every chunk)."""
+    errors = gptq_errors(model, units, grids, rows, device, precision)
+    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    tokens = 0
+    for inputs, grads, n in output_gradients(model, dense_modules(model, units, "gptq"), rows, device, precision,
+                                             seed):
+        with torch.no_grad():
+            for (k, j), pairs in errors.items():
+                for module, e in pairs:
+                    x, g = inputs[id(module)].float(), grads[id(module)].float()
+                    # g . (e x) per token: the output error along the gradient, all channels at once
+                    out[k, j] += float((((x @ e.t()) * g).sum(-1) ** 2).sum())
+        tokens += n
     return out * 0.5 / tokens
 
 
