@@ -49,7 +49,7 @@ from common import ROOT
 ROWS, SEED = 8, 0  # the bits stage's defaults: the last 8 calibration rows, the data seed
 
 
-def calib_rows(model_dir, tokenizer, nsamples=128, seqlen=512):
+def calib_rows(tokenizer, nsamples=128, seqlen=512):
     text = calibration_source([str(run.CALIB)])[0]  # as `crossblock quantize --calib` reads it
     ids = calibration_ids(tokenizer, text, Data(nsamples=nsamples, seqlen=seqlen, seed=SEED))
     return ids[-ROWS:]
@@ -92,7 +92,7 @@ def table(args):
     model_dir = args.model or run.prepare_model()
     model, tokenizer = cb.load_model(model_dir)
     model.eval().requires_grad_(False)
-    rows = calib_rows(model_dir, tokenizer)
+    rows = calib_rows(tokenizer)
     precision = resolve("auto", "cpu")[0]
     units = allocate.find_units(model)
     trained = dict(pair.split("=", 1) for pair in args.trained.split(","))
