@@ -32,6 +32,16 @@ from common import ROOT
 from run import prepare_model
 
 
+def correlations(table: torch.Tensor, reference: torch.Tensor, options: list[str]) -> dict:
+    """Spearman of a (units, options) table with a reference one: over all costs, over the gains of
+    one more bit (what the allocation trades) and over the units at each option."""
+    gains = lambda t: t[:, :-1] - t[:, 1:]  # noqa: E731  what one more bit buys each unit
+    return {"costs": round(sensitivity.rank_correlation(table, reference), 4),
+            "gains": round(sensitivity.rank_correlation(gains(table), gains(reference)), 4),
+            **{f"units at {o}": round(sensitivity.rank_correlation(table[:, j], reference[:, j]), 4)
+               for j, o in enumerate(options)}}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
@@ -67,12 +77,7 @@ def main():
         seconds[measure] = round(time.time() - t0, 1)
         print(measure, seconds[measure], "s", flush=True)
     exact = tables["kl"]
-    gains = lambda t: t[:, :-1] - t[:, 1:]  # noqa: E731  what one more bit buys each unit
-    corr = {m: {"costs": round(sensitivity.rank_correlation(tables[m], exact), 4),
-                "gains": round(sensitivity.rank_correlation(gains(tables[m]), gains(exact)), 4),
-                **{f"units at {o}": round(sensitivity.rank_correlation(tables[m][:, j], exact[:, j]), 4)
-                   for j, o in enumerate(options)}}
-            for m in proxies}
+    corr = {m: correlations(tables[m], exact, options) for m in proxies}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out = ROOT / "bench" / "results" / args.name
     record = {"model": model_dir, "errors": args.errors, "options": options, "group_size": args.group_size, "rows": args.rows,

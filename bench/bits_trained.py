@@ -44,6 +44,7 @@ from crossblock.precision import resolve
 from crossblock.recipe import Data
 
 import run
+from bits_sensitivity import correlations
 from common import ROOT
 
 ROWS, SEED = 8, 0  # the bits stage's defaults: the last 8 calibration rows, the data seed
@@ -72,20 +73,12 @@ def trained_errors(model, units, model_dir) -> list[list[torch.Tensor]]:
 
 
 def output_costs(model, units, errors, rows, precision) -> torch.Tensor:
-    """1/2 E[(g . e x)^2] per unit and option; errors[j][k] = unit k's member errors at option j."""
-    modules = sensitivity.dense_modules(model, units, "trained")
-    member_modules = [[m for m, *_ in sensitivity.members(model, u)] for u in units]
-    out = torch.zeros(len(units), len(errors), dtype=torch.float64)
-    tokens = 0
-    for inputs, grads, n in sensitivity.output_gradients(model, modules, rows, "cpu", precision, SEED):
-        with torch.no_grad():
-            for j, per_unit in enumerate(errors):
-                for k, (mods, errs) in enumerate(zip(member_modules, per_unit)):
-                    for module, e in zip(mods, errs):
-                        x, g = inputs[id(module)].float(), grads[id(module)].float()
-                        out[k, j] += float((((x @ e.t()) * g).sum(-1) ** 2).sum())
-        tokens += n
-    return out * 0.5 / tokens
+    """1/2 E[(g . e x)^2] per unit and option (sensitivity.output_costs, the gptq measure's form);
+    errors[j][k] = unit k's member errors at option j, in sensitivity.members' order."""
+    pairs = {(k, j): list(zip([m for m, *_ in sensitivity.members(model, u)], per_unit[k]))
+             for j, per_unit in enumerate(errors) for k, u in enumerate(units)}
+    return sensitivity.output_costs(model, sensitivity.dense_modules(model, units, "trained"), pairs,
+                                    (len(units), len(errors)), rows, "cpu", precision, SEED)
 
 
 def table(args):
@@ -106,12 +99,7 @@ def table(args):
               "rtn-output": output_costs(model, units, rtn, rows, precision),
               "fisher": sensitivity.costs("fisher", model, units, [grid.option(o) for o in options], rows, "cpu",
                                           precision, SEED)}
-    gains = lambda t: t[:, :-1] - t[:, 1:]  # noqa: E731  what one more bit buys each unit
-    corr = {m: {"costs": round(sensitivity.rank_correlation(tables[m], tables["trained"]), 4),
-                "gains": round(sensitivity.rank_correlation(gains(tables[m]), gains(tables["trained"])), 4),
-                **{f"units at {o}": round(sensitivity.rank_correlation(tables[m][:, j], tables["trained"][:, j]), 4)
-                   for j, o in enumerate(options)}}
-            for m in ("fisher", "rtn-output")}
+    corr = {m: correlations(tables[m], tables["trained"], options) for m in ("fisher", "rtn-output")}
     ratio = tables["trained"] / tables["rtn-output"]
     kinds = sorted({u.name.rsplit(".", 1)[-1] for u in units})
     ratios = {o: {kind: round(float(ratio[[k for k, u in enumerate(units) if u.name.endswith("." + kind)], j].median()), 4)

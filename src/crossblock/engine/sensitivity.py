@@ -237,13 +237,19 @@ def output_gradients(model, modules, rows, device, precision, seed: int):
 
 
 def gptq_chunk_costs(model, units, grids, rows, device, precision, seed: int) -> torch.Tensor:
-    """The gptq measure of `units`: GPTQ's error at every option, then 1/2 E[(g . e x)^2] from one
-    backward pass per row (y sampled with `seed`: the same draws for every chunk)."""
+    """The gptq measure of `units`: GPTQ's error at every option, then its output-form cost."""
     errors = gptq_errors(model, units, grids, rows, device, precision)
-    out = torch.zeros(len(units), len(grids), dtype=torch.float64)
+    return output_costs(model, dense_modules(model, units, "gptq"), errors, (len(units), len(grids)), rows, device,
+                        precision, seed)
+
+
+def output_costs(model, modules, errors: dict, shape, rows, device, precision, seed: int) -> torch.Tensor:
+    """1/2 E[(g . e x)^2] over the tokens of `rows` of each entry of `errors`, (unit, option) ->
+    [(module, e)], as a `shape` table: one backward pass per row (y sampled with `seed`: the same
+    draws for every call); `modules` are every module the errors name."""
+    out = torch.zeros(shape, dtype=torch.float64)
     tokens = 0
-    for inputs, grads, n in output_gradients(model, dense_modules(model, units, "gptq"), rows, device, precision,
-                                             seed):
+    for inputs, grads, n in output_gradients(model, modules, rows, device, precision, seed):
         with torch.no_grad():
             for (k, j), pairs in errors.items():
                 for module, e in pairs:
